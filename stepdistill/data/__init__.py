@@ -1,0 +1,1 @@
+"""Datasets: real images for teachers, classifiers and reference statistics."""

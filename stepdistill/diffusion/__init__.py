@@ -1,0 +1,1 @@
+"""Pure diffusion maths: schedules, parametrisations, timestep samplers, solvers, guidance. No weights, no diffusers."""

@@ -1,0 +1,1 @@
+"""Evaluation: feature networks, distances, and the generate -> features -> metrics harness."""

@@ -1,0 +1,171 @@
+"""Generate -> features -> metrics, for the student (its K steps) and the teacher (an ODE solver at `teacher_nfe`).
+
+Domains: `gmm` (energy distance to exact mixture samples) and `fashion-mnist` (Fréchet distance in the bundled
+classifier's feature space against the 10k test set). The protocol is written next to every number.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..diffusion.solvers import sample_ode
+from ..models.generator import Generator
+from ..models.loading import REPO_ROOT
+from .metrics import energy_distance, frechet_distance, gaussian_stats
+
+CLASSIFIER_DIR = "checkpoints/fashion-classifier"
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def eval_conditions(teacher, n: int) -> torch.Tensor | None:
+    """Balanced labels (0, 1, ..., 9, 0, 1, ...) for class-conditional teachers, matching a balanced test set."""
+    return None if teacher.num_classes is None else torch.arange(n) % teacher.num_classes
+
+
+def solver_for_nfe(nfe: int) -> tuple[str, int]:
+    """Odd NFE >= 3 -> Heun with (nfe+1)/2 intervals (EDM's 18 -> 35); otherwise Euler with nfe steps."""
+    if nfe < 1:
+        raise ValueError(f"teacher NFE must be >= 1, got {nfe}")
+    return ("heun", (nfe + 1) // 2) if nfe >= 3 and nfe % 2 == 1 else ("euler", nfe)
+
+
+@torch.no_grad()
+def generate_student(student: Generator, teacher, n: int, seed: int, batch_size: int, steps: int | None = None,
+                     quiet: bool = True) -> torch.Tensor:
+    """n samples from the student with noise and fresh per-step noise drawn from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = eval_conditions(teacher, n)
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc="student samples", disable=quiet, leave=False):
+        m = min(batch_size, n - i)
+        z = torch.randn(m, *teacher.shape, generator=gen)
+        c = None if cond is None else cond[i:i + m]
+        out.append(student(z, c, steps=steps, noise=lambda m=m: torch.randn(m, *teacher.shape, generator=gen)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guidance_scale: float = 1.0,
+                     quiet: bool = True) -> tuple[torch.Tensor, int]:
+    """(n samples, NFE actually used) of the teacher's probability-flow ODE asked to use `nfe` evaluations (guided
+    if guidance_scale != 1). Flow schedules start at alpha = 0, where the first Heun correction is skipped."""
+    solver, steps = solver_for_nfe(nfe)
+    gen = torch.Generator().manual_seed(seed)
+    cond = eval_conditions(teacher, n)
+    score = teacher.score
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc=f"teacher samples ({nfe} NFE)", disable=quiet, leave=False):
+        m = min(batch_size, n - i)
+        z = torch.randn(m, *teacher.shape, generator=gen) * score.schedule.init_sigma
+        c = None if cond is None else cond[i:i + m]
+        x, nfe_done = sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale), z, score.schedule, steps,
+                                 heun=solver == "heun")
+        out.append(x)
+    return torch.cat(out), nfe_done
+
+
+# ---- domain metrics ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def _fashion_reference(folder: str) -> tuple:
+    from .features import load_classifier
+
+    path = Path(folder)
+    stats = np.load(path / "fashion16_test_stats.npz")
+    return load_classifier(path), stats["mu"], stats["sigma"], _file_sha(path / "model.safetensors")
+
+
+def fashion_fd(images: torch.Tensor, classifier_dir: str = CLASSIFIER_DIR) -> float:
+    """FD between (N, 1, 16, 16) images in [-1, 1] and the Fashion-MNIST test set, in classifier feature space."""
+    from .features import extract
+
+    folder = Path(classifier_dir) if Path(classifier_dir).is_dir() else REPO_ROOT / classifier_dir
+    model, mu_ref, sigma_ref, _ = _fashion_reference(str(folder))
+    mu, sigma = gaussian_stats(extract(model, images))
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+def protocol(recipe, teacher) -> dict:
+    e = recipe.eval
+    solver, steps = solver_for_nfe(e.teacher_nfe)
+    p = {"domain": teacher.domain, "n": e.n, "seed": e.seed, "teacher_nfe": e.teacher_nfe,
+         "teacher_solver": f"{solver}, {steps} steps, Karras rho=7 times", "guidance_scale": e.guidance_scale}
+    if teacher.domain == "gmm":
+        p["reference"] = f"{e.n} exact mixture samples (seed {e.seed + 1})"
+        p["metric"] = "energy distance (V-statistic)"
+    elif teacher.domain == "fashion-mnist":
+        folder = REPO_ROOT / CLASSIFIER_DIR if not Path(CLASSIFIER_DIR).is_dir() else Path(CLASSIFIER_DIR)
+        p["reference"] = "fashion-mnist test set (10,000 images), 16x16"
+        p["metric"] = "Frechet distance, fashion-classifier 128-d penultimate features"
+        p["features_sha256"] = _file_sha(folder / "model.safetensors")
+        p["teacher_sha256"] = _file_sha(teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
+        p["labels"] = "balanced: i % 10"
+    return p
+
+
+def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    if teacher.domain == "gmm":
+        return {"energy_distance": energy_distance(samples, reference)}
+    if teacher.domain == "fashion-mnist":
+        return {"fd": fashion_fd(samples)}
+    return {}
+
+
+def _cached_teacher(teacher, proto: dict) -> dict | None:
+    path = getattr(teacher, "folder", None)
+    if path is None or not (path / "quality.json").exists():
+        return None
+    for entry in json.loads((path / "quality.json").read_text()).get("entries", []):
+        if entry["protocol"] == proto:
+            return {**entry["teacher"], "cached": str(path / "quality.json")}
+    return None
+
+
+def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute_teacher: bool = False) -> dict:
+    """Metrics of student and teacher under the recipe's eval protocol (the dict written to metrics.json)."""
+    e = recipe.eval
+    if teacher.domain == "none":
+        raise ValueError("this teacher has no built-in evaluation domain yet; FID/KID on image folders arrive with "
+                         "the evaluation harness (issue 4)")
+    proto = protocol(recipe, teacher)
+    reference = teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if teacher.domain == "gmm" else None
+    student.eval()
+    xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet)
+    result = {"student": {"nfe": student.steps, **domain_score(teacher, xs, reference)}}
+    cached = None if recompute_teacher else _cached_teacher(teacher, proto)
+    if cached is not None:
+        result["teacher"] = cached
+    else:
+        xt, nfe = generate_teacher(teacher, e.n, e.seed, e.batch_size, e.teacher_nfe, e.guidance_scale, quiet=quiet)
+        result["teacher"] = {"nfe": nfe, **domain_score(teacher, xt, reference)}
+    result["protocol"] = proto
+    key = "energy_distance" if teacher.domain == "gmm" else "fd"
+    result["ratio"] = result["student"][key] / max(result["teacher"][key], 1e-12)
+    return result
+
+
+def write_metrics(outdir: Path, metrics: dict) -> Path:
+    path = Path(outdir) / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def format_table(metrics: dict) -> str:
+    key = "energy_distance" if "energy_distance" in metrics["student"] else "fd"
+    label = "energy distance" if key == "energy_distance" else "FD"
+    rows = [("teacher", metrics["teacher"]), ("student", metrics["student"])]
+    lines = [f"{'':8} {'NFE':>4} {label:>16}"]
+    lines += [f"{name:8} {m['nfe']:>4} {m[key]:>16.4f}" + ("  (cached)" if m.get("cached") else "") for name, m in rows]
+    lines.append(f"student / teacher = {metrics['ratio']:.2f}x   (n={metrics['protocol']['n']}, "
+                 f"seed={metrics['protocol']['seed']})")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""A diffusers folder for the student: unet/ plus an LCMScheduler whose config reproduces the student's steps.
+
+LCMScheduler's sampling rule is the generator's (predict x0, re-noise with fresh noise to the next time), and with
+`original_inference_steps=K` its `set_timesteps(K)` yields exactly the trained times (999, 749, 499, 249 for K=4),
+so users need no `timesteps=[...]` argument.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .. import recipe as recipe_mod
+
+USAGE = """# {name}: a {steps}-step student distilled by stepdistill
+
+```python
+import torch
+from diffusers import LCMScheduler, {model_cls}
+
+unet = {model_cls}.from_pretrained("{path}", subfolder="unet")
+scheduler = LCMScheduler.from_pretrained("{path}", subfolder="scheduler")
+scheduler.set_timesteps({steps})  # the trained steps: {timesteps}
+generator = torch.Generator().manual_seed(0)
+x = torch.randn(10, {channels}, {size}, {size}, generator=generator) * scheduler.init_noise_sigma
+labels = torch.arange(10)  # class labels{label_note}
+for t in scheduler.timesteps:
+    with torch.no_grad():
+        out = unet(x, t, class_labels=labels).sample
+    x = scheduler.step(out, t, x, generator=generator).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2
+```
+"""
+
+
+def export_diffusers(run, out: str | Path) -> Path:
+    """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop."""
+    from diffusers import LCMScheduler, UNet2DModel
+
+    net = run.student.net.net
+    if not isinstance(net, UNet2DModel) or run.teacher.folder is None:
+        raise ValueError(f"--format diffusers needs a student built from a diffusers UNet teacher folder; this run's "
+                         f"teacher is {run.recipe.teacher.name!r}. Use --format safetensors instead.")
+    if not run.student.schedule.discrete:
+        raise ValueError("--format diffusers currently supports DDPM-family (discrete VP) teachers only")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(tmp / "unet", safe_serialization=True)
+    teacher_sched = json.loads((run.teacher.folder / "scheduler" / "scheduler_config.json").read_text())
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "rescale_betas_zero_snr")
+    scheduler = LCMScheduler(**{k: v for k, v in teacher_sched.items() if k in keep},
+                             original_inference_steps=run.student.steps, clip_sample=False, set_alpha_to_one=True,
+                             timestep_spacing="leading", timestep_scaling=10.0)
+    scheduler.save_pretrained(tmp / "scheduler")
+    scheduler.set_timesteps(run.student.steps)
+    timesteps = scheduler.timesteps.tolist()
+    expected = [round(t * (run.student.schedule.num_steps - 1)) for t in run.student.times]
+    if timesteps != expected:  # guard: the exported scheduler must reproduce the trained times
+        raise RuntimeError(f"LCMScheduler gives timesteps {timesteps}, the student was trained at {expected}")
+    meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
+        run.teacher.folder / "stepdistill.json").exists() else {}
+    meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
+                 "recipe": recipe_mod.to_dict(run.recipe)})
+    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+    c = net.config
+    (tmp / "README.md").write_text(USAGE.format(
+        name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
+        channels=c.in_channels, size=c.sample_size,
+        label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else ""))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,1 @@
+"""Networks: the only place that imports diffusers model classes."""

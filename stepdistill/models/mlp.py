@@ -1,0 +1,29 @@
+"""A small time-conditioned MLP for vector data (the Gaussian-mixture teacher's students)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MLPDenoiser(nn.Module):
+    """(N, D) x_t and (N,) native timesteps in [0, 1] -> (N, D) output (interpreted by ScoreModel's prediction kind)."""
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_features: int = 32) -> None:
+        super().__init__()
+        self.dim, self.hidden, self.depth, self.time_features = dim, hidden, depth, time_features
+        freqs = torch.exp(torch.linspace(0, math.log(200.0), time_features // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
+        layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        layers.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        angles = t.float().reshape(-1, 1) * self.freqs
+        return self.net(torch.cat([x, angles.sin(), angles.cos()], dim=1))
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_features": self.time_features}

@@ -1,0 +1,74 @@
+"""ScoreModel: any denoising network + its schedule + its prediction kind -> predict(x_t, t, cond) = (x0, eps).
+
+This is the boundary of the canonical form. Everything beyond it (objectives, solvers, the trainer) sees canonical
+time t in [0, 1] and Prediction(x0, eps), whatever the backbone predicts and however it counts time.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..diffusion.guidance import cfg_combine
+from ..diffusion.parametrization import KINDS, Prediction, to_prediction
+from ..diffusion.schedules import Schedule
+
+Conditioning = Literal["none", "class", "text"]
+
+
+class ScoreModel(nn.Module):
+    """Wraps `net` (diffusers UNet2DModel / UNet2DConditionModel, or an MLPDenoiser).
+
+    cond: None for unconditional nets; (N,) int64 labels for class-conditional ones (label `null_label` means
+    unconditional); (N, L, C) text embeddings for cross-attention nets (`null_cond` is the unconditional embedding).
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, prediction: str, conditioning: Conditioning = "none",
+                 null_label: int | None = None, null_cond: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if prediction not in KINDS:
+            raise ValueError(f"unknown prediction kind {prediction!r}; expected one of {', '.join(KINDS)}")
+        if conditioning == "class" and null_label is None:
+            raise ValueError("a class-conditional ScoreModel needs null_label (the label meaning 'no class')")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.conditioning, self.null_label = conditioning, null_label
+        self.register_buffer("null_cond", null_cond, persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> Prediction:
+        """x_t (N, ...), t (N,) canonical -> Prediction with x0, eps of x_t's shape (float32)."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        out = self._call_net(x_t, self.schedule.native(t).float().to(x_t.device), cond)
+        return to_prediction(self.prediction, out, x_t, alpha.to(x_t.device), sigma.to(x_t.device))
+
+    predict = forward
+
+    def _call_net(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        net = self.net
+        net_dtype = next(net.parameters()).dtype
+        x = x.to(net_dtype)
+        if isinstance(net, UNet2DModel):
+            return net(x, timestep, class_labels=cond if self.conditioning == "class" else None).sample
+        if isinstance(net, UNet2DConditionModel):
+            return net(x, timestep, encoder_hidden_states=cond.to(net_dtype)).sample
+        return net(x, timestep) if self.conditioning == "none" else net(x, timestep, cond)
+
+    def null(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The unconditional counterpart of a batch of conditions (for classifier-free guidance)."""
+        if self.conditioning == "none" or cond is None:
+            return None
+        if self.conditioning == "class":
+            return torch.full_like(cond, self.null_label)
+        if self.null_cond is None:
+            raise ValueError("this text-conditional model has no null embedding; pass null_cond when building it")
+        return self.null_cond.to(cond).expand_as(cond)
+
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float) -> Prediction:
+        """Classifier-free guided prediction; one batched call for [uncond, cond] (scale 1 = plain prediction)."""
+        if scale == 1.0 or self.conditioning == "none" or cond is None:
+            return self(x_t, t, cond)
+        both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.null(cond), cond]))
+        n = len(x_t)
+        return cfg_combine(Prediction(both.x0[:n], both.eps[:n]), Prediction(both.x0[n:], both.eps[n:]), scale)

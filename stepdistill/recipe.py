@@ -1,0 +1,193 @@
+"""Recipes: dataclasses + YAML + dotted `key=value` overrides, validated strictly.
+
+An unknown key or a value of the wrong type is an error that names the key and what is allowed. The `teacher` and
+`objective` sections are validated by the dataclass their `name` selects in the registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import registry
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written; the message names the key and the fix."""
+
+
+@dataclass
+class GeneratorConfig:
+    steps: int = 1  # K-step generator; times follow step_times (999, 749, 499, 249 for K=4 on DDPM teachers)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # iterations of the loop (each runs the objective's phases)
+    batch_size: int = 64
+    seed: int = 0
+    lr: float = 1e-4  # generator learning rate
+    fake_lr: float | None = None  # auxiliary networks (fake score); defaults to lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (DMD2 uses the defaults)
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear learning-rate warm-up, in iterations
+    grad_clip: float = 10.0  # max global grad norm per network (0 disables)
+    ema: float = 0.0  # EMA decay of the generator (0 disables); sampling and eval use the EMA weights
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # write a sample grid every N iterations (0: only at the end)
+    max_nonfinite: int = 20  # skipped non-finite steps tolerated before the run stops
+    max_minutes: float = 0.0  # stop early (with a checkpoint) after this much wall time; 0 = no limit
+
+
+@dataclass
+class EvalConfig:
+    n: int = 10000  # samples per side
+    seed: int = 0
+    teacher_nfe: int = 35  # teacher's network evaluations: odd -> Heun ((nfe+1)/2 intervals), even -> Euler
+    guidance_scale: float = 1.0  # classifier-free guidance of the teacher's samples
+    batch_size: int = 1000
+    at_end: bool = True  # evaluate when training finishes (writes metrics.json)
+
+
+@dataclass
+class Recipe:
+    teacher: Any
+    objective: Any
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build `cls` from a dict, rejecting unknown keys and wrong types with a message naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+                          f"allowed in {prefix or 'the recipe'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"missing required key {key}")
+    return cls(**kwargs)
+
+
+def _named_section(kind: str, data: Any) -> Any:
+    if not isinstance(data, dict) or "name" not in data:
+        raise RecipeError(f"{kind}: needs a `name`; known {kind}s: {', '.join(registry.names(kind))}")
+    try:
+        config_cls = registry.get(kind, data["name"]).Config
+    except KeyError as e:
+        raise RecipeError(f"{kind}.name: {e.args[0]}") from None
+    return build_dataclass(config_cls, data, kind)
+
+
+def from_dict(data: dict) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping of sections, got {type(data).__name__}")
+    allowed = [f.name for f in dataclasses.fields(Recipe)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise RecipeError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"allowed: {', '.join(allowed)}")
+    for required in ("teacher", "objective"):
+        if required not in data:
+            raise RecipeError(f"missing section `{required}`; known {required}s: {', '.join(registry.names(required))}")
+    return Recipe(teacher=_named_section("teacher", data["teacher"]),
+                  objective=_named_section("objective", data["objective"]),
+                  generator=build_dataclass(GeneratorConfig, data.get("generator"), "generator"),
+                  train=build_dataclass(TrainConfig, data.get("train"), "train"),
+                  eval=build_dataclass(EvalConfig, data.get("eval"), "eval"))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (value parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Recipe:
+    """Read a YAML recipe (or take `data`), apply overrides, validate. Raises RecipeError naming any bad key."""
+    if data is None:
+        p = Path(path)
+        if not p.exists():
+            raise RecipeError(f"recipe file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+    return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,9 @@
+"""Built-in teachers, registered by name: gmm (analytic), fashion-mnist (bundled), diffusers (any folder)."""
+from . import diffusers_teacher, gmm  # noqa: F401
+from .base import Teacher
+
+
+def build_teacher(cfg) -> Teacher:
+    from ..registry import get
+
+    return get("teacher", cfg.name)(cfg)

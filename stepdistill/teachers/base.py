@@ -1,0 +1,35 @@
+"""What a teacher provides to the rest of the toolkit."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..models.score import ScoreModel
+
+
+class Teacher(ABC):
+    """A frozen score model plus what the toolkit needs around it.
+
+    `score` is the frozen teacher; `student_network()` returns a fresh trainable copy that generator and fake score
+    start from; `sample_cond` draws the conditions a batch is made of; `domain` selects the evaluation protocol.
+    """
+
+    score: ScoreModel
+    shape: tuple[int, ...]  # one sample's shape: (C, H, W) images or (D,) vectors
+    num_classes: int | None = None
+    domain: str = "none"  # "gmm" | "fashion-mnist" | "none"
+
+    @abstractmethod
+    def student_network(self) -> ScoreModel:
+        """A trainable ScoreModel initialised from the teacher."""
+
+    def sample_cond(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """(n,) uniform class labels for class-conditional teachers, else None."""
+        if self.num_classes is None:
+            return None
+        return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3

@@ -1,0 +1,58 @@
+"""Teachers from diffusers folders: the bundled Fashion-MNIST teacher and any pixel-space UNet folder."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models.loading import load_diffusers_score, resolve_path
+from ..models.score import ScoreModel
+from ..registry import register
+from .base import Teacher
+
+
+@dataclass
+class DiffusersConfig:
+    name: str = "diffusers"
+    path: str = ""  # diffusers folder (unet/ + scheduler/) or hub id
+    subfolder: str = "unet"
+
+
+@register("teacher", "diffusers")
+class DiffusersTeacher(Teacher):
+    """A pixel-space diffusers UNet folder; class-conditional when the UNet has `num_class_embeds`."""
+
+    Config = DiffusersConfig
+
+    def __init__(self, cfg: DiffusersConfig) -> None:
+        if not cfg.path:
+            raise ValueError("teacher.path is empty: give a diffusers folder (with unet/ and scheduler/) or a hub id")
+        self.cfg = cfg
+        score = load_diffusers_score(cfg.path, cfg.subfolder)
+        where = resolve_path(cfg.path)
+        self.folder = where if isinstance(where, Path) else None  # local folder (holds quality.json), or None
+        self._init_net = score  # trainable copies start from these weights
+        self.score = copy.deepcopy(score).requires_grad_(False).eval()
+        c = score.net.config
+        self.shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.num_classes = score.null_label if score.conditioning == "class" else None
+
+    def student_network(self) -> ScoreModel:
+        return copy.deepcopy(self._init_net).requires_grad_(True).train()
+
+
+@dataclass
+class FashionConfig:
+    name: str = "fashion-mnist"
+    path: str = "checkpoints/fashion-mnist"  # the bundled teacher (see checkpoints/README.md)
+
+
+@register("teacher", "fashion-mnist")
+class FashionTeacher(DiffusersTeacher):
+    """The bundled class-conditional 16x16 Fashion-MNIST teacher; evaluated with the bundled classifier's FD."""
+
+    Config = FashionConfig
+    domain = "fashion-mnist"
+
+    def __init__(self, cfg: FashionConfig) -> None:
+        super().__init__(DiffusersConfig(path=cfg.path))

@@ -1,0 +1,239 @@
+"""The one training loop: iterations x phases, on accelerate.
+
+Each iteration asks the objective for its phases (which network updates, with which loss) and runs them in order,
+passing detached generator samples from one phase to the next so no phase generates twice. Around that sit EMA,
+gradient clipping, a non-finite guard, atomic checkpoints and logging. Rerunning the same command resumes from the
+newest intact checkpoint and continues exactly as an uninterrupted run would (bitwise on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from .. import recipe as recipe_mod
+from ..models.generator import Generator
+from ..objectives.base import Batch, Nets, Objective
+from ..recipe import Recipe, RecipeError
+from ..registry import get
+from ..teachers import Teacher, build_teacher
+from .ema import EMA
+from .state import load_latest, prefixed, save_checkpoint, unprefixed
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps produced a non-finite loss or gradient."""
+
+
+@dataclass
+class Built:
+    teacher: Teacher
+    nets: Nets
+    objective: Objective
+
+
+def build(recipe: Recipe) -> Built:
+    """Teacher, networks (generator and fake score start from the teacher) and objective for a recipe."""
+    teacher = build_teacher(recipe.teacher)
+    obj_cls = get("objective", recipe.objective.name)
+    unknown = set(obj_cls.needs) - {"teacher", "fake_score"}
+    if unknown:
+        raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
+                          "build yet")
+    generator = Generator(teacher.student_network(), recipe.generator.steps)
+    fake = teacher.student_network() if "fake_score" in obj_cls.needs else None
+    nets = Nets(teacher=teacher.score, generator=generator, fake_score=fake)
+    return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape))
+
+
+def check_resumable(outdir: Path, recipe: Recipe) -> None:
+    """A rerun must use the same recipe as the run it resumes (train.steps and train.max_minutes may change)."""
+    saved_path = outdir / "recipe.yaml"
+    if not saved_path.exists():
+        return
+    saved = recipe_mod.to_dict(recipe_mod.load_recipe(saved_path))
+    new = recipe_mod.to_dict(recipe)
+    diffs = []
+    for section in new:
+        for key in set(new[section]) | set(saved.get(section, {})):
+            if (section, key) in {("train", "steps"), ("train", "max_minutes")}:
+                continue
+            if new[section].get(key) != saved.get(section, {}).get(key):
+                diffs.append(f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {new[section].get(key)!r}")
+    if diffs:
+        raise RecipeError(f"{outdir} holds a run with a different recipe ({'; '.join(diffs)}). Rerun with the same "
+                          "recipe to resume, or choose another --outdir.")
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, outdir: str | Path, quiet: bool = False) -> None:
+        self.recipe, self.cfg, self.outdir, self.quiet = recipe, recipe.train, Path(outdir), quiet
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.cfg.precision == "bf16" else "no")
+        self.built = build(recipe)
+        self.nets, self.objective = self.built.nets, self.built.objective
+        self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
+        self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
+        self.step, self.nonfinite = 0, 0
+
+    def _optimizer(self, name: str) -> torch.optim.Optimizer:
+        lr = self.cfg.lr if name == "generator" else (self.cfg.fake_lr or self.cfg.lr)
+        params = [p for p in self.nets.get(name).parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in self.cfg.betas),
+                                 weight_decay=self.cfg.weight_decay)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, torch.Tensor]:
+        w = {}
+        for name in self.objective.trains:
+            w.update(prefixed(name, self.nets.get(name).state_dict()))
+        if self.ema is not None:
+            w.update(prefixed("ema", self.ema.model.state_dict()))
+        return w
+
+    def save(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                 "rng": torch.get_rng_state(), "nonfinite": self.nonfinite}
+        save_checkpoint(self.outdir / "checkpoints", self.step, self._weights(), state, self.cfg.keep_checkpoints)
+
+    def restore(self) -> bool:
+        found = load_latest(self.outdir / "checkpoints")
+        if found is None:
+            return False
+        step, weights, state = found
+        for name in self.objective.trains:
+            self.nets.get(name).load_state_dict(unprefixed(name, weights))
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(unprefixed("ema", weights))
+        torch.set_rng_state(state["rng"])
+        self.step, self.nonfinite = step, int(state["nonfinite"])
+        return True
+
+    # ---- one iteration ---------------------------------------------------------------------------------------
+    def _lr_scale(self) -> float:
+        return min(1.0, (self.step + 1) / self.cfg.warmup) if self.cfg.warmup > 0 else 1.0
+
+    def train_step(self) -> dict[str, float]:
+        teacher = self.built.teacher
+        batch = Batch(n=self.cfg.batch_size, cond=teacher.sample_cond(self.cfg.batch_size))
+        logs: dict[str, float] = {}
+        samples = None
+        for phase in self.objective.phases(self.step):
+            net = self.nets.get(phase.network)
+            opt = self.optimizers[phase.network]
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group["lr"] = group["base_lr"] * self._lr_scale()
+            with self.accelerator.autocast():
+                out = phase.loss(batch, samples)
+            samples = out.samples if out.samples is not None else samples
+            logs.update(out.logs)
+            ok = bool(torch.isfinite(out.loss))
+            if ok:
+                self.accelerator.backward(out.loss)
+                params = [p for p in net.parameters() if p.grad is not None]
+                max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+                ok = bool(torch.isfinite(norm))
+                logs[f"grad_norm/{phase.network}"] = float(norm)
+            if ok:
+                opt.step()
+            else:  # a non-finite loss or gradient never reaches the weights
+                self.nonfinite += 1
+                logs[f"skipped/{phase.network}"] = 1.0
+                if self.nonfinite > self.cfg.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{self.nonfinite} phases had a non-finite loss or gradient (limit train.max_nonfinite="
+                        f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({phase.network}). The newest good "
+                        f"checkpoint is in {self.outdir / 'checkpoints'}. Try a lower train.lr, train.precision=fp32, "
+                        "or a smaller train.grad_clip.")
+            for o in self.optimizers.values():  # losses may reach other networks' parameters: clear every grad
+                o.zero_grad(set_to_none=True)
+            for n in self.objective.trains:
+                self.nets.get(n).zero_grad(set_to_none=True)
+            if ok and phase.network == "generator" and self.ema is not None:
+                self.ema.update(self.nets.generator)
+        logs["nonfinite"] = float(self.nonfinite)
+        return logs
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def student(self) -> Generator:
+        return self.ema.model if self.ema is not None else self.nets.generator
+
+    def run(self) -> dict | None:
+        from ..eval.harness import evaluate, write_metrics
+        from ..eval.samples import save_samples
+
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        check_resumable(self.outdir, self.recipe)
+        (self.outdir / "recipe.yaml").write_text(recipe_mod.dump(self.recipe))
+        torch.manual_seed(self.cfg.seed)  # after building: only the loop's draws depend on this stream
+        resumed = self.restore()
+        stats_path = self.outdir / "stats.jsonl"
+        _truncate_stats(stats_path, self.step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.outdir / "tb")) if self.accelerator.is_main_process else None
+        start, last = time.time(), {}
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="distilling", unit="it", disable=self.quiet,
+                   dynamic_ncols=True)
+        if resumed and not self.quiet:
+            tqdm.write(f"resumed from iteration {self.step} in {self.outdir / 'checkpoints'}")
+        try:
+            while self.step < self.cfg.steps:
+                logs = self.train_step()
+                self.step += 1
+                last = logs
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")})
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    record = {"step": self.step, "time": round(time.time() - start, 3), **logs}
+                    with open(stats_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for k, v in logs.items():
+                            writer.add_scalar(k, v, self.step)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
+                    save_samples(self, f"step_{self.step:07d}")
+                if self.cfg.max_minutes and time.time() - start > self.cfg.max_minutes * 60:
+                    tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} reached")
+                    break
+        except KeyboardInterrupt:
+            self.save()  # nothing lost: rerunning the command resumes here
+            raise
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        self.save()
+        save_samples(self, "final")
+        summary = {"iterations": self.step, "train_seconds": round(time.time() - start, 1), **last}
+        (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if not self.recipe.eval.at_end:
+            return None
+        metrics = evaluate(self.recipe, self.built.teacher, self.student(), quiet=self.quiet)
+        write_metrics(self.outdir, metrics)
+        return metrics
+
+
+def _truncate_stats(path: Path, step: int) -> None:
+    """Drop log lines past the resumed iteration, so a resumed run's stats.jsonl reads like an uninterrupted one's."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:
+    """Train (or resume) a run in `outdir`; returns the metrics written to metrics.json (None if eval.at_end is off)."""
+    return Trainer(recipe, outdir, quiet=quiet).run()

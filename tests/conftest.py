@@ -1,0 +1,32 @@
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def make_tiny_unet_folder(path, num_classes: int = 3, prediction_type: str = "v_prediction"):
+    """A tiny class-conditional diffusers folder (unet/ + scheduler/ + stepdistill.json), built from config."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=num_classes + 1)
+    unet.save_pretrained(path / "unet")
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    scheduler.save_pretrained(path / "scheduler")
+    (path / "stepdistill.json").write_text(json.dumps({"conditioning": "class", "null_label": num_classes}))
+    return path
+
+
+@pytest.fixture
+def tiny_unet_folder(tmp_path):
+    return make_tiny_unet_folder(tmp_path / "teacher")

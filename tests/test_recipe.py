@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from stepdistill.recipe import RecipeError, apply_overrides, load_recipe
+
+CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_recipe_validates_and_starts_with_its_command(path):
+    recipe = load_recipe(path)
+    assert recipe.objective.name and recipe.teacher.name
+    first = Path(path).read_text().splitlines()[0]
+    assert first.startswith("# stepdistill train " + path)
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(RecipeError, match=r"unknown key train\.stpes; allowed in train: steps"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["train.stpes=3"])
+    with pytest.raises(RecipeError, match=r"unknown key objective\.alpha"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["objective.alpha=1.2"])
+    with pytest.raises(RecipeError, match="unknown section trian"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["trian.steps=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(RecipeError, match=r"train\.steps: expected int, got 'many'"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["train.steps=many"])
+    with pytest.raises(RecipeError, match=r"train\.precision: 'fp16' is not allowed; choose one of 'fp32', 'bf16'"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["train.precision=fp16"])
+    with pytest.raises(RecipeError, match=r"teacher\.means\[0\]\[1\]: expected float"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.means=[[0, x]]"])
+
+
+def test_unknown_objective_and_teacher_list_the_known_ones():
+    with pytest.raises(RecipeError, match="unknown objective 'dmd9'; known objectives: vsd"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["objective.name=dmd9"])
+    with pytest.raises(RecipeError, match="known teachers: diffusers, fashion-mnist, gmm"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.name=sd15"])
+
+
+def test_overrides_are_parsed_as_yaml():
+    data = apply_overrides({}, ["train.steps=3", "train.lr=1e-3", "teacher.means=[[0,2],[2,0]]", "eval.at_end=false"])
+    assert data == {"train": {"steps": 3, "lr": "1e-3"}, "teacher": {"means": [[0, 2], [2, 0]]},
+                    "eval": {"at_end": False}}
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["train.lr=1e-3", "train.steps=3"])
+    assert r.train.lr == 1e-3 and r.train.steps == 3
+    with pytest.raises(RecipeError, match="key=value"):
+        apply_overrides({}, ["train.steps"])

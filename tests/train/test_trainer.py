@@ -1,0 +1,80 @@
+"""Resume exactness, damaged checkpoints, the non-finite guard."""
+import json
+
+import pytest
+import torch
+
+from stepdistill.objectives.base import LossOutput
+from stepdistill.recipe import load_recipe
+from stepdistill.train.state import list_checkpoints, load_latest
+from stepdistill.train.trainer import NonFiniteError, Trainer
+
+BASE = ["teacher.fit_steps=100", "teacher.hidden=32", "train.batch_size=64", "train.steps=20",
+        "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
+
+
+def _recipe(*extra):
+    return load_recipe("configs/toy/gmm_vsd.yaml", BASE + list(extra))
+
+
+def _stats(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
+
+
+def test_resume_after_a_crash_is_bitwise_identical(tmp_path, monkeypatch):
+    Trainer(_recipe(), tmp_path / "a", quiet=True).run()
+
+    original = Trainer.train_step
+
+    def crash_at_13(self):
+        if self.step == 13:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(_recipe(), tmp_path / "b", quiet=True).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = Trainer(_recipe(), tmp_path / "b", quiet=True)
+    resumed.run()
+
+    _, wa, _ = load_latest(tmp_path / "a" / "checkpoints")
+    _, wb, _ = load_latest(tmp_path / "b" / "checkpoints")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert _stats(tmp_path / "a" / "stats.jsonl") == _stats(tmp_path / "b" / "stats.jsonl")
+
+
+def test_rerun_with_a_different_recipe_is_refused(tmp_path):
+    Trainer(_recipe("train.steps=5"), tmp_path / "r", quiet=True).run()
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        Trainer(_recipe("train.steps=5", "train.lr=0.5"), tmp_path / "r", quiet=True).run()
+
+
+def test_damaged_checkpoint_is_detected_and_skipped(tmp_path):
+    Trainer(_recipe("train.steps=10"), tmp_path / "r", quiet=True).run()
+    ckpts = list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_0000005", "step_0000010"]
+    weights = ckpts[-1] / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_0000010"):
+        step, _, _ = load_latest(tmp_path / "r" / "checkpoints")
+    assert step == 5
+
+
+def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
+    trainer = Trainer(_recipe("train.steps=3", "train.max_nonfinite=2", "objective.update_ratio=1"),
+                      tmp_path / "r", quiet=True)
+    before = {k: v.clone() for k, v in trainer.nets.generator.state_dict().items()}
+
+    def nan_loss(batch, samples=None):
+        p = next(trainer.nets.generator.parameters())
+        return LossOutput(p.sum() * float("nan"), {})
+
+    monkeypatch.setattr(trainer.objective, "generator_loss", nan_loss)
+    with pytest.raises(NonFiniteError, match="3 phases had a non-finite loss"):
+        trainer.run()
+    after = trainer.nets.generator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.nonfinite == 3
