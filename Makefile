@@ -16,7 +16,9 @@ $(BIN)/stepdistill: setup.py
 
 setup: $(BIN)/stepdistill
 
+# The demo starts fresh each time (a rerun of `stepdistill train` on the same folder would resume and train longer).
 demo: setup
+	rm -rf runs/demo_fashion_vsd_1step
 	$(BIN)/stepdistill train configs/fashion/vsd_1step.yaml --outdir runs/demo_fashion_vsd_1step
 
 test: setup

@@ -17,6 +17,7 @@ if __name__ == "__main__":
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="continue from an earlier output folder (e.g. the same --out)")
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     train_teacher(a.out, a.minutes, batch_size=a.batch_size, lr=a.lr, seed=a.seed, init=a.init)

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="generator steps (default: the trained K)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="PATH.png (grid), a folder (one PNG each), or PATH.npy (vectors)")
+    s.add_argument("--batch-size", type=int, default=500, help="samples per forward pass; noise is drawn per batch as "
+                   "diffusers' LCMScheduler draws it, so a batch matches a pipeline call with the same seed")
 
     e = add("eval", "evaluate student and teacher; rewrites RUN/metrics.json")
     e.add_argument("--run", required=True)
@@ -101,7 +103,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from .run import load_run
 
     run = load_run(a.run)
-    x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=max(a.n, 1), steps=a.steps)
+    x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
     out = Path(a.out)
     if not run.teacher.is_image:
         if out.suffix != ".npy":

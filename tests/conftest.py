@@ -5,6 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
+os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes are referenced as configs/...
 
 
 @pytest.fixture(autouse=True)

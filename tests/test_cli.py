@@ -91,3 +91,19 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
     theirs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
     ours = np.stack([np.array(Image.open(tmp_path / "ours" / f"{i:05d}.png")) for i in range(6)])
     assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1  # same images, up to rounding at a pixel edge
+
+
+def test_dry_run_prints_the_recipe_and_networks_and_writes_nothing(tmp_path, capsys):
+    assert main(["train", *GMM, "teacher.means=[[0,2],[2,0]]", "--dry-run", "--outdir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "means:\n  - [0.0, 2.0]" in out or "means: [[0.0, 2.0], [2.0, 0.0]]" in out
+    assert "# generator:" in out and "# fake_score:" in out and "trains generator, fake_score" in out
+    assert not (tmp_path / "d").exists()
+
+
+def test_every_subcommand_has_help_with_an_example(capsys):
+    for cmd in ("train", "sample", "eval", "export"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "examples:" in capsys.readouterr().out

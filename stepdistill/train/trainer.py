@@ -75,11 +75,15 @@ class Trainer:
     def __init__(self, recipe: Recipe, outdir: str | Path, quiet: bool = False) -> None:
         self.recipe, self.cfg, self.outdir, self.quiet = recipe, recipe.train, Path(outdir), quiet
         self.accelerator = Accelerator(mixed_precision="bf16" if self.cfg.precision == "bf16" else "no")
+        if self.accelerator.num_processes > 1:
+            raise RuntimeError("multi-process training is not supported yet (gradients would not be synchronised); "
+                               "run a single process. DDP/FSDP support is tracked in issue 6.")
         self.built = build(recipe)
         self.nets, self.objective = self.built.nets, self.built.objective
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
         self.step, self.nonfinite = 0, 0
+        self.last_logs: dict[str, float] = {}  # latest value of every logged quantity (saved with checkpoints)
 
     def _optimizer(self, name: str) -> torch.optim.Optimizer:
         lr = self.cfg.lr if name == "generator" else (self.cfg.fake_lr or self.cfg.lr)
@@ -100,7 +104,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         state = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                 "rng": torch.get_rng_state(), "nonfinite": self.nonfinite}
+                 "rng": torch.get_rng_state(), "nonfinite": self.nonfinite, "last_logs": self.last_logs}
         save_checkpoint(self.outdir / "checkpoints", self.step, self._weights(), state, self.cfg.keep_checkpoints)
 
     def restore(self) -> bool:
@@ -115,6 +119,7 @@ class Trainer:
             self.ema.model.load_state_dict(unprefixed("ema", weights))
         torch.set_rng_state(state["rng"])
         self.step, self.nonfinite = step, int(state["nonfinite"])
+        self.last_logs = dict(state.get("last_logs", {}))
         return True
 
     # ---- one iteration ---------------------------------------------------------------------------------------
@@ -148,16 +153,13 @@ class Trainer:
                 opt.step()
             else:  # a non-finite loss or gradient never reaches the weights
                 self.nonfinite += 1
-                logs[f"skipped/{phase.network}"] = 1.0
                 if self.nonfinite > self.cfg.max_nonfinite:
                     raise NonFiniteError(
                         f"{self.nonfinite} phases had a non-finite loss or gradient (limit train.max_nonfinite="
                         f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({phase.network}). The newest good "
                         f"checkpoint is in {self.outdir / 'checkpoints'}. Try a lower train.lr, train.precision=fp32, "
                         "or a smaller train.grad_clip.")
-            for o in self.optimizers.values():  # losses may reach other networks' parameters: clear every grad
-                o.zero_grad(set_to_none=True)
-            for n in self.objective.trains:
+            for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad
                 self.nets.get(n).zero_grad(set_to_none=True)
             if ok and phase.network == "generator" and self.ema is not None:
                 self.ema.update(self.nets.generator)
@@ -182,7 +184,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(self.outdir / "tb")) if self.accelerator.is_main_process else None
-        start, last = time.time(), {}
+        start, last = time.time(), self.last_logs
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="distilling", unit="it", disable=self.quiet,
                    dynamic_ncols=True)
         if resumed and not self.quiet:
@@ -191,15 +193,15 @@ class Trainer:
             while self.step < self.cfg.steps:
                 logs = self.train_step()
                 self.step += 1
-                last = logs
+                last.update(logs)  # keep each value's latest reading: generator losses only occur every few steps
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")})
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    record = {"step": self.step, "time": round(time.time() - start, 3), **logs}
+                    record = {"step": self.step, "time": round(time.time() - start, 3), **last}
                     with open(stats_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     if writer is not None:
-                        for k, v in logs.items():
+                        for k, v in last.items():
                             writer.add_scalar(k, v, self.step)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()

@@ -78,3 +78,11 @@ def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
     after = trainer.nets.generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert trainer.nonfinite == 3
+
+
+def test_bf16_autocast_trains_with_finite_losses(tmp_path):
+    trainer = Trainer(_recipe("train.steps=4", "train.precision=bf16", "objective.update_ratio=1"), tmp_path / "r",
+                      quiet=True)
+    trainer.run()
+    stats = _stats(tmp_path / "r" / "stats.jsonl")
+    assert stats[-1]["nonfinite"] == 0 and stats[-1]["loss/generator"] == stats[-1]["loss/generator"]
