@@ -74,7 +74,9 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
 class Trainer:
     def __init__(self, recipe: Recipe, outdir: str | Path, quiet: bool = False) -> None:
         self.recipe, self.cfg, self.outdir, self.quiet = recipe, recipe.train, Path(outdir), quiet
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.cfg.precision == "bf16" else "no")
+        # bf16 is applied with torch.autocast below rather than Accelerator(mixed_precision=...): accelerate's state is
+        # a process-wide singleton that refuses a second Trainer with another precision (notebooks, tests).
+        self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
             raise RuntimeError("multi-process training is not supported yet (gradients would not be synchronised); "
                                "run a single process. DDP/FSDP support is tracked in issue 6.")
@@ -137,7 +139,7 @@ class Trainer:
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
                 group["lr"] = group["base_lr"] * self._lr_scale()
-            with self.accelerator.autocast():
+            with torch.autocast(self.accelerator.device.type, torch.bfloat16, enabled=self.cfg.precision == "bf16"):
                 out = phase.loss(batch, samples)
             samples = out.samples if out.samples is not None else samples
             logs.update(out.logs)
