@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .schedules import _bcast
+from .schedules import bcast
 
 KINDS = ("eps", "x0", "v", "flow")
 
@@ -32,7 +32,7 @@ def to_prediction(kind: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.
     bf16 loses the small difference the division then amplifies.
     """
     out, x_t = out.float(), x_t.float()
-    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    a, s = bcast(alpha, x_t), bcast(sigma, x_t)
     if kind == "eps":
         return Prediction((x_t - s * out) / a, out)
     if kind == "x0":
@@ -47,7 +47,7 @@ def to_prediction(kind: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.
 
 def from_prediction(kind: str, pred: Prediction, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_prediction`: the network output of `kind` that encodes `pred` (used for targets and tests)."""
-    a, s = _bcast(alpha, pred.x0), _bcast(sigma, pred.x0)
+    a, s = bcast(alpha, pred.x0), bcast(sigma, pred.x0)
     if kind == "eps":
         return pred.eps
     if kind == "x0":

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 import torch
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N, 1, 1, ...) to broadcast against a (N, ...) tensor."""
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
@@ -36,7 +36,7 @@ class Schedule(ABC):
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = alpha(t) x0 + sigma(t) eps for (N, ...) x0/eps and (N,) t."""
         alpha, sigma = self.alpha_sigma(t)
-        return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+        return bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
 
     def to_config(self) -> dict:
         return {"name": self.name}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .parametrization import Prediction
-from .schedules import Schedule, _bcast
+from .schedules import Schedule, bcast
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], Prediction]
 
@@ -56,13 +56,13 @@ def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int
         nfe += 1
         if i == steps - 1:
             return pred.x0, nfe
-        x_next = _bcast(a_next, x) * pred.x0 + _bcast(s_next, x) * pred.eps
+        x_next = bcast(a_next, x) * pred.x0 + bcast(s_next, x) * pred.eps
         if heun and float(s_cur[0] / a_cur[0].clamp_min(1e-12)) < 1e4:  # finite VE level (not pure noise)
             pred2 = denoise(x_next, t_next)
             nfe += 1
-            y = x / _bcast(a_cur, x)  # VE variable: dy / d(sigma/alpha) = eps
-            dlam = _bcast(s_next / a_next - s_cur / a_cur, x)
-            x_next = _bcast(a_next, x) * (y + dlam * 0.5 * (pred.eps + pred2.eps))
+            y = x / bcast(a_cur, x)  # VE variable: dy / d(sigma/alpha) = eps
+            dlam = bcast(s_next / a_next - s_cur / a_cur, x)
+            x_next = bcast(a_next, x) * (y + dlam * 0.5 * (pred.eps + pred2.eps))
         x = x_next
     return x, nfe
 

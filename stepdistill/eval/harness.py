@@ -57,7 +57,8 @@ def generate_student(student: Generator, teacher, n: int, seed: int, batch_size:
 def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guidance_scale: float = 1.0,
                      quiet: bool = True) -> tuple[torch.Tensor, int]:
     """(n samples, NFE actually used) of the teacher's probability-flow ODE asked to use `nfe` evaluations (guided
-    if guidance_scale != 1). Flow schedules start at alpha = 0, where the first Heun correction is skipped."""
+    if guidance_scale != 1). Where t = 1 is (nearly) pure noise — flow, cosine VP — the first Heun correction is
+    skipped, so 35 asked gives 34 used."""
     solver, steps = solver_for_nfe(nfe)
     gen = torch.Generator().manual_seed(seed)
     cond = eval_conditions(teacher, n)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.schedules import _bcast
+from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
@@ -49,7 +49,7 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
     t = uniform_t(len(x0), t_min, t_max, fake.schedule)
     x_t = fake.schedule.add_noise(x0, torch.randn_like(x0), t)
     alpha, sigma = fake.schedule.alpha_sigma(t)
-    weight = _bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
+    weight = bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
     loss = (weight * (fake(x_t, t, batch.cond).x0 - x0) ** 2).mean()
     return LossOutput(loss, {"loss/fake_score": loss.item()})
 

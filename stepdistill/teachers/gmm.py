@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..diffusion.parametrization import Prediction, from_prediction
-from ..diffusion.schedules import SCHEDULES, _bcast
+from ..diffusion.schedules import SCHEDULES, bcast
 from ..models.mlp import MLPDenoiser
 from ..models.score import ScoreModel
 from ..registry import register
@@ -46,7 +46,7 @@ class GMMDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> Prediction:
         alpha, sigma = self.schedule.alpha_sigma(t)
-        a, s = _bcast(alpha, x_t).double(), _bcast(sigma, x_t).double()
+        a, s = bcast(alpha, x_t).double(), bcast(sigma, x_t).double()
         x, mu, s2 = x_t.double(), self.means.double(), self.std ** 2
         var = a * a * s2 + s * s  # (N, 1) variance of each noised component
         d2 = ((x.unsqueeze(1) - a.unsqueeze(1) * mu) ** 2).sum(-1)  # (N, K) squared distance to each noised mean
