@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..diffusion.solvers import sample_ode
 from ..models.generator import Generator
-from ..models.loading import REPO_ROOT
+from ..models.loading import resolve_path
 from .metrics import energy_distance, frechet_distance, gaussian_stats
 
 CLASSIFIER_DIR = "checkpoints/fashion-classifier"
@@ -88,7 +88,7 @@ def fashion_fd(images: torch.Tensor, classifier_dir: str = CLASSIFIER_DIR) -> fl
     """FD between (N, 1, 16, 16) images in [-1, 1] and the Fashion-MNIST test set, in classifier feature space."""
     from .features import extract
 
-    folder = Path(classifier_dir) if Path(classifier_dir).is_dir() else REPO_ROOT / classifier_dir
+    folder = resolve_path(classifier_dir)
     model, mu_ref, sigma_ref, _ = _fashion_reference(str(folder))
     mu, sigma = gaussian_stats(extract(model, images))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
@@ -103,7 +103,7 @@ def protocol(recipe, teacher) -> dict:
         p["reference"] = f"{e.n} exact mixture samples (seed {e.seed + 1})"
         p["metric"] = "energy distance (V-statistic)"
     elif teacher.domain == "fashion-mnist":
-        folder = REPO_ROOT / CLASSIFIER_DIR if not Path(CLASSIFIER_DIR).is_dir() else Path(CLASSIFIER_DIR)
+        folder = resolve_path(CLASSIFIER_DIR)
         p["reference"] = "fashion-mnist test set (10,000 images), 16x16"
         p["metric"] = "Frechet distance, fashion-classifier 128-d penultimate features"
         p["features_sha256"] = _file_sha(folder / "model.safetensors")

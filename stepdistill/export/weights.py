@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from .. import recipe as recipe_mod
@@ -19,7 +20,7 @@ def export_safetensors(run, out: str | Path) -> Path:
         "stepdistill.recipe": recipe_mod.dump(run.recipe),
         "stepdistill.steps": str(run.student.steps),
         "stepdistill.times": json.dumps(run.student.times),
-        "stepdistill.native_timesteps": json.dumps([float(run.student.schedule.native(__import__("torch").tensor(t)))
+        "stepdistill.native_timesteps": json.dumps([float(run.student.schedule.native(torch.tensor(t)))
                                                     for t in run.student.times]),
         "stepdistill.prediction": run.student.net.prediction,
         "stepdistill.iteration": str(run.step),
