@@ -153,7 +153,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .recipe import RecipeError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options (`train r.yaml --outdir x train.steps=9`), which argparse leaves over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}[args.command](args)
     except (RecipeError, FileNotFoundError, ValueError, KeyError) as e:

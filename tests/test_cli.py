@@ -8,7 +8,7 @@ from PIL import Image
 
 from stepdistill.cli import main
 
-GMM = ["configs/toy/gmm_vsd.yaml", "teacher.fit_steps=100", "teacher.hidden=32", "train.steps=6",
+GMM = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.steps=6",
        "train.checkpoint_every=3", "eval.n=512"]
 
 
@@ -94,7 +94,8 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
 
 
 def test_dry_run_prints_the_recipe_and_networks_and_writes_nothing(tmp_path, capsys):
-    assert main(["train", *GMM, "teacher.means=[[0,2],[2,0]]", "--dry-run", "--outdir", str(tmp_path / "d")]) == 0
+    # overrides are accepted after options too
+    assert main(["train", *GMM, "--dry-run", "--outdir", str(tmp_path / "d"), "teacher.means=[[0,2],[2,0]]"]) == 0
     out = capsys.readouterr().out
     assert "means:\n  - [0.0, 2.0]" in out or "means: [[0.0, 2.0], [2.0, 0.0]]" in out
     assert "# generator:" in out and "# fake_score:" in out and "trains generator, fake_score" in out
