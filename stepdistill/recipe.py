@@ -24,6 +24,9 @@ class RecipeError(ValueError):
 @dataclass
 class GeneratorConfig:
     steps: int = 1  # K-step generator; times follow step_times (999, 749, 499, 249 for K=4 on DDPM teachers)
+    warm_start_steps: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
+    warm_start_pairs: int = 1024  # fixed (noise, teacher ODE output) pairs it regresses onto
+    warm_start_nfe: int = 16  # Euler steps of the teacher ODE that makes each pair
 
 
 @dataclass
@@ -58,12 +61,18 @@ class EvalConfig:
 
 
 @dataclass
+class DataConfig:
+    path: str | None = None  # .npz with x (N, *shape) [+ labels]; None: the teacher's own data (gmm, fashion-mnist)
+
+
+@dataclass
 class Recipe:
     teacher: Any
     objective: Any
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # real samples, for objectives that need them
 
 
 def _type_name(tp: Any) -> str:
@@ -156,7 +165,8 @@ def from_dict(data: dict) -> Recipe:
                   objective=_named_section("objective", data["objective"]),
                   generator=build_dataclass(GeneratorConfig, data.get("generator"), "generator"),
                   train=build_dataclass(TrainConfig, data.get("train"), "train"),
-                  eval=build_dataclass(EvalConfig, data.get("eval"), "eval"))
+                  eval=build_dataclass(EvalConfig, data.get("eval"), "eval"),
+                  data=build_dataclass(DataConfig, data.get("data"), "data"))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -31,3 +31,17 @@ def make_tiny_unet_folder(path, num_classes: int = 3, prediction_type: str = "v_
 @pytest.fixture
 def tiny_unet_folder(tmp_path):
     return make_tiny_unet_folder(tmp_path / "teacher")
+
+
+@pytest.fixture
+def gmm_built():
+    """build() for a gmm recipe with a narrow student MLP and the objective's defaults: gmm_built("objective.name=sid",
+    ...), or gmm_built(..., recipe="configs/toy/...")."""
+    from stepdistill.recipe import load_recipe
+    from stepdistill.train.trainer import build
+
+    def make(*overrides: str, recipe: str | None = None):
+        data = None if recipe else {"teacher": {"name": "gmm"}, "objective": {"name": "vsd"}}
+        return build(load_recipe(recipe, ["teacher.hidden=64", *overrides], data=data))
+
+    return make

@@ -31,8 +31,12 @@ class LossOutput:
 
 @dataclass
 class Phase:
-    network: str  # the network this phase updates ("generator", "fake_score", ...)
+    network: str | tuple[str, ...]  # the network(s) this phase updates ("generator", ("fake_score", "discriminator"))
     loss: Callable[[Batch, torch.Tensor | None], LossOutput]  # (batch, samples from an earlier phase or None)
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return (self.network,) if isinstance(self.network, str) else tuple(self.network)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Nets:
     teacher: ScoreModel
     generator: Generator
     fake_score: ScoreModel | None = None
+    discriminator: torch.nn.Module | None = None  # a head on the fake score's features (models/discriminator.py)
 
     def get(self, name: str) -> torch.nn.Module:
         net = getattr(self, name)
@@ -50,16 +55,36 @@ class Nets:
         return net
 
 
+TRAINABLE = ("generator", "fake_score", "discriminator")
+
+
 class Objective(ABC):
-    """One paper's method. Subclasses set `Config` (a dataclass whose `name` is the registered name), `needs` and
-    `trains`, and return the step's phases in order."""
+    """One paper's method. Subclasses set `Config` (a dataclass whose `name` is the registered name) and `needs`
+    (or override `needs_for` when a setting adds requirements), and return each iteration's phases in order.
+
+    Requirements: "teacher", "fake_score", "discriminator" (networks) and "data" (real samples in Batch.x0). The
+    generator is always trained; so is every other network named in the requirements except the teacher."""
 
     Config: ClassVar[type]
     needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
-    trains: ClassVar[tuple[str, ...]] = ("generator",)
+
+    @classmethod
+    def needs_for(cls, cfg) -> frozenset[str]:
+        return cls.needs
 
     def __init__(self, cfg, nets: Nets, shape: tuple[int, ...]) -> None:
         self.cfg, self.nets, self.shape = cfg, nets, shape  # shape: one sample's shape, (C, H, W) or (D,)
+        needs = self.needs_for(cfg)
+        self.uses_data = "data" in needs
+        self.trains = tuple(n for n in TRAINABLE if n == "generator" or n in needs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the objective keeps between iterations (saved with checkpoints for exact resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027 (optional hook, no state here)
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)[:3]}")
 
     @abstractmethod
     def phases(self, step: int) -> list[Phase]:

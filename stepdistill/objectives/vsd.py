@@ -1,4 +1,4 @@
-"""VSD / DMD2 distribution matching.
+"""VSD / DMD2 distribution matching, with DMD2's GAN term and SNOOPI's random guidance.
 
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, 2024), Sec. 3 and eq. (2);
 Wang et al., ProlificDreamer (VSD, 2023). The generator's gradient at its sample x0 is the score difference
@@ -6,6 +6,12 @@ s_fake - s_real at a noised copy x_t, written as x0_fake - x0_real and normalise
 It is applied through a pseudo-target, L = 0.5 * mean((x0 - sg(x0 - g))^2), so dL/dx0 = g / numel: no gradient
 flows through the teacher or the fake score. The fake score tracks the generator's distribution by denoising score
 matching on detached generator samples, `update_ratio` times per generator update (DMD2's TTUR).
+
+`gan_weight` > 0 adds DMD2's adversarial term: a head on the fake score's bottleneck classifies noised real vs
+generated samples (its loss, times `gan_d_weight`, joins the fake score's; it needs real data) and the generator
+gets `gan_weight * softplus(-D(x_t))` through the same fake-score pass. `guidance_range` turns on SNOOPI's PG-SB:
+each iteration draws one guidance scale, applied to the teacher and the fake score alike (the fake then learns its
+unconditional prediction too, from `cond_dropout` of its training batches).
 """
 from __future__ import annotations
 
@@ -14,10 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
+from ..models.discriminator import discriminate
+from ..models.score import ScoreModel
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
+from .terms import denoising_loss, discriminator_loss, frozen, sample_generator
 
 
 @dataclass
@@ -29,62 +37,88 @@ class VSDConfig:
     t_max: float = 0.98
     fake_t_min: float = 0.0  # fake-score denoising times
     fake_t_max: float = 1.0
-
-
-def sample_generator(obj: Objective, batch: Batch, grad: bool) -> torch.Tensor:
-    """x0 from the generator. A K-step generator trains one random step k per iteration on inputs made by its own
-    first k steps (DMD2's backward simulation); only step k carries gradients."""
-    gen = obj.nets.generator
-    z = torch.randn(batch.n, *obj.shape)
-    k = int(torch.randint(0, gen.steps, ())) if gen.steps > 1 else 0
-    x_in = gen.backward_simulate(z, batch.cond, k) if k > 0 else gen.prior(z)
-    with torch.set_grad_enabled(grad):
-        return gen.step(x_in, k, batch.cond)
-
-
-def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float, t_max: float) -> LossOutput:
-    """Denoising score matching of the fake score on detached samples x0, weighted (alpha^2 + sigma^2) / sigma^2 in
-    x0 space: on VP schedules exactly the v-prediction MSE a teacher like ours was trained with."""
-    fake = obj.nets.fake_score
-    t = uniform_t(len(x0), t_min, t_max, fake.schedule)
-    x_t = fake.schedule.add_noise(x0, torch.randn_like(x0), t)
-    alpha, sigma = fake.schedule.alpha_sigma(t)
-    weight = bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
-    loss = (weight * (fake(x_t, t, batch.cond).x0 - x0) ** 2).mean()
-    return LossOutput(loss, {"loss/fake_score": loss.item()})
+    gan_weight: float = 0.0  # DMD2's generator adversarial weight (ImageNet 3e-3, SD1.5 1e-3); > 0 needs real data
+    gan_d_weight: float = 1e-2  # weight of the discriminator's loss added to the fake score's (DMD2: 1e-2)
+    guidance_range: list[float] | None = None  # SNOOPI PG-SB: per-iteration scale ~ U[lo, hi] for teacher and fake
+    cond_dropout: float = 0.1  # share of fake-score training batches made unconditional when the fake is guided
 
 
 @register("objective", "vsd")
 class VSD(Objective):
     Config = VSDConfig
     needs = frozenset({"teacher", "fake_score"})
-    trains = ("generator", "fake_score")
+
+    @classmethod
+    def needs_for(cls, cfg) -> frozenset[str]:
+        return cls.needs | ({"discriminator", "data"} if cfg.gan_weight > 0 else set())
 
     def __init__(self, cfg: VSDConfig, nets, shape: tuple[int, ...]) -> None:
         super().__init__(cfg, nets, shape)
         if cfg.update_ratio < 1:
             raise ValueError(f"objective.update_ratio must be >= 1, got {cfg.update_ratio}")
+        if cfg.guidance_range is not None and (len(cfg.guidance_range) != 2 or
+                                               cfg.guidance_range[0] > cfg.guidance_range[1]):
+            raise ValueError(f"objective.guidance_range must be [low, high] with low <= high, got {cfg.guidance_range}")
+        self.scales = (cfg.guidance_scale, 1.0)  # (teacher, fake score) guidance of the current iteration
 
     def phases(self, step: int) -> list[Phase]:
-        fake = Phase("fake_score", self.fake_loss)
+        if self.cfg.guidance_range is not None:  # one draw per iteration, shared by its phases
+            lo, hi = self.cfg.guidance_range
+            s = lo + (hi - lo) * float(torch.rand(()))
+            self.scales = (s, s)
+        fake = Phase(("fake_score", "discriminator") if self.nets.discriminator is not None else "fake_score",
+                     self.fake_loss)
         return [Phase("generator", self.generator_loss), fake] if step % self.cfg.update_ratio == 0 else [fake]
 
+    # ---- hooks for subclasses --------------------------------------------------------------------------------
+    def target(self) -> ScoreModel:
+        """The score the generator is pulled toward (DisBack walks this back along a path to the teacher)."""
+        return self.nets.teacher
+
+    def weight(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-sample weight of the distribution-matching direction (f-distill's h(r)); None means 1."""
+        return None
+
+    # ---- losses ------------------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
         cfg, nets = self.cfg, self.nets
+        real_scale, fake_scale = self.scales
         x0 = sample_generator(self, batch, grad=True)
         t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule)
+        x_t = nets.teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
+        logits, x0_fake = None, None
+        if nets.discriminator is not None:  # one fake-score pass gives both its prediction and D's logits
+            with frozen(nets.fake_score, nets.discriminator):
+                pred, logits = discriminate(nets.fake_score, nets.discriminator, x_t, t, batch.cond)
+            x0_fake = pred.x0.detach() if fake_scale == 1.0 else None
         with torch.no_grad():  # stop-gradient: the update direction is computed, not differentiated (DMD2 eq. 2)
-            x_t = nets.teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
-            x0_real = nets.teacher.guided(x_t, t, batch.cond, cfg.guidance_scale).x0
-            x0_fake = nets.fake_score(x_t, t, batch.cond).x0
+            x_t_ = x_t.detach()
+            x0_real = self.target().guided(x_t_, t, batch.cond, real_scale).x0
+            if x0_fake is None:
+                x0_fake = nets.fake_score.guided(x_t_, t, batch.cond, fake_scale).x0
             dims = tuple(range(1, x0.ndim))
-            norm = (x0.float() - x0_real).abs().mean(dim=dims, keepdim=True)  # DMD2's per-sample normaliser
-            grad = torch.nan_to_num((x0_fake - x0_real) / norm)  # a zero normaliser gives inf/nan: zeroed, as in DMD2
+            norm = (x0.detach().float() - x0_real).abs().mean(dim=dims, keepdim=True)  # DMD2's per-sample normaliser
+            grad = (x0_fake - x0_real) / norm
+            w = self.weight(None if logits is None else logits.detach())
+            if w is not None:
+                grad = grad * w.reshape(-1, *[1] * (x0.ndim - 1))
+            grad = torch.nan_to_num(grad)  # a zero normaliser gives inf/nan: zeroed, as in DMD2
         loss = 0.5 * F.mse_loss(x0.float(), (x0.float() - grad).detach())
         logs = {"loss/generator": loss.item(), "vsd/grad_abs": grad.abs().mean().item()}
+        if logits is not None and cfg.gan_weight > 0:
+            adv = F.softplus(-logits).mean()
+            loss = loss + cfg.gan_weight * adv
+            logs["loss/generator_adv"] = adv.item()
         return LossOutput(loss, logs, samples=x0.detach())
 
     def fake_loss(self, batch: Batch, samples: torch.Tensor | None) -> LossOutput:
         if samples is None:  # not a generator iteration: make fresh samples without gradients
             samples = sample_generator(self, batch, grad=False)
-        return denoising_loss(self, batch, samples.float(), self.cfg.fake_t_min, self.cfg.fake_t_max)
+        samples = samples.float()
+        fake_scale = self.scales[1]
+        out = denoising_loss(self, batch, samples, self.cfg.fake_t_min, self.cfg.fake_t_max, fake_scale,
+                             self.cfg.cond_dropout if fake_scale != 1.0 else 0.0)
+        if self.nets.discriminator is not None:
+            d = discriminator_loss(self, batch, samples, self.cfg.t_min, self.cfg.t_max)
+            out = LossOutput(out.loss + self.cfg.gan_d_weight * d.loss, {**out.logs, **d.logs})
+        return out

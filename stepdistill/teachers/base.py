@@ -30,6 +30,11 @@ class Teacher(ABC):
             return None
         return torch.randint(0, self.num_classes, (n,), generator=generator)
 
+    def real_data(self):
+        """The teacher's own training data as a source with `sample(n, cond)`, or None when it has none (then a
+        recipe that needs real data must give `data.path`)."""
+        return None
+
     @property
     def is_image(self) -> bool:
         return len(self.shape) == 3

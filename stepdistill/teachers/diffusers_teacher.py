@@ -5,6 +5,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.real import TensorData
 from ..models.loading import load_diffusers_score, resolve_path
 from ..models.score import ScoreModel
 from ..registry import register
@@ -56,3 +57,12 @@ class FashionTeacher(DiffusersTeacher):
 
     def __init__(self, cfg: FashionConfig) -> None:
         super().__init__(DiffusersConfig(path=cfg.path))
+        self._data: TensorData | None = None
+
+    def real_data(self) -> TensorData:
+        """The Fashion-MNIST training set (60k images with labels) from the Debian package."""
+        from ..data import fashion
+
+        if self._data is None:
+            self._data = TensorData(*fashion.load("train"))
+        return self._data

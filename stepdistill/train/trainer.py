@@ -36,20 +36,52 @@ class Built:
     teacher: Teacher
     nets: Nets
     objective: Objective
+    data: object | None = None  # real samples (`sample(n, cond)`) when the objective needs them
+
+    def batch(self, n: int) -> Batch:
+        """One iteration's conditions and, for objectives that need them, real samples with the same conditions."""
+        cond = self.teacher.sample_cond(n)
+        return Batch(n=n, cond=cond, x0=self.data.sample(n, cond) if self.objective.uses_data else None)
 
 
 def build(recipe: Recipe) -> Built:
-    """Teacher, networks (generator and fake score start from the teacher) and objective for a recipe."""
+    """Teacher, networks (generator and fake score start from the teacher), real data and objective for a recipe.
+    Everything a recipe lacks (real data, a network that can carry a discriminator) is reported here, before any
+    training starts."""
+    from ..data.real import load_npz
+    from ..models.discriminator import build_discriminator
+
     teacher = build_teacher(recipe.teacher)
     obj_cls = get("objective", recipe.objective.name)
-    unknown = set(obj_cls.needs) - {"teacher", "fake_score"}
+    needs = obj_cls.needs_for(recipe.objective)
+    unknown = set(needs) - {"teacher", "fake_score", "discriminator", "data"}
     if unknown:
         raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
                           "build yet")
     generator = Generator(teacher.student_network(), recipe.generator.steps)
-    fake = teacher.student_network() if "fake_score" in obj_cls.needs else None
-    nets = Nets(teacher=teacher.score, generator=generator, fake_score=fake)
-    return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape))
+    fake = teacher.student_network() if {"fake_score", "discriminator"} & needs else None
+    disc = None
+    if "discriminator" in needs:
+        try:
+            disc = build_discriminator(fake)
+        except ValueError as e:
+            raise RecipeError(f"objective {recipe.objective.name} (as configured) needs a discriminator: {e}") from None
+    data = None
+    if "data" in needs:
+        if recipe.data.path:
+            data = load_npz(recipe.data.path, teacher.shape, teacher.num_classes is not None)
+        else:
+            try:
+                data = teacher.real_data()
+            except FileNotFoundError as e:
+                raise RecipeError(f"objective {recipe.objective.name} needs real data: {e}") from None
+            if data is None:
+                raise RecipeError(f"objective {recipe.objective.name} (as configured) needs real data and teacher "
+                                  f"{recipe.teacher.name} has none built in: set data.path to an .npz with x (N, "
+                                  f"{', '.join(map(str, teacher.shape))}) in the teacher's space"
+                                  + (" and labels (N,)" if teacher.num_classes is not None else ""))
+    nets = Nets(teacher=teacher.score, generator=generator, fake_score=fake, discriminator=disc)
+    return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape), data)
 
 
 def check_resumable(outdir: Path, recipe: Recipe) -> None:
@@ -100,6 +132,7 @@ class Trainer:
             w.update(prefixed(name, self.nets.get(name).state_dict()))
         if self.ema is not None:
             w.update(prefixed("ema", self.ema.model.state_dict()))
+        w.update(prefixed("objective", self.objective.state_dict()))
         return w
 
     def save(self) -> None:
@@ -119,6 +152,7 @@ class Trainer:
             self.optimizers[name].load_state_dict(state["optimizers"][name])
         if self.ema is not None:
             self.ema.model.load_state_dict(unprefixed("ema", weights))
+        self.objective.load_state_dict(unprefixed("objective", weights))
         torch.set_rng_state(state["rng"])
         self.step, self.nonfinite = step, int(state["nonfinite"])
         self.last_logs = dict(state.get("last_logs", {}))
@@ -129,16 +163,15 @@ class Trainer:
         return min(1.0, (self.step + 1) / self.cfg.warmup) if self.cfg.warmup > 0 else 1.0
 
     def train_step(self) -> dict[str, float]:
-        teacher = self.built.teacher
-        batch = Batch(n=self.cfg.batch_size, cond=teacher.sample_cond(self.cfg.batch_size))
+        batch = self.built.batch(self.cfg.batch_size)
         logs: dict[str, float] = {}
         samples = None
         for phase in self.objective.phases(self.step):
-            net = self.nets.get(phase.network)
-            opt = self.optimizers[phase.network]
-            for group in opt.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * self._lr_scale()
+            names = phase.networks
+            for name in names:
+                for group in self.optimizers[name].param_groups:
+                    group.setdefault("base_lr", group["lr"])
+                    group["lr"] = group["base_lr"] * self._lr_scale()
             with torch.autocast(self.accelerator.device.type, torch.bfloat16, enabled=self.cfg.precision == "bf16"):
                 out = phase.loss(batch, samples)
             samples = out.samples if out.samples is not None else samples
@@ -146,24 +179,26 @@ class Trainer:
             ok = bool(torch.isfinite(out.loss))
             if ok:
                 self.accelerator.backward(out.loss)
-                params = [p for p in net.parameters() if p.grad is not None]
                 max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-                ok = bool(torch.isfinite(norm))
-                logs[f"grad_norm/{phase.network}"] = float(norm)
+                for name in names:
+                    params = [p for p in self.nets.get(name).parameters() if p.grad is not None]
+                    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+                    ok = ok and bool(torch.isfinite(norm))
+                    logs[f"grad_norm/{name}"] = float(norm)
             if ok:
-                opt.step()
+                for name in names:
+                    self.optimizers[name].step()
             else:  # a non-finite loss or gradient never reaches the weights
                 self.nonfinite += 1
                 if self.nonfinite > self.cfg.max_nonfinite:
                     raise NonFiniteError(
                         f"{self.nonfinite} phases had a non-finite loss or gradient (limit train.max_nonfinite="
-                        f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({phase.network}). The newest good "
-                        f"checkpoint is in {self.outdir / 'checkpoints'}. Try a lower train.lr, train.precision=fp32, "
-                        "or a smaller train.grad_clip.")
+                        f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({'+'.join(names)}). The newest "
+                        f"good checkpoint is in {self.outdir / 'checkpoints'}. Try a lower train.lr, "
+                        "train.precision=fp32, or a smaller train.grad_clip.")
             for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad
                 self.nets.get(n).zero_grad(set_to_none=True)
-            if ok and phase.network == "generator" and self.ema is not None:
+            if ok and "generator" in names and self.ema is not None:
                 self.ema.update(self.nets.generator)
         logs["nonfinite"] = float(self.nonfinite)
         return logs
@@ -181,6 +216,16 @@ class Trainer:
         (self.outdir / "recipe.yaml").write_text(recipe_mod.dump(self.recipe))
         torch.manual_seed(self.cfg.seed)  # after building: only the loop's draws depend on this stream
         resumed = self.restore()
+        g = self.recipe.generator
+        if not resumed and g.warm_start_steps > 0:  # then checkpoint it, so a crash never repeats it
+            from .warm_start import regression_warm_start
+
+            loss = regression_warm_start(self.nets.generator, self.built.teacher, self.cfg.lr, g.warm_start_steps,
+                                         g.warm_start_pairs, g.warm_start_nfe, self.cfg.batch_size, self.quiet)
+            self.last_logs["loss/warm_start"] = loss
+            if self.ema is not None:
+                self.ema.model.load_state_dict(self.nets.generator.state_dict())
+            self.save()
         stats_path = self.outdir / "stats.jsonl"
         _truncate_stats(stats_path, self.step)
         from torch.utils.tensorboard import SummaryWriter

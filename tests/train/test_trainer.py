@@ -9,7 +9,7 @@ from stepdistill.recipe import load_recipe
 from stepdistill.train.state import list_checkpoints, load_latest
 from stepdistill.train.trainer import NonFiniteError, Trainer
 
-BASE = ["teacher.fit_steps=100", "teacher.hidden=32", "train.batch_size=64", "train.steps=20",
+BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=20",
         "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
 
 

@@ -1,0 +1,62 @@
+"""Real samples for objectives that need them (a GAN discriminator, f-divergence density ratios).
+
+A data source is anything with `sample(n, cond) -> (n, *shape)`: for class-conditional teachers the i-th sample has
+label cond[i], so real and generated batches carry the same classes. Draws use the global RNG, which checkpoints save.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class TensorData:
+    """Samples drawn with replacement from a tensor of examples (and their labels, for conditional teachers)."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if labels is not None and len(labels) != len(x):
+            raise ValueError(f"{len(x)} examples but {len(labels)} labels")
+        self.x, self.labels = x.float(), labels
+        self.by_class = None if labels is None else {int(c): (labels == c).nonzero()[:, 0] for c in labels.unique()}
+
+    def sample(self, n: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is None or self.by_class is None:
+            return self.x[torch.randint(0, len(self.x), (n,))]
+        idx = torch.empty(n, dtype=torch.long)
+        for c in cond.unique().tolist():
+            pool = self.by_class.get(int(c))
+            if pool is None:
+                raise ValueError(f"the real data has no example of class {c}")
+            where = (cond == c).nonzero()[:, 0]
+            idx[where] = pool[torch.randint(0, len(pool), (len(where),))]
+        return self.x[idx]
+
+
+class FunctionData:
+    """Unconditional samples from a function of n (e.g. an exact sampler)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def sample(self, n: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(n)
+
+
+def load_npz(path: str | Path, shape: tuple[int, ...], conditional: bool) -> TensorData:
+    """`data.path`: an .npz with `x` (N, *shape) in the teacher's space (images in [-1, 1]) and, for
+    class-conditional teachers, `labels` (N,) ints."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data.path {p} does not exist; give an .npz with x (N, {', '.join(map(str, shape))})"
+                                + (" and labels (N,)" if conditional else ""))
+    with np.load(p) as f:
+        if "x" not in f:
+            raise ValueError(f"data.path {p} has no array `x` (found {', '.join(f.files) or 'nothing'})")
+        x = torch.from_numpy(f["x"])
+        labels = torch.from_numpy(f["labels"]).long() if "labels" in f else None
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"data.path {p}: x has examples of shape {tuple(x.shape[1:])}, the teacher's are {shape}")
+    if conditional and labels is None:
+        raise ValueError(f"data.path {p}: the teacher is class-conditional, so the file needs `labels` too")
+    return TensorData(x, labels)

@@ -1,0 +1,85 @@
+"""DisBack: Distribution Backtracking.
+
+Zhang et al., "Distribution Backtracking Builds A Faster Convergence Trajectory for Diffusion Distillation" (2024);
+SYZhang0805/DisBack (a DMD2 fork). Stage 1 ("degradation recording", `record_steps` iterations): the generator is
+frozen and the fake score, starting from the teacher, is trained on its samples; a snapshot of the fake score every
+`record_every` iterations records a path from the teacher's score to the initial generator's. Stage 2: VSD/DMD2,
+except that the score the generator is pulled toward walks that path backwards, one snapshot every
+`backtrack_every` iterations, ending at the teacher itself.
+
+The upstream code swaps targets with a `strict=False` load of a state dict whose keys do not match, so its target
+never changes; here the snapshot is loaded strictly into a separate frozen copy, and the tests check that the target
+really moves.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..models.score import ScoreModel
+from ..registry import register
+from .base import Phase
+from .vsd import VSD, VSDConfig
+
+
+@dataclass
+class DisBackConfig(VSDConfig):
+    name: str = "disback"
+    record_steps: int = 500  # stage 1 length, in iterations
+    record_every: int = 100  # a snapshot of the fake score every this many stage-1 iterations
+    backtrack_every: int = 200  # stage-2 iterations spent on each snapshot before moving one back toward the teacher
+
+
+@register("objective", "disback")
+class DisBack(VSD):
+    Config = DisBackConfig
+
+    def __init__(self, cfg: DisBackConfig, nets, shape: tuple[int, ...]) -> None:
+        super().__init__(cfg, nets, shape)
+        if cfg.record_every < 1 or cfg.record_steps < cfg.record_every or cfg.record_steps % cfg.record_every:
+            raise ValueError(f"objective.record_steps ({cfg.record_steps}) must be a positive multiple of "
+                             f"objective.record_every ({cfg.record_every})")
+        if cfg.backtrack_every < 1:
+            raise ValueError(f"objective.backtrack_every must be >= 1, got {cfg.backtrack_every}")
+        self.path: list[dict[str, torch.Tensor]] = []  # snapshots 1..m (snapshot 0 is the teacher itself)
+        self._target: ScoreModel = copy.deepcopy(nets.fake_score).requires_grad_(False)
+        self._loaded: int | None = None  # index of the snapshot in self._target
+        self.step = 0
+
+    def phases(self, step: int) -> list[Phase]:
+        self.step = step
+        cfg = self.cfg
+        if step <= cfg.record_steps and step > 0 and step % cfg.record_every == 0 and \
+                len(self.path) < step // cfg.record_every:
+            self.path.append({k: v.detach().clone() for k, v in self.nets.fake_score.state_dict().items()})
+        if step < cfg.record_steps:  # stage 1: only the fake score moves, toward the frozen initial generator
+            return [Phase(("fake_score", "discriminator") if self.nets.discriminator is not None else "fake_score",
+                          self.fake_loss)]
+        return super().phases(step - cfg.record_steps)
+
+    def target_index(self) -> int:
+        """Which snapshot the generator is pulled toward now: m at the start of stage 2, down to 0 (the teacher)."""
+        back = max(0, self.step - self.cfg.record_steps) // self.cfg.backtrack_every
+        return max(0, len(self.path) - back)
+
+    def target(self) -> ScoreModel:
+        i = self.target_index()
+        if i == 0:
+            return self.nets.teacher
+        if self._loaded != i:
+            self._target.load_state_dict(self.path[i - 1])  # strict: every key must match
+            self._loaded = i
+        return self._target
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"path.{i}.{k}": v for i, snap in enumerate(self.path) for k, v in snap.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        snaps: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in state.items():
+            _, i, k = key.split(".", 2)
+            snaps.setdefault(int(i), {})[k] = v
+        self.path = [snaps[i] for i in sorted(snaps)]
+        self._loaded = None

@@ -1,0 +1,76 @@
+"""Pieces several objectives share: sampling the generator, the fake score's denoising loss, the GAN losses."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion.schedules import bcast
+from ..diffusion.timesteps import uniform_t
+from ..models.discriminator import discriminate
+from ..models.score import ScoreModel
+from .base import Batch, LossOutput, Objective
+
+
+def sample_generator(obj: Objective, batch: Batch, grad: bool) -> torch.Tensor:
+    """x0 from the generator. A K-step generator trains one random step k per iteration on inputs made by its own
+    first k steps (DMD2's backward simulation; few-step SiD's uniform mixture); only step k carries gradients."""
+    gen = obj.nets.generator
+    z = torch.randn(batch.n, *obj.shape)
+    k = int(torch.randint(0, gen.steps, ())) if gen.steps > 1 else 0
+    x_in = gen.backward_simulate(z, batch.cond, k) if k > 0 else gen.prior(z)
+    with torch.set_grad_enabled(grad):
+        return gen.step(x_in, k, batch.cond)
+
+
+def drop_cond(score: ScoreModel, cond: torch.Tensor | None, p: float) -> torch.Tensor | None:
+    """Replace each condition by the null condition with probability p (so a guided fake score learns both)."""
+    if cond is None or p <= 0 or score.conditioning == "none":
+        return cond
+    mask = torch.rand(len(cond)) < p
+    return torch.where(mask.reshape(-1, *[1] * (cond.ndim - 1)).to(cond.device), score.null(cond), cond)
+
+
+def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float, t_max: float,
+                   guidance_scale: float = 1.0, cond_dropout: float = 0.0) -> LossOutput:
+    """Denoising score matching of the fake score on detached samples x0, weighted (alpha^2 + sigma^2) / sigma^2 in
+    x0 space: on VP schedules exactly the v-prediction MSE a teacher like ours was trained with. With a guidance
+    scale other than 1 the guided prediction is what is fitted (SiD-LSG's kappa_1)."""
+    fake = obj.nets.fake_score
+    cond = drop_cond(fake, batch.cond, cond_dropout)
+    t = uniform_t(len(x0), t_min, t_max, fake.schedule)
+    x_t = fake.schedule.add_noise(x0, torch.randn_like(x0), t)
+    alpha, sigma = fake.schedule.alpha_sigma(t)
+    weight = bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
+    loss = (weight * (fake.guided(x_t, t, cond, guidance_scale).x0 - x0) ** 2).mean()
+    return LossOutput(loss, {"loss/fake_score": loss.item()})
+
+
+@contextmanager
+def frozen(*modules: nn.Module | None):
+    """Build the graph without parameter gradients for these modules (gradients still flow through their inputs)."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, t_min: float, t_max: float) -> LossOutput:
+    """Non-saturating GAN loss of the head on the fake score's features: softplus(D(fake)) + softplus(-D(real)), on
+    copies noised at independent times (DMD2's "diffusion GAN"). Backpropagates into the head and the fake score."""
+    if batch.x0 is None:
+        raise ValueError("the discriminator needs real samples in Batch.x0")
+    fake, head = obj.nets.fake_score, obj.nets.discriminator
+    logits = []
+    for x0 in (fake_x0, batch.x0.to(fake_x0)):
+        t = uniform_t(len(x0), t_min, t_max, fake.schedule)
+        logits.append(discriminate(fake, head, fake.schedule.add_noise(x0, torch.randn_like(x0), t), t, batch.cond)[1])
+    loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
+    acc = 0.5 * ((logits[0] < 0).float().mean() + (logits[1] > 0).float().mean())
+    return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_accuracy": acc.item()})
