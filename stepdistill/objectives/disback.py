@@ -21,6 +21,7 @@ import torch
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Phase
+from .terms import fake_phase
 from .vsd import VSD, VSDConfig
 
 
@@ -55,8 +56,7 @@ class DisBack(VSD):
                 len(self.path) < step // cfg.record_every:
             self.path.append({k: v.detach().clone() for k, v in self.nets.fake_score.state_dict().items()})
         if step < cfg.record_steps:  # stage 1: only the fake score moves, toward the frozen initial generator
-            return [Phase(("fake_score", "discriminator") if self.nets.discriminator is not None else "fake_score",
-                          self.fake_loss)]
+            return [fake_phase(self, self.fake_loss)]
         return super().phases(step - cfg.record_steps)
 
     def target_index(self) -> int:

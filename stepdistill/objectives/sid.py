@@ -31,7 +31,7 @@ from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
-from .terms import denoising_loss, discriminator_loss, frozen, sample_generator
+from .terms import denoising_loss, fake_phase, frozen, plus_discriminator_loss, sample_generator
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 
@@ -84,8 +84,7 @@ class SiD(Objective):
         return c.kappa4, c.kappa2, c.kappa1
 
     def phases(self, step: int) -> list[Phase]:
-        fake = "fake_score" if self.nets.discriminator is None else ("fake_score", "discriminator")
-        return [Phase(fake, self.fake_loss), Phase("generator", self.generator_loss)]  # SiD: fake first, then G
+        return [fake_phase(self, self.fake_loss), Phase("generator", self.generator_loss)]  # SiD: fake first, then G
 
     def fake_loss(self, batch: Batch, samples: torch.Tensor | None) -> LossOutput:
         x_g = sample_generator(self, batch, grad=False).float()
@@ -93,10 +92,7 @@ class SiD(Objective):
         guided = {train_s, fake_s} != {1.0}
         out = denoising_loss(self, batch, x_g, self.cfg.t_min, self.cfg.t_max, train_s,
                              self.cfg.cond_dropout if guided else 0.0)
-        if self.nets.discriminator is not None:
-            d = discriminator_loss(self, batch, x_g, self.cfg.t_min, self.cfg.t_max)
-            out = LossOutput(out.loss + self.cfg.gan_d_weight * d.loss, {**out.logs, **d.logs})
-        return out
+        return plus_discriminator_loss(self, batch, x_g, out, self.cfg.gan_d_weight, self.cfg.t_min, self.cfg.t_max)
 
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
         cfg, nets = self.cfg, self.nets

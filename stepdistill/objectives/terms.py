@@ -11,7 +11,7 @@ from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
 from ..models.score import ScoreModel
-from .base import Batch, LossOutput, Objective
+from .base import Batch, LossOutput, Objective, Phase
 
 
 def sample_generator(obj: Objective, batch: Batch, grad: bool) -> torch.Tensor:
@@ -74,3 +74,17 @@ def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, t_mi
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
     acc = 0.5 * ((logits[0] < 0).float().mean() + (logits[1] > 0).float().mean())
     return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_accuracy": acc.item()})
+
+
+def fake_phase(obj: Objective, loss) -> Phase:
+    """The fake score's phase; a discriminator head, when the run has one, trains in the same phase."""
+    return Phase(("fake_score", "discriminator") if obj.nets.discriminator is not None else "fake_score", loss)
+
+
+def plus_discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, out: LossOutput, weight: float,
+                            t_min: float, t_max: float) -> LossOutput:
+    """The fake score's loss plus `weight` x the discriminator's (DMD2, SiDA), when the run has a discriminator."""
+    if obj.nets.discriminator is None:
+        return out
+    d = discriminator_loss(obj, batch, fake_x0, t_min, t_max)
+    return LossOutput(out.loss + weight * d.loss, {**out.logs, **d.logs})

@@ -25,7 +25,7 @@ from ..models.discriminator import discriminate
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
-from .terms import denoising_loss, discriminator_loss, frozen, sample_generator
+from .terms import denoising_loss, fake_phase, frozen, plus_discriminator_loss, sample_generator
 
 
 @dataclass
@@ -66,8 +66,7 @@ class VSD(Objective):
             lo, hi = self.cfg.guidance_range
             s = lo + (hi - lo) * float(torch.rand(()))
             self.scales = (s, s)
-        fake = Phase(("fake_score", "discriminator") if self.nets.discriminator is not None else "fake_score",
-                     self.fake_loss)
+        fake = fake_phase(self, self.fake_loss)
         return [Phase("generator", self.generator_loss), fake] if step % self.cfg.update_ratio == 0 else [fake]
 
     # ---- hooks for subclasses --------------------------------------------------------------------------------
@@ -118,7 +117,5 @@ class VSD(Objective):
         fake_scale = self.scales[1]
         out = denoising_loss(self, batch, samples, self.cfg.fake_t_min, self.cfg.fake_t_max, fake_scale,
                              self.cfg.cond_dropout if fake_scale != 1.0 else 0.0)
-        if self.nets.discriminator is not None:
-            d = discriminator_loss(self, batch, samples, self.cfg.t_min, self.cfg.t_max)
-            out = LossOutput(out.loss + self.cfg.gan_d_weight * d.loss, {**out.logs, **d.logs})
-        return out
+        return plus_discriminator_loss(self, batch, samples, out, self.cfg.gan_d_weight, self.cfg.t_min,
+                                       self.cfg.t_max)
