@@ -8,12 +8,14 @@ from torch import nn
 
 
 class MLPDenoiser(nn.Module):
-    """(N, D) x_t and (N,) native timesteps in [0, 1] -> (N, D) output (interpreted by ScoreModel's prediction kind)."""
+    """(N, D) x_t and (N,) times in [0, 1] -> (N, D) output (interpreted by ScoreModel's prediction kind)."""
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_features: int = 32) -> None:
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_features: int = 32,
+                 max_freq: float = 200.0) -> None:
         super().__init__()
         self.dim, self.hidden, self.depth, self.time_features = dim, hidden, depth, time_features
-        freqs = torch.exp(torch.linspace(0, math.log(200.0), time_features // 2))
+        self.max_freq = max_freq
+        freqs = torch.exp(torch.linspace(0, math.log(max_freq), time_features // 2))
         self.register_buffer("freqs", freqs, persistent=False)
         layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
         for _ in range(depth - 1):
@@ -26,4 +28,5 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat([x, angles.sin(), angles.cos()], dim=1))
 
     def config(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_features": self.time_features}
+        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_features": self.time_features,
+                "max_freq": self.max_freq}

@@ -7,6 +7,8 @@ score into x_t = alpha x_g + sigma eps:
     L_G = sum[(y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f))] / wf,  wf = sg(mean|x_g - y_r|)
 
 per sample (y_r teacher, y_f fake score, both x0 predictions), i.e. (1 - alpha)|y_r - y_f|^2 + (y_r - y_f).(y_f - x_g).
+`weighting: alpha` replaces 1/wf by alpha(t), which is SiD-DiT's default (1 - sigma) on flow-matching teachers; on the
+rectified-flow Gaussian mixture it is what lets few-step students converge (configs/toy/gmm_sid_2step.yaml).
 The fake score is trained by denoising score matching, one update per generator update (1:1). SiD's optimiser is
 Adam with beta1 = 0 (set in its recipes: `train.betas: [0.0, 0.999]`).
 
@@ -51,6 +53,7 @@ class SiDConfig:
     adversarial: bool = False  # SiDA
     gan_scale: float = 1.0  # multiplies the GAN term before the 0.5/0.5 mix
     gan_d_weight: float = 1.0  # weight of the discriminator loss added to the fake score's
+    weighting: Literal["sid", "alpha"] = "sid"  # per-sample 1/wf (SiD) or alpha(t) (SiD-DiT's 1 - sigma on flows)
 
 
 def sid_loss(x_g: torch.Tensor, y_r: torch.Tensor, y_f: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -104,8 +107,11 @@ class SiD(Objective):
             y_r = nets.teacher.guided(x_t, t, batch.cond, teacher_s).x0
             y_f = nets.fake_score.guided(x_t, t, batch.cond, fake_s).x0
             dims = tuple(range(1, x_g.ndim))
-            wf = (x_g - y_r).abs().mean(dim=dims).detach().clamp_min(1e-5)
-            per_sample = sid_loss(x_g, y_r, y_f, cfg.alpha) / wf
+            if cfg.weighting == "alpha":
+                per_sample = sid_loss(x_g, y_r, y_f, cfg.alpha) * nets.teacher.schedule.alpha_sigma(t)[0]
+            else:
+                wf = (x_g - y_r).abs().mean(dim=dims).detach().clamp_min(1e-5)
+                per_sample = sid_loss(x_g, y_r, y_f, cfg.alpha) / wf
             keep = torch.isfinite(per_sample)  # SiD drops non-finite samples rather than the whole batch
             loss = per_sample[keep].sum() / len(per_sample)
             logs = {"loss/generator": loss.item(), "sid/dropped": float((~keep).sum())}

@@ -34,6 +34,8 @@ class GMMConfig:
     schedule: str = "flow"  # vp | edm | flow | trigflow: the noising process the teacher's score is exact for
     hidden: int = 256  # width of the students' MLP correction
     init_seed: int = 0  # seed of the students' MLP initialisation
+    time_freq: float = 200.0  # highest frequency of the students' time features over t in [0, 1]; consistency
+    #                           training (scm) differentiates through them and needs smooth ones (10)
 
 
 class GMMDenoiser(nn.Module):
@@ -73,7 +75,7 @@ class _Residual(ScoreModel):
     def forward(self, x_t, t, cond=None):  # noqa: D102
         alpha, sigma = self.schedule.alpha_sigma(t)
         base = from_prediction(self.prediction, self._exact[0](x_t, t), alpha, sigma)
-        out = base + self.net(x_t, self.schedule.native(t).float())
+        out = base + self.net(x_t, t.float())  # canonical t in [0, 1]: smooth time features
         return to_prediction(self.prediction, out, x_t, alpha, sigma)
 
 
@@ -121,7 +123,7 @@ class GMMTeacher(Teacher):
         finite at every t, including pure noise, where eps- or x0-prediction would divide by zero."""
         with torch.random.fork_rng():  # building a student must not shift the training run's random stream
             torch.manual_seed(self.cfg.init_seed)
-            mlp = MLPDenoiser(self.shape[0], self.cfg.hidden)
+            mlp = MLPDenoiser(self.shape[0], self.cfg.hidden, max_freq=self.cfg.time_freq)
         nn.init.zeros_(mlp.net[-1].weight)
         nn.init.zeros_(mlp.net[-1].bias)
         return _Residual(mlp, self.score.schedule, self.student_kind, exact=self.denoiser)
