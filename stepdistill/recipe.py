@@ -47,7 +47,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # write a sample grid every N iterations (0: only at the end)
     max_nonfinite: int = 20  # skipped non-finite steps tolerated before the run stops
-    max_minutes: float = 0.0  # stop early (with a checkpoint) after this much wall time; 0 = no limit
+    max_minutes: float = 0.0  # stop early (with a checkpoint) after this much wall time, warm start included; 0 = off
 
 
 @dataclass

@@ -29,6 +29,11 @@ class Schedule(ABC):
     def native(self, t: torch.Tensor) -> torch.Tensor:
         """(N,) canonical t -> the timestep the network expects."""
 
+    @abstractmethod
+    def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """(N,) log(alpha^2 / sigma^2) -> the canonical t with that signal-to-noise ratio (clamped to [0, 1]); the
+        inverse of alpha_sigma, differentiable in log_snr (TrigFlow conversion and its JVP use it)."""
+
     def snap(self, t: torch.Tensor) -> torch.Tensor:
         """Round t onto the times the network was trained at (identity for continuous schedules)."""
         return t
@@ -79,6 +84,13 @@ class VPDiscrete(Schedule):
         alpha2 = torch.sigmoid(log_snr)
         return alpha2.sqrt().float(), (1 - alpha2).sqrt().float()
 
+    def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        table = self.log_snr.flip(0)  # increasing in log-SNR; position p is timestep T - 1 - p
+        lam = log_snr.double().clamp(float(table[0]), float(table[-1]))
+        hi = torch.searchsorted(table, lam.detach()).clamp(1, self.num_steps - 1)
+        w = (lam - table[hi - 1]) / (table[hi] - table[hi - 1])  # linear in log-SNR, as alpha_sigma interpolates
+        return ((self.num_steps - 1) - (hi - 1 + w)) / (self.num_steps - 1)
+
     def to_config(self) -> dict:
         return {"name": self.name, "num_steps": self.num_steps}
 
@@ -106,6 +118,11 @@ class EDM(Schedule):
     def native(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma(t)
 
+    def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        sigma = torch.exp(-0.5 * log_snr.double()).clamp(self.sigma_min, self.sigma_max)
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return (sigma ** (1 / self.rho) - lo) / (hi - lo)
+
     def to_config(self) -> dict:
         return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho}
 
@@ -124,6 +141,9 @@ class RectifiedFlow(Schedule):
 
     def native(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.native_scale
+
+    def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-0.5 * log_snr.double())  # (1 - t) / t = exp(log_snr / 2)
 
 
 class TrigFlow(Schedule):
@@ -144,6 +164,9 @@ class TrigFlow(Schedule):
 
     def native(self, t: torch.Tensor) -> torch.Tensor:
         return t * (math.pi / 2)
+
+    def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        return torch.atan(torch.exp(-0.5 * log_snr.double()) / self.sigma_data) / (math.pi / 2)
 
 
 SCHEDULES = {"vp": VPDiscrete, "edm": EDM, "flow": RectifiedFlow, "trigflow": TrigFlow}

@@ -78,6 +78,11 @@ class Objective(ABC):
         self.uses_data = "data" in needs
         self.trains = tuple(n for n in TRAINABLE if n == "generator" or n in needs)
 
+    def parameters(self, network: str) -> list[torch.nn.Parameter]:
+        """Trainable parameters the objective owns that `network`'s optimiser updates with it (sCM's adaptive
+        weight trains with the generator); save them through state_dict."""
+        return []
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors the objective keeps between iterations (saved with checkpoints for exact resume)."""
         return {}

@@ -119,9 +119,13 @@ class Trainer:
         self.step, self.nonfinite = 0, 0
         self.last_logs: dict[str, float] = {}  # latest value of every logged quantity (saved with checkpoints)
 
+    def _parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """A trained network's parameters plus those the objective trains with it."""
+        return [*self.nets.get(name).parameters(), *self.objective.parameters(name)]
+
     def _optimizer(self, name: str) -> torch.optim.Optimizer:
         lr = self.cfg.lr if name == "generator" else (self.cfg.fake_lr or self.cfg.lr)
-        params = [p for p in self.nets.get(name).parameters() if p.requires_grad]
+        params = [p for p in self._parameters(name) if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in self.cfg.betas),
                                  weight_decay=self.cfg.weight_decay)
 
@@ -181,7 +185,7 @@ class Trainer:
                 self.accelerator.backward(out.loss)
                 max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
                 for name in names:
-                    params = [p for p in self.nets.get(name).parameters() if p.grad is not None]
+                    params = [p for p in self._parameters(name) if p.grad is not None]
                     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
                     ok = ok and bool(torch.isfinite(norm))
                     logs[f"grad_norm/{name}"] = float(norm)
@@ -197,7 +201,8 @@ class Trainer:
                         f"good checkpoint is in {self.outdir / 'checkpoints'}. Try a lower train.lr, "
                         "train.precision=fp32, or a smaller train.grad_clip.")
             for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad
-                self.nets.get(n).zero_grad(set_to_none=True)
+                for p in self._parameters(n):
+                    p.grad = None
             if ok and "generator" in names and self.ema is not None:
                 self.ema.update(self.nets.generator)
         logs["nonfinite"] = float(self.nonfinite)
@@ -216,6 +221,7 @@ class Trainer:
         (self.outdir / "recipe.yaml").write_text(recipe_mod.dump(self.recipe))
         torch.manual_seed(self.cfg.seed)  # after building: only the loop's draws depend on this stream
         resumed = self.restore()
+        start = time.time()  # train.max_minutes budgets the warm start too
         g = self.recipe.generator
         if not resumed and g.warm_start_steps > 0:  # then checkpoint it, so a crash never repeats it
             from .warm_start import regression_warm_start
@@ -231,7 +237,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(self.outdir / "tb")) if self.accelerator.is_main_process else None
-        start, last = time.time(), self.last_logs
+        last = self.last_logs
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="distilling", unit="it", disable=self.quiet,
                    dynamic_ncols=True)
         if resumed and not self.quiet:

@@ -11,7 +11,7 @@ from stepdistill.train.trainer import build
 # every objective with every optional network switched on, so the contract covers them
 FULL = {"vsd": ["objective.gan_weight=0.01"], "fdiv": ["objective.gan_weight=0.01"],
         "sid": ["objective.adversarial=true"], "disback": ["objective.gan_weight=0.01", "objective.record_steps=2",
-                                                           "objective.record_every=1"]}
+                                                           "objective.record_every=1"], "scm": []}
 
 
 def _phases_run(b, steps, seed):

@@ -13,16 +13,18 @@ BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=20",
         "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
 
 
-def _recipe(*extra):
-    return load_recipe("configs/toy/gmm_vsd.yaml", BASE + list(extra))
+def _recipe(*extra, path="configs/toy/gmm_vsd.yaml"):
+    return load_recipe(path, BASE + list(extra))
 
 
 def _stats(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
 
 
-def test_resume_after_a_crash_is_bitwise_identical(tmp_path, monkeypatch):
-    Trainer(_recipe(), tmp_path / "a", quiet=True).run()
+@pytest.mark.parametrize("path", ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_scm.yaml"])
+def test_resume_after_a_crash_is_bitwise_identical(path, tmp_path, monkeypatch):
+    """Also for an objective that trains parameters of its own (sCM's adaptive weight, saved as objective.*)."""
+    Trainer(_recipe(path=path), tmp_path / "a", quiet=True).run()
 
     original = Trainer.train_step
 
@@ -33,14 +35,16 @@ def test_resume_after_a_crash_is_bitwise_identical(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_13)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(_recipe(), tmp_path / "b", quiet=True).run()
+        Trainer(_recipe(path=path), tmp_path / "b", quiet=True).run()
     monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = Trainer(_recipe(), tmp_path / "b", quiet=True)
+    resumed = Trainer(_recipe(path=path), tmp_path / "b", quiet=True)
     resumed.run()
 
     _, wa, _ = load_latest(tmp_path / "a" / "checkpoints")
     _, wb, _ = load_latest(tmp_path / "b" / "checkpoints")
     assert wa.keys() == wb.keys()
+    if "scm" in path:
+        assert wa["objective.logvar.linear.weight"].abs().sum() > 0  # it trained (it starts at zero)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert _stats(tmp_path / "a" / "stats.jsonl") == _stats(tmp_path / "b" / "stats.jsonl")

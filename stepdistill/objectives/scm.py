@@ -1,0 +1,185 @@
+"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song, "Simplifying, Stabilizing and Scaling
+Continuous-Time Consistency Models", 2024; SANA-Sprint's `train_scm_ladd.py`; METHODS.md section 4).
+
+On real data x0, at theta = atan(exp(N(p_mean, p_std)) / sigma_d) and x = cos x0 + sin sigma_d z, the teacher gives
+the probability-flow velocity dx/dtheta = sigma_d F_teacher (with classifier-free guidance). The student's F and its
+total derivative along that flow, dF = JVP of F(x, theta) with tangents (cos sin dx/dtheta, cos sin), form
+
+    g = -cos^2 (sigma_d F^- - dx/dtheta) - r (cos sin x + sigma_d dF),    g <- g / (||g|| + c)
+
+(F^- the student's own output without gradient, r = min(1, iteration / tangent_warmup)), and the loss is
+
+    mean[ w / exp(logvar(theta)) * (F - F^- - g)^2 + logvar(theta) ],   w = 1 / (sigma_d tan theta),
+
+with logvar a small learned adaptive weight trained alongside the generator. Every teacher enters through its
+TrigFlow velocity (diffusion/trigflow.py); the student stays an ordinary generator whose x0 prediction is the
+consistency function, so it samples, evaluates and exports like every other student.
+
+The JVP uses forward-mode AD (`torch.func.jvp`); where a network has an op without a forward-mode rule, `jvp: auto`
+falls back to central finite differences (FastGen's fallback) and says so once.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..diffusion.schedules import bcast
+from ..diffusion.trigflow import trigflow_noise, trigflow_velocity
+from ..registry import register
+from .base import Batch, LossOutput, Objective, Phase
+
+JVP_MODES = ("auto", "forward", "finite_difference")
+
+
+@dataclass
+class SCMConfig:
+    name: str = "scm"
+    sigma_data: float = 0.5  # TrigFlow's sigma_d: the noise scale at theta = pi/2
+    p_mean: float = -1.0  # theta = atan(exp(N(p_mean, p_std)) / sigma_d): sCM's pixel-space values (SANA: 0.2, 1.6)
+    p_std: float = 1.4
+    guidance_scale: float = 1.0  # teacher classifier-free guidance in dx/dtheta (SANA-Sprint: 4 to 5)
+    tangent_warmup: int = 4000  # iterations over which r ramps from 0 to 1 (0: no warm-up)
+    tangent_norm: float = 0.1  # c in g / (||g|| + c)
+    adaptive_weight: bool = True  # learned logvar(theta); off: logvar = 0
+    jvp: Literal["auto", "forward", "finite_difference"] = "auto"
+    fd_eps: float = 1e-4  # finite-difference step: small, as time embeddings of native DDPM steps vary fast
+
+
+class AdaptiveWeight(nn.Module):
+    """logvar(theta): sinusoidal features of theta / (pi/2) and a zero-initialised linear layer."""
+
+    def __init__(self, features: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), features // 2)), persistent=False)
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        angles = (theta.float() / (math.pi / 2)).reshape(-1, 1) * self.freqs
+        return self.linear(torch.cat([angles.sin(), angles.cos()], dim=1)).squeeze(1)
+
+
+def normalized_tangent(g: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """g / (||g|| + c) per sample (norm over all non-batch dims), and the norms before normalising."""
+    norm = g.flatten(1).norm(dim=1)
+    return g / bcast(norm + c, g), norm
+
+
+@contextmanager
+def forward_ad_ready(module: nn.Module):
+    """Work around two gaps in PyTorch's forward-mode AD for the duration: fused attention kernels have no JVP rule
+    (use the math backend, as SANA-Sprint's `jvp=True` attention does), and group norm rejects a tangent whose strides
+    differ from its input's (as after diffusers' attention reshapes), so its inputs are made contiguous first."""
+    def contiguous(_, args):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+
+    hooks = [m.register_forward_pre_hook(contiguous) for m in module.modules() if isinstance(m, nn.GroupNorm)]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def central_difference(f, x: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor, dtheta: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """(f(x + eps dx, theta + eps dtheta) - f(x - eps dx, theta - eps dtheta)) / (2 eps), same random stream for
+    both sides (networks with dropout see the same mask)."""
+    with torch.random.fork_rng():
+        plus = f(x + eps * dx, theta + eps * dtheta)
+    with torch.random.fork_rng():
+        minus = f(x - eps * dx, theta - eps * dtheta)
+    return (plus - minus) / (2 * eps)
+
+
+@register("objective", "scm")
+class SCM(Objective):
+    Config = SCMConfig
+    needs = frozenset({"teacher", "data"})
+
+    def __init__(self, cfg: SCMConfig, nets, shape: tuple[int, ...]) -> None:
+        if cfg.jvp not in JVP_MODES:
+            raise ValueError(f"unknown objective.jvp {cfg.jvp!r}; choose one of {', '.join(JVP_MODES)}")
+        if cfg.sigma_data <= 0 or cfg.tangent_warmup < 0 or cfg.fd_eps <= 0:
+            raise ValueError("objective.sigma_data and objective.fd_eps must be > 0 and objective.tangent_warmup >= 0, "
+                             f"got {cfg.sigma_data}, {cfg.fd_eps}, {cfg.tangent_warmup}")
+        super().__init__(cfg, nets, shape)
+        self.logvar = AdaptiveWeight() if cfg.adaptive_weight else None
+        self.jvp_mode = "forward" if cfg.jvp == "auto" else cfg.jvp
+        self.r = 0.0
+
+    def parameters(self, network: str) -> list[nn.Parameter]:
+        return list(self.logvar.parameters()) if network == "generator" and self.logvar is not None else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.logvar is None else {f"logvar.{k}": v for k, v in self.logvar.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.logvar is None:
+            return super().load_state_dict(state)
+        self.logvar.load_state_dict({k.removeprefix("logvar."): v for k, v in state.items()})
+
+    def phases(self, step: int) -> list[Phase]:
+        warmup = self.cfg.tangent_warmup
+        self.r = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return [Phase("generator", self.generator_loss)]
+
+    # ---- pieces --------------------------------------------------------------------------------------------------
+    def sample_theta(self, n: int) -> torch.Tensor:
+        c = self.cfg
+        return torch.atan(torch.exp(c.p_mean + c.p_std * torch.randn(n)) / c.sigma_data)
+
+    def student_velocity(self, x: torch.Tensor, theta: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return trigflow_velocity(self.nets.generator.net, x, theta, cond, self.cfg.sigma_data)
+
+    def velocity_and_tangent(self, x: torch.Tensor, theta: torch.Tensor, cond: torch.Tensor | None,
+                             dx: torch.Tensor, dtheta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F(x, theta), its directional derivative along (dx, dtheta)) of the student, without parameter graphs."""
+        def f(x_, theta_):
+            return self.student_velocity(x_, theta_, cond)
+
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # tangents in float32 (FastGen too)
+            if self.jvp_mode == "forward":
+                try:
+                    with forward_ad_ready(self.nets.generator):
+                        return torch.func.jvp(f, (x, theta), (dx, dtheta))
+                except (RuntimeError, NotImplementedError) as e:
+                    if self.cfg.jvp == "forward":
+                        raise RuntimeError(f"forward-mode AD (torch.func.jvp) failed on this network: {e}. Set "
+                                           "objective.jvp=finite_difference (or auto) to use central finite "
+                                           "differences instead.") from e
+                    warnings.warn(f"forward-mode AD (torch.func.jvp) is not supported by this network "
+                                  f"({str(e).splitlines()[0]}); sCM falls back to central finite differences "
+                                  f"(objective.jvp=finite_difference, fd_eps={self.cfg.fd_eps})", stacklevel=2)
+                    self.jvp_mode = "finite_difference"
+            return f(x, theta), central_difference(f, x, theta, dx, dtheta, self.cfg.fd_eps)
+
+    # ---- loss ------------------------------------------------------------------------------------------------------
+    def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
+        cfg, sd = self.cfg, self.cfg.sigma_data
+        x0 = batch.x0.float()
+        theta = self.sample_theta(batch.n)
+        x = trigflow_noise(x0, torch.randn_like(x0), theta, sd)
+        cos, sin = bcast(theta.cos(), x), bcast(theta.sin(), x)
+        with torch.no_grad():
+            dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta, batch.cond, sd, cfg.guidance_scale)
+        f_minus, df = self.velocity_and_tangent(x, theta, batch.cond, cos * sin * dxdt, theta.cos() * theta.sin())
+        g = -cos ** 2 * (sd * f_minus - dxdt) - self.r * (cos * sin * x + sd * df)
+        g, g_norm = normalized_tangent(g, cfg.tangent_norm)
+        f = self.student_velocity(x, theta, batch.cond)
+        weight = 1.0 / (sd * torch.tan(theta))
+        logvar = self.logvar(theta) if self.logvar is not None else torch.zeros_like(theta)
+        per_element = bcast(weight / logvar.exp(), f) * (f - f_minus - g.detach()) ** 2 + bcast(logvar, f)
+        loss = per_element.mean()
+        logs = {"loss/generator": loss.item(), "scm/tangent_norm": g_norm.mean().item(), "scm/r": self.r,
+                "scm/logvar": logvar.mean().item()}
+        return LossOutput(loss, logs)
