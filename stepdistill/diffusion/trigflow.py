@@ -13,13 +13,9 @@ network's canonical x0 prediction, so a TrigFlow-trained student samples with th
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .schedules import Schedule, bcast
-
-HALF_PI = math.pi / 2
 
 
 def trigflow_time(schedule: Schedule, theta: torch.Tensor, sigma_d: float) -> tuple[torch.Tensor, torch.Tensor]:

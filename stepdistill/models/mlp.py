@@ -7,6 +7,19 @@ import torch
 from torch import nn
 
 
+class TimeFeatures(nn.Module):
+    """(N,) times in [0, 1] -> (N, features): sines and cosines at geometric frequencies from 1 to max_freq."""
+
+    def __init__(self, features: int, max_freq: float) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), features // 2)),
+                             persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.float().reshape(-1, 1) * self.freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 class MLPDenoiser(nn.Module):
     """(N, D) x_t and (N,) times in [0, 1] -> (N, D) output (interpreted by ScoreModel's prediction kind)."""
 
@@ -15,8 +28,7 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         self.dim, self.hidden, self.depth, self.time_features = dim, hidden, depth, time_features
         self.max_freq = max_freq
-        freqs = torch.exp(torch.linspace(0, math.log(max_freq), time_features // 2))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.time = TimeFeatures(time_features, max_freq)
         layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
@@ -24,8 +36,7 @@ class MLPDenoiser(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        angles = t.float().reshape(-1, 1) * self.freqs
-        return self.net(torch.cat([x, angles.sin(), angles.cos()], dim=1))
+        return self.net(torch.cat([x, self.time(t)], dim=1))
 
     def config(self) -> dict:
         return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_features": self.time_features,

@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import trigflow_noise, trigflow_velocity
+from ..models.mlp import TimeFeatures
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
 
@@ -57,14 +58,13 @@ class AdaptiveWeight(nn.Module):
 
     def __init__(self, features: int = 32) -> None:
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), features // 2)), persistent=False)
+        self.time = TimeFeatures(features, max_freq=100.0)
         self.linear = nn.Linear(features, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        angles = (theta.float() / (math.pi / 2)).reshape(-1, 1) * self.freqs
-        return self.linear(torch.cat([angles.sin(), angles.cos()], dim=1)).squeeze(1)
+        return self.linear(self.time(theta.float() / (math.pi / 2))).squeeze(1)
 
 
 def normalized_tangent(g: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:

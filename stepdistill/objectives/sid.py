@@ -106,11 +106,10 @@ class SiD(Objective):
         with frozen(nets.fake_score, nets.discriminator):  # gradients reach x_g through both nets, not their weights
             y_r = nets.teacher.guided(x_t, t, batch.cond, teacher_s).x0
             y_f = nets.fake_score.guided(x_t, t, batch.cond, fake_s).x0
-            dims = tuple(range(1, x_g.ndim))
             if cfg.weighting == "alpha":
                 per_sample = sid_loss(x_g, y_r, y_f, cfg.alpha) * nets.teacher.schedule.alpha_sigma(t)[0]
             else:
-                wf = (x_g - y_r).abs().mean(dim=dims).detach().clamp_min(1e-5)
+                wf = (x_g - y_r).abs().mean(dim=tuple(range(1, x_g.ndim))).detach().clamp_min(1e-5)
                 per_sample = sid_loss(x_g, y_r, y_f, cfg.alpha) / wf
             keep = torch.isfinite(per_sample)  # SiD drops non-finite samples rather than the whole batch
             loss = per_sample[keep].sum() / len(per_sample)

@@ -1,4 +1,4 @@
-"""TrigFlow conversion of every schedule, checked against an exact Gaussian-mixture denoiser built on TrigFlow itself."""
+"""TrigFlow conversion of every schedule, checked against an exact mixture denoiser written in TrigFlow itself."""
 import math
 
 import pytest
