@@ -1,5 +1,5 @@
 # make demo: set up (if needed) and distil the bundled Fashion-MNIST teacher into a one-step student (~5 min, CPU).
-# make test: set up (if needed) and run the test suite (about 10 min on 2 CPU cores).
+# make test: set up (if needed) and run the test suite (about 19 min on 2 CPU cores).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

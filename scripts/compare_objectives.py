@@ -5,8 +5,9 @@
 
 Each recipe trains with `stepdistill train` in its own process (one at a time: on a small machine, concurrent runs
 would share the cores and distort wall-time budgets) into OUTDIR/<recipe name>; a run that already has metrics.json
-is not retrained, so an interrupted comparison resumes. Students are scored with the recipe's eval protocol at 1 NFE
-and, for few-step students, at their K steps too.
+is not retrained, so an interrupted comparison resumes. Every student is scored with its recipe's eval protocol at 1,
+2 and 4 NFE (the few-step rule re-noises and predicts again, so a one-step student can take more steps and a K-step
+student fewer); the scores are cached in OUTDIR/<recipe name>/nfe_scores.json.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+NFES = (1, 2, 4)
 
 def score(run_dir: Path) -> dict:
     from stepdistill.eval.harness import domain_score, generate_student
@@ -28,16 +30,22 @@ def score(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = json.loads((run_dir / "train_summary.json").read_text())
     e, k = run.recipe.eval, run.recipe.generator.steps
+    key = "fd" if "fd" in metrics["student"] else "energy_distance"
+    cache = run_dir / "nfe_scores.json"
+    by_nfe = {int(n): v for n, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
+    by_nfe[k] = metrics["student"][key]
     reference = run.teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if run.teacher.domain == "gmm" \
         else None
-    by_nfe = {k: metrics["student"]}
-    if k > 1:
-        x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=1)
-        by_nfe[1] = domain_score(run.teacher, x, reference)
-    key = "fd" if "fd" in metrics["student"] else "energy_distance"
-    return {"recipe": run.recipe.objective.name, "steps": k, "iterations": summary["iterations"],
-            "train_seconds": summary["train_seconds"], "key": key,
-            "student": {nfe: v[key] for nfe, v in sorted(by_nfe.items())},
+    for nfe in NFES:
+        if nfe not in by_nfe:
+            x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
+            by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
+            cache.write_text(json.dumps(by_nfe, indent=2))
+    parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
+    name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
+    return {"recipe": name, "steps": k, "iterations": "+".join(str(s["iterations"]) for s in parts),
+            "train_seconds": sum(s["train_seconds"] for s in parts), "key": key,
+            "student": dict(sorted(by_nfe.items())),
             "teacher": metrics["teacher"][key], "teacher_nfe": metrics["teacher"]["nfe"], "n": e.n}
 
 
@@ -59,16 +67,16 @@ def main() -> int:
         rows.append((recipe, score(run_dir)))
     key = rows[0][1]["key"]
     label = "FD" if key == "fd" else "energy distance"
-    lines = [f"| recipe | objective | K | iterations | train time | {label} @1 NFE | {label} @K NFE | teacher "
-             f"({rows[0][1]['teacher_nfe']} NFE) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | objective | trained K | iterations | train time | "
+             + " | ".join(f"{label} @{n} NFE" for n in NFES) + f" | teacher ({rows[0][1]['teacher_nfe']} NFE) |",
+             "|---|---|---|---|---|" + "---|" * len(NFES) + "---|"]
     for recipe, r in rows:
-        at1 = r["student"].get(1)
-        atk = r["student"][r["steps"]] if r["steps"] > 1 else None
+        cells = [f"**{r['student'][n]:.3f}**" if n == r["steps"] else f"{r['student'][n]:.3f}" for n in NFES]
         lines.append(f"| `{recipe}` | {r['recipe']} | {r['steps']} | {r['iterations']} | "
-                     f"{r['train_seconds'] / 60:.1f} min | {at1:.3f} | {'' if atk is None else f'{atk:.3f}'} | "
-                     f"{r['teacher']:.3f} |")
+                     f"{r['train_seconds'] / 60:.1f} min | " + " | ".join(cells) + f" | {r['teacher']:.3f} |")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    table = "\n".join(lines) + f"\n\nn = {rows[0][1]['n']} samples per side; {machine}.\n"
+    table = "\n".join(lines) + (f"\n\nBold: the step count the student was trained for. n = {rows[0][1]['n']} samples "
+                                 f"per side; {machine}.\n")
     print(table)
     (Path(args.outdir) / "comparison.json").write_text(json.dumps([r for _, r in rows], indent=2))
     if args.report:

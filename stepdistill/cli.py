@@ -11,6 +11,7 @@ EPILOG = {
   stepdistill train configs/fashion/vsd_1step.yaml --outdir runs/fashion_vsd
   stepdistill train configs/toy/gmm_vsd.yaml train.steps=300 'teacher.means=[[0,2],[2,0]]' --outdir runs/gmm
   stepdistill train configs/toy/gmm_vsd.yaml --dry-run
+  stepdistill train configs/toy/gmm_msd.yaml --outdir runs/gmm_msd      (multi-student: one run per student)
 Rerunning the same command resumes from the newest intact checkpoint in --outdir.""",
     "sample": """examples:
   stepdistill sample --run runs/fashion_vsd --n 100 --out grid.png
@@ -81,6 +82,12 @@ def cmd_train(a: argparse.Namespace) -> int:
                 n = sum(p.numel() for p in net.parameters())
                 print(f"# {role}: {type(net).__name__}, {n / 1e6:.2f}M parameters")
         print(f"# objective {recipe.objective.name}: trains {', '.join(built.objective.trains)}")
+        if recipe.generator.students > 1:
+            from .models.multi_student import describe, partition
+
+            groups = partition(built.teacher.num_classes, recipe.generator.students)
+            print(f"# {len(groups)} students, one run each in OUTDIR/students/k/: "
+                  + "; ".join(f"{k}: {describe(c)}" for k, c in enumerate(groups)))
         return 0
     if not a.outdir:
         raise SystemExit("stepdistill train: --outdir is required (unless --dry-run)")
@@ -88,7 +95,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     start = time.time()
     metrics = train(recipe, a.outdir, quiet=a.quiet)
-    print(f"\nrun folder: {a.outdir}  (samples/final.png, metrics.json, stats.jsonl)")
+    holds = ("students/k/ (one run per student), samples/final.png, metrics.json" if recipe.generator.students > 1
+             else "samples/final.png, metrics.json, stats.jsonl")
+    print(f"\nrun folder: {a.outdir}  ({holds})")
     if metrics is not None:
         print(format_table(metrics))
     print(f"total time: {time.time() - start:.0f} s")

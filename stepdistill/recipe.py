@@ -27,6 +27,10 @@ class GeneratorConfig:
     warm_start_steps: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
     warm_start_pairs: int = 1024  # fixed (noise, teacher ODE output) pairs it regresses onto
     warm_start_nfe: int = 16  # Euler steps of the teacher ODE that makes each pair
+    warm_start_lr: float | None = None  # its Adam learning rate; defaults to train.lr
+    students: int = 1  # MSD: K students, class c served by student c * K // num_classes (class-conditional teachers)
+    width: float = 1.0  # < 1: a smaller student (channels / hidden units scaled), randomly initialised
+    tsm_steps: int = 0  # teacher score matching iterations before distilling (needed when width < 1)
 
 
 @dataclass

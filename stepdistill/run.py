@@ -1,10 +1,16 @@
-"""Reopen a training run folder: its recipe, its teacher and its student (EMA weights when the run keeps an EMA)."""
+"""Reopen a training run folder: its recipe, its teacher and its student (EMA weights when the run keeps an EMA).
+
+A multi-student run (generator.students = K > 1) keeps each student's run in students/k/; its student is then a
+MultiStudent that routes each label to its student, with the Generator interface, so sampling, evaluation and
+export treat it like any run.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from .models.generator import Generator
+from .models.multi_student import MultiStudent
 from .recipe import Recipe, load_recipe
 from .teachers import Teacher, build_teacher
 from .train.state import list_checkpoints, load_latest, unprefixed
@@ -15,8 +21,27 @@ class Run:
     path: Path
     recipe: Recipe
     teacher: Teacher
-    student: Generator
-    step: int
+    student: Generator | MultiStudent
+    step: int  # iterations trained (multi-student: those of the least-trained student)
+    student_steps: list[int] | None = None  # multi-student: each student's iterations
+
+
+def student_dir(path: str | Path, k: int) -> Path:
+    """The run folder of student k (0-based) of a multi-student run."""
+    return Path(path) / "students" / str(k)
+
+
+def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Generator, int]:
+    found = load_latest(path / "checkpoints")
+    if found is None:
+        have = list_checkpoints(path / "checkpoints")
+        raise FileNotFoundError(f"no intact checkpoint in {path / 'checkpoints'}"
+                                + (f" ({len(have)} damaged ones were skipped)" if have else ""))
+    step, weights, _ = found
+    student = Generator(teacher.student_network(recipe.generator.width), recipe.generator.steps)
+    prefix = "ema" if any(k.startswith("ema.") for k in weights) else "generator"
+    student.load_state_dict(unprefixed(prefix, weights))
+    return student.eval().requires_grad_(False), step
 
 
 def load_run(path: str | Path) -> Run:
@@ -24,14 +49,18 @@ def load_run(path: str | Path) -> Run:
     if not (path / "recipe.yaml").exists():
         raise FileNotFoundError(f"{path} is not a training run: no recipe.yaml (train one with `stepdistill train`)")
     recipe = load_recipe(path / "recipe.yaml")
-    found = load_latest(path / "checkpoints")
-    if found is None:
-        have = list_checkpoints(path / "checkpoints")
-        raise FileNotFoundError(f"no intact checkpoint in {path / 'checkpoints'}"
-                                + (f" ({len(have)} damaged ones were skipped)" if have else ""))
-    step, weights, _ = found
     teacher = build_teacher(recipe.teacher)
-    student = Generator(teacher.student_network(), recipe.generator.steps)
-    prefix = "ema" if any(k.startswith("ema.") for k in weights) else "generator"
-    student.load_state_dict(unprefixed(prefix, weights))
-    return Run(path, recipe, teacher, student.eval().requires_grad_(False), step)
+    k = recipe.generator.students
+    if k > 1 and (path / "students").is_dir():  # (students/k/ itself, opened alone, loads as a single student)
+        loaded = []
+        for i in range(k):
+            try:
+                loaded.append(_load_generator(student_dir(path, i), recipe, teacher))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"student {i + 1}/{k} of {path} is not trained yet ({e}): rerun "
+                                        "`stepdistill train` with the same recipe and --outdir to finish") from None
+        student = MultiStudent([g for g, _ in loaded], teacher.num_classes).eval()
+        steps = [s for _, s in loaded]
+        return Run(path, recipe, teacher, student, min(steps), steps)
+    student, step = _load_generator(path, recipe, teacher)
+    return Run(path, recipe, teacher, student, step)

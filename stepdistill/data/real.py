@@ -34,13 +34,13 @@ class TensorData:
 
 
 class FunctionData:
-    """Unconditional samples from a function of n (e.g. an exact sampler)."""
+    """Samples from a function of n (e.g. an exact sampler); with labels it is called as fn(n, cond=cond)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
 
     def sample(self, n: int, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fn(n)
+        return self.fn(n) if cond is None else self.fn(n, cond=cond)
 
 
 def load_npz(path: str | Path, shape: tuple[int, ...], conditional: bool) -> TensorData:

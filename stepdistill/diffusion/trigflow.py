@@ -13,6 +13,8 @@ network's canonical x0 prediction, so a TrigFlow-trained student samples with th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .schedules import Schedule, bcast
@@ -20,7 +22,7 @@ from .schedules import Schedule, bcast
 
 def trigflow_time(schedule: Schedule, theta: torch.Tensor, sigma_d: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) TrigFlow angles -> (canonical t of `schedule` with the same SNR (N,), input scale c (N,)), both float32."""
-    theta = theta.double()
+    theta = theta.double().clamp(0, math.pi / 2)  # float32(pi/2) lies above pi/2, where cos < 0
     cos, sin = theta.cos(), theta.sin()
     log_snr = 2 * (torch.log(cos) - torch.log(sigma_d * sin))
     t = schedule.t_of_logsnr(log_snr)

@@ -26,9 +26,13 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def eval_conditions(teacher, n: int) -> torch.Tensor | None:
-    """Balanced labels (0, 1, ..., 9, 0, 1, ...) for class-conditional teachers, matching a balanced test set."""
-    return None if teacher.num_classes is None else torch.arange(n) % teacher.num_classes
+def eval_conditions(teacher, n: int, classes: list[int] | None = None) -> torch.Tensor | None:
+    """Balanced labels (0, 1, ..., 9, 0, 1, ...) for class-conditional teachers, matching a balanced test set
+    (cycling through `classes` instead when given: one MSD student's)."""
+    if teacher.num_classes is None:
+        return None
+    labels = torch.arange(teacher.num_classes) if classes is None else torch.tensor(classes)
+    return labels[torch.arange(n) % len(labels)]
 
 
 def solver_for_nfe(nfe: int) -> tuple[str, int]:
@@ -40,10 +44,11 @@ def solver_for_nfe(nfe: int) -> tuple[str, int]:
 
 @torch.no_grad()
 def generate_student(student: Generator, teacher, n: int, seed: int, batch_size: int, steps: int | None = None,
-                     quiet: bool = True) -> torch.Tensor:
-    """n samples from the student with noise and fresh per-step noise drawn from one seeded generator."""
+                     quiet: bool = True, classes: list[int] | None = None) -> torch.Tensor:
+    """n samples from the student (a Generator or a MultiStudent) with noise and fresh per-step noise drawn from one
+    seeded generator; labels as `eval_conditions`."""
     gen = torch.Generator().manual_seed(seed)
-    cond = eval_conditions(teacher, n)
+    cond = eval_conditions(teacher, n, classes)
     out = []
     for i in tqdm(range(0, n, batch_size), desc="student samples", disable=quiet, leave=False):
         m = min(batch_size, n - i)
@@ -141,6 +146,8 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
     student.eval()
     xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet)
     result = {"student": {"nfe": student.steps, **domain_score(teacher, xs, reference)}}
+    if hasattr(student, "routing"):  # a multi-student ensemble: say how labels were routed
+        result["student"]["routing"] = student.routing()
     cached = None if recompute_teacher else _cached_teacher(teacher, proto)
     if cached is not None:
         result["teacher"] = cached

@@ -3,9 +3,14 @@
 LCMScheduler's sampling rule is the generator's (predict x0, re-noise with fresh noise to the next time), and with
 `original_inference_steps=K` its `set_timesteps(K)` yields exactly the trained times (999, 749, 499, 249 for K=4),
 so users need no `timesteps=[...]` argument.
+
+A multi-student run becomes one such folder per student (`student_k/`, each a complete pipeline folder that loads
+on its own) plus `routing.json` (rule and classes) and a README with the routing loop: diffusers has no notion of
+routing, and separate folders keep every student loadable with the plain calls above.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,9 +38,31 @@ images = (x.clamp(-1, 1) + 1) / 2
 """
 
 
+ROUTED_USAGE = """# {name}: {students} students distilled by stepdistill (multi-student distillation)
+
+Class c is served by student c * {students} // {num_classes}, i.e. `student_k/` for k in routing.json's order:
+{table}
+
+```python
+import json, torch
+from diffusers import LCMScheduler, UNet2DModel
+
+routing = json.load(open("{path}/routing.json"))
+k = 0  # the student of the labels you want, e.g. label * routing["students"] // routing["num_classes"]
+unet = UNet2DModel.from_pretrained("{path}/student_%d" % k, subfolder="unet")
+scheduler = LCMScheduler.from_pretrained("{path}/student_%d" % k, subfolder="scheduler")
+# ... then sample exactly as in student_k/README.md, with labels from routing["classes"][k]
+```
+"""
+
+
 def export_diffusers(run, out: str | Path) -> Path:
-    """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop."""
+    """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop (a multi-student
+    run: `out/student_k/` with those for each student, plus `out/routing.json` and a README)."""
     from diffusers import LCMScheduler, UNet2DModel
+
+    if hasattr(run.student, "routing"):
+        return _export_students(run, Path(out))
 
     net = run.student.net.net
     if not isinstance(net, UNet2DModel) or run.teacher.folder is None:
@@ -69,6 +96,32 @@ def export_diffusers(run, out: str | Path) -> Path:
         name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
         channels=c.in_channels, size=c.sample_size,
         label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else ""))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _export_students(run, out: Path) -> Path:
+    routing = {**run.student.routing(), "iterations": run.student_steps, "folders": []}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for k, student in enumerate(run.student.students):
+            folder = export_diffusers(dataclasses.replace(run, student=student, step=run.student_steps[k],
+                                                          student_steps=None), tmp / f"student_{k}")
+            classes = routing["classes"][k]
+            with open(folder / "README.md", "a") as f:
+                f.write(f"\nThis is student {k} of {routing['students']}: it was distilled on classes {classes} only "
+                        "and should be given those labels; see ../routing.json.\n")
+            routing["folders"].append(f"student_{k}")
+        (tmp / "routing.json").write_text(json.dumps(routing, indent=2))
+        table = "\n".join(f"- `student_{k}/`: classes {c}" for k, c in enumerate(routing["classes"]))
+        (tmp / "README.md").write_text(ROUTED_USAGE.format(name=out.name, students=routing["students"],
+                                                           num_classes=routing["num_classes"], table=table, path=out))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

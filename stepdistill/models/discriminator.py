@@ -1,8 +1,10 @@
-"""A discriminator that is a small head on the fake score's own features (DMD2's `cls_pred_branch`, SiDA).
+"""Discriminators built from score networks' own features, captured with forward hooks.
 
-The fake score network is run as usual and the output of its bottleneck (a UNet's mid block, an MLP's last hidden
-layer) is captured with a forward hook and fed to the head. The head's loss on real data trains the head and, through
-the features, the fake score's backbone (DMD2 adds it to the fake score's denoising loss).
+Two kinds. A head on the fake score's bottleneck (DMD2's `cls_pred_branch`, SiDA): the fake score runs as usual, the
+output of its bottleneck (a UNet's mid block, an MLP's last hidden layer) feeds a small head, and the head's loss on
+real data trains the head and, through the features, the fake score's backbone. And LADD's (Sauer et al. 2024,
+SANA-Sprint): heads on a *frozen* teacher's features at several depths (every down block and the mid block of a
+UNet, every hidden layer of an MLP); only the heads train, and the generator's gradient flows through the teacher.
 """
 from __future__ import annotations
 
@@ -29,15 +31,37 @@ def feature_module(score: ScoreModel) -> tuple[nn.Module, int, bool]:
                      "them: use a diffusers UNet (with a mid block) or the MLP, or set the GAN weight to 0")
 
 
+def feature_levels(score: ScoreModel) -> list[tuple[nn.Module, int, bool]]:
+    """LADD's feature taps: (module, channels, spatial) at several depths of a supported network."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    net = score.net
+    if isinstance(net, (UNet2DModel, UNet2DConditionModel)):
+        levels = [(block, ch, True) for block, ch in zip(net.down_blocks, net.config.block_out_channels)]
+        return levels + ([(net.mid_block, net.config.block_out_channels[-1], True)] if net.mid_block else [])
+    if isinstance(net, MLPDenoiser):
+        return [(m, net.hidden, False) for m in net.net if isinstance(m, nn.SiLU)]
+    raise ValueError(f"LADD reads the teacher's features, and this toolkit cannot hook the layers of a "
+                     f"{type(net).__name__} (it knows diffusers UNets and the MLP). Fallback: a discriminator head on "
+                     "the trainable fake score instead (objective vsd with objective.gan_weight > 0, DMD2's GAN), or "
+                     "objective scm with objective.adv_weight=0")
+
+
 @contextmanager
-def captured(module: nn.Module):
-    """Collect `module`'s forward outputs while the block runs."""
-    outputs: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+def captured(*modules: nn.Module):
+    """Collect each module's forward outputs (the first element of a tuple, as UNet down blocks return) while the
+    block runs: one list per module."""
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def hook(store):
+        return lambda _m, _i, out: store.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [m.register_forward_hook(hook(store)) for m, store in zip(modules, outputs)]
     try:
         yield outputs
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 class DiscriminatorHead(nn.Module):
@@ -69,6 +93,23 @@ def discriminate(fake: ScoreModel, head: DiscriminatorHead, x_t: torch.Tensor, t
                  cond: torch.Tensor | None) -> tuple[Prediction, torch.Tensor]:
     """One pass of the fake score: its prediction and the head's (N,) logits on its bottleneck features."""
     module, _, _ = feature_module(fake)
-    with captured(module) as feats:
+    with captured(module) as (feats,):
         pred = fake(x_t, t, cond)
     return pred, head(feats[-1])
+
+
+class TeacherFeatureDiscriminator(nn.Module):
+    """LADD's discriminator: one head per feature level of a frozen backbone (the teacher). forward gives (N, levels)
+    logits. The backbone is held outside the module tree, so it is neither trained nor saved with the heads."""
+
+    def __init__(self, backbone: ScoreModel) -> None:
+        super().__init__()
+        levels = feature_levels(backbone)
+        self._backbone = [backbone]
+        self.heads = nn.ModuleList(DiscriminatorHead(ch, spatial) for _, ch, spatial in levels)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        backbone = self._backbone[0]
+        with captured(*(m for m, _, _ in feature_levels(backbone))) as feats:
+            backbone(x_t, t, cond)
+        return torch.stack([head(f[-1]) for head, f in zip(self.heads, feats)], dim=1)

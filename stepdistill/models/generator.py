@@ -34,17 +34,24 @@ class Generator(nn.Module):
         times = self.times if steps is None else step_times(steps, self.schedule)
         return rollout(lambda x, t: self.net(x, t, cond), self.prior(z), self.schedule, times, noise)
 
-    def step(self, x_t: torch.Tensor, k: int, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x0 predicted by step k (0-based) from x_t at that step's time; differentiable."""
-        t = torch.full((len(x_t),), self.times[k], device=x_t.device)
+    def _times(self, steps: int | None) -> list[float]:
+        return self.times if steps is None or steps == self.steps else step_times(steps, self.schedule)
+
+    def step(self, x_t: torch.Tensor, k: int, cond: torch.Tensor | None = None,
+             steps: int | None = None) -> torch.Tensor:
+        """x0 predicted by step k (0-based) from x_t at that step's time (of the `steps`-step grid, default the
+        trained K); differentiable."""
+        t = torch.full((len(x_t),), self._times(steps)[k], device=x_t.device)
         return self.net(x_t, t, cond).x0
 
     @torch.no_grad()
-    def backward_simulate(self, z: torch.Tensor, cond: torch.Tensor | None, k: int) -> torch.Tensor:
+    def backward_simulate(self, z: torch.Tensor, cond: torch.Tensor | None, k: int,
+                          steps: int | None = None) -> torch.Tensor:
         """x_t at step k reached by running the generator's own first k steps from z without gradients (DMD2's
         backward simulation: train each step on inputs the generator itself produces, not on noised data)."""
+        times = self._times(steps)
         x = self.prior(z)
         for i in range(k):
-            x0 = self.step(x, i, cond)
-            x = self.schedule.add_noise(x0, torch.randn_like(x0), torch.full((len(z),), self.times[i + 1]))
+            x0 = self.step(x, i, cond, steps)
+            x = self.schedule.add_noise(x0, torch.randn_like(x0), torch.full((len(z),), times[i + 1]))
         return x

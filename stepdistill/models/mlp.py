@@ -21,23 +21,32 @@ class TimeFeatures(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """(N, D) x_t and (N,) times in [0, 1] -> (N, D) output (interpreted by ScoreModel's prediction kind)."""
+    """(N, D) x_t, (N,) times in [0, 1] and, when `num_classes` is set, (N,) labels -> (N, D) output (interpreted by
+    ScoreModel's prediction kind). Labels are embedded (label num_classes, or cond None, is the null label) and
+    concatenated to the input."""
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_features: int = 32,
-                 max_freq: float = 200.0) -> None:
+                 max_freq: float = 200.0, num_classes: int | None = None) -> None:
         super().__init__()
         self.dim, self.hidden, self.depth, self.time_features = dim, hidden, depth, time_features
-        self.max_freq = max_freq
+        self.max_freq, self.num_classes = max_freq, num_classes
         self.time = TimeFeatures(time_features, max_freq)
-        layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
+        self.label = None if num_classes is None else nn.Embedding(num_classes + 1, time_features)
+        inputs = dim + time_features + (0 if num_classes is None else time_features)
+        layers: list[nn.Module] = [nn.Linear(inputs, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
         layers.append(nn.Linear(hidden, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, self.time(t)], dim=1))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        features = [x, self.time(t)]
+        if self.label is not None:
+            if cond is None:
+                cond = torch.full((len(x),), self.num_classes, dtype=torch.long, device=x.device)
+            features.append(self.label(cond.long().to(x.device)))
+        return self.net(torch.cat(features, dim=1))
 
     def config(self) -> dict:
         return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_features": self.time_features,
-                "max_freq": self.max_freq}
+                "max_freq": self.max_freq, "num_classes": self.num_classes}

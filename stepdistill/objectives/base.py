@@ -46,7 +46,7 @@ class Nets:
     teacher: ScoreModel
     generator: Generator
     fake_score: ScoreModel | None = None
-    discriminator: torch.nn.Module | None = None  # a head on the fake score's features (models/discriminator.py)
+    discriminator: torch.nn.Module | None = None  # heads on the fake score's or the teacher's features
 
     def get(self, name: str) -> torch.nn.Module:
         net = getattr(self, name)
@@ -63,10 +63,13 @@ class Objective(ABC):
     (or override `needs_for` when a setting adds requirements), and return each iteration's phases in order.
 
     Requirements: "teacher", "fake_score", "discriminator" (networks) and "data" (real samples in Batch.x0). The
-    generator is always trained; so is every other network named in the requirements except the teacher."""
+    generator is always trained; so is every other network named in the requirements except the teacher. A
+    discriminator is a head on the fake score's bottleneck, or with `discriminator_on = "teacher"` LADD's heads on
+    the frozen teacher's features (models/discriminator.py)."""
 
     Config: ClassVar[type]
     needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
+    discriminator_on: ClassVar[str] = "fake_score"  # or "teacher"
 
     @classmethod
     def needs_for(cls, cfg) -> frozenset[str]:

@@ -17,6 +17,11 @@ consistency function, so it samples, evaluates and exports like every other stud
 
 The JVP uses forward-mode AD (`torch.func.jvp`); where a network has an op without a forward-mode rule, `jvp: auto`
 falls back to central finite differences (FastGen's fallback) and says so once.
+
+`adv_weight > 0` is SANA-Sprint's sCM + LADD: the generator's loss adds adv_weight x LADD's adversarial loss on the
+consistency estimate x0 = cos x - sin sigma_d F (or, with probability `adv_largest_time`, on the one-step sample
+from pure noise, SANA's `train_largest_timestep`), and a discriminator phase on the frozen teacher's features
+follows each generator phase (objectives/ladd.py).
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from ..diffusion.trigflow import trigflow_noise, trigflow_velocity
 from ..models.mlp import TimeFeatures
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
+from .ladd import adversarial_loss, discriminator_phase
+from .terms import sample_generator
 
 JVP_MODES = ("auto", "forward", "finite_difference")
 
@@ -51,6 +58,10 @@ class SCMConfig:
     adaptive_weight: bool = True  # learned logvar(theta); off: logvar = 0
     jvp: Literal["auto", "forward", "finite_difference"] = "auto"
     fd_eps: float = 1e-4  # finite-difference step: small, as time embeddings of native DDPM steps vary fast
+    adv_weight: float = 0.0  # LADD's weight in the generator loss (SANA-Sprint 0.5); > 0 adds the discriminator
+    adv_largest_time: float = 0.5  # share of adversarial passes on the one-step sample from pure noise
+    d_p_mean: float = -0.6  # LADD's re-noising, as in objective ladd
+    d_p_std: float = 1.0
 
 
 class AdaptiveWeight(nn.Module):
@@ -105,6 +116,11 @@ def central_difference(f, x: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor
 class SCM(Objective):
     Config = SCMConfig
     needs = frozenset({"teacher", "data"})
+    discriminator_on = "teacher"
+
+    @classmethod
+    def needs_for(cls, cfg) -> frozenset[str]:
+        return cls.needs | ({"discriminator", "data"} if cfg.adv_weight > 0 else set())
 
     def __init__(self, cfg: SCMConfig, nets, shape: tuple[int, ...]) -> None:
         if cfg.jvp not in JVP_MODES:
@@ -131,12 +147,26 @@ class SCM(Objective):
     def phases(self, step: int) -> list[Phase]:
         warmup = self.cfg.tangent_warmup
         self.r = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if self.cfg.adv_weight > 0:
+            return [Phase("generator", self.generator_loss),
+                    discriminator_phase(self, self.cfg.d_p_mean, self.cfg.d_p_std)]
         return [Phase("generator", self.generator_loss)]
 
     # ---- pieces --------------------------------------------------------------------------------------------------
     def sample_theta(self, n: int) -> torch.Tensor:
         c = self.cfg
         return torch.atan(torch.exp(c.p_mean + c.p_std * torch.randn(n)) / c.sigma_data)
+
+    def training_points(self, batch: Batch):
+        """(x, theta, teacher dx/dtheta at (x, theta), conditions): real data noised at sampled angles (TBCM takes
+        them from teacher trajectories instead)."""
+        sd = self.cfg.sigma_data
+        x0 = batch.x0.float()
+        theta = self.sample_theta(batch.n)
+        x = trigflow_noise(x0, torch.randn_like(x0), theta, sd)
+        with torch.no_grad():
+            dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta, batch.cond, sd, self.cfg.guidance_scale)
+        return x, theta, dxdt, batch.cond
 
     def student_velocity(self, x: torch.Tensor, theta: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return trigflow_velocity(self.nets.generator.net, x, theta, cond, self.cfg.sigma_data)
@@ -166,20 +196,26 @@ class SCM(Objective):
     # ---- loss ------------------------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
         cfg, sd = self.cfg, self.cfg.sigma_data
-        x0 = batch.x0.float()
-        theta = self.sample_theta(batch.n)
-        x = trigflow_noise(x0, torch.randn_like(x0), theta, sd)
+        x, theta, dxdt, cond = self.training_points(batch)
         cos, sin = bcast(theta.cos(), x), bcast(theta.sin(), x)
-        with torch.no_grad():
-            dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta, batch.cond, sd, cfg.guidance_scale)
-        f_minus, df = self.velocity_and_tangent(x, theta, batch.cond, cos * sin * dxdt, theta.cos() * theta.sin())
+        f_minus, df = self.velocity_and_tangent(x, theta, cond, cos * sin * dxdt, theta.cos() * theta.sin())
         g = -cos ** 2 * (sd * f_minus - dxdt) - self.r * (cos * sin * x + sd * df)
         g, g_norm = normalized_tangent(g, cfg.tangent_norm)
-        f = self.student_velocity(x, theta, batch.cond)
+        f = self.student_velocity(x, theta, cond)
         weight = 1.0 / (sd * torch.tan(theta))
         logvar = self.logvar(theta) if self.logvar is not None else torch.zeros_like(theta)
         per_element = bcast(weight / logvar.exp(), f) * (f - f_minus - g.detach()) ** 2 + bcast(logvar, f)
         loss = per_element.mean()
         logs = {"loss/generator": loss.item(), "scm/tangent_norm": g_norm.mean().item(), "scm/r": self.r,
                 "scm/logvar": logvar.mean().item()}
-        return LossOutput(loss, logs)
+        if cfg.adv_weight <= 0:
+            return LossOutput(loss, logs)
+        if float(torch.rand(())) < cfg.adv_largest_time:
+            x0_adv = sample_generator(self, batch, grad=True)
+        else:  # the consistency estimate at the sampled angle
+            x0_adv = cos * x - sin * sd * f
+        adv = adversarial_loss(self, x0_adv, cond, cfg.d_p_mean, cfg.d_p_std)
+        logs.update({"loss/scm": loss.item(), "loss/generator_adv": adv.item()})
+        loss = loss + cfg.adv_weight * adv
+        logs["loss/generator"] = loss.item()
+        return LossOutput(loss, logs, samples=x0_adv.detach())

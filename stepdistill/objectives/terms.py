@@ -61,14 +61,17 @@ def frozen(*modules: nn.Module | None):
             p.requires_grad_(True)
 
 
-def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, t_min: float, t_max: float) -> LossOutput:
+def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real_x0: torch.Tensor | None,
+                       t_min: float, t_max: float) -> LossOutput:
     """Non-saturating GAN loss of the head on the fake score's features: softplus(D(fake)) + softplus(-D(real)), on
-    copies noised at independent times (DMD2's "diffusion GAN"). Backpropagates into the head and the fake score."""
-    if batch.x0 is None:
+    copies noised at independent times (DMD2's "diffusion GAN"). Backpropagates into the head and the fake score.
+    The real side is `real_x0`, by default the batch's real samples."""
+    real_x0 = batch.x0 if real_x0 is None else real_x0
+    if real_x0 is None:
         raise ValueError("the discriminator needs real samples in Batch.x0")
     fake, head = obj.nets.fake_score, obj.nets.discriminator
     logits = []
-    for x0 in (fake_x0, batch.x0.to(fake_x0)):
+    for x0 in (fake_x0, real_x0.to(fake_x0)):
         t = uniform_t(len(x0), t_min, t_max, fake.schedule)
         logits.append(discriminate(fake, head, fake.schedule.add_noise(x0, torch.randn_like(x0), t), t, batch.cond)[1])
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
@@ -82,9 +85,9 @@ def fake_phase(obj: Objective, loss) -> Phase:
 
 
 def plus_discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, out: LossOutput, weight: float,
-                            t_min: float, t_max: float) -> LossOutput:
+                            t_min: float, t_max: float, real_x0: torch.Tensor | None = None) -> LossOutput:
     """The fake score's loss plus `weight` x the discriminator's (DMD2, SiDA), when the run has a discriminator."""
     if obj.nets.discriminator is None:
         return out
-    d = discriminator_loss(obj, batch, fake_x0, t_min, t_max)
+    d = discriminator_loss(obj, batch, fake_x0, real_x0, t_min, t_max)
     return LossOutput(out.loss + weight * d.loss, {**out.logs, **d.logs})

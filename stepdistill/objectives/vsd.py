@@ -78,6 +78,10 @@ class VSD(Objective):
         """Per-sample weight of the distribution-matching direction (f-distill's h(r)); None means 1."""
         return None
 
+    def gan_pair(self, batch: Batch, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fake, real) samples the discriminator separates: generated vs real data here (ASD: n vs n+1 steps)."""
+        return samples, batch.x0
+
     # ---- losses ------------------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
         cfg, nets = self.cfg, self.nets
@@ -117,5 +121,8 @@ class VSD(Objective):
         fake_scale = self.scales[1]
         out = denoising_loss(self, batch, samples, self.cfg.fake_t_min, self.cfg.fake_t_max, fake_scale,
                              self.cfg.cond_dropout if fake_scale != 1.0 else 0.0)
-        return plus_discriminator_loss(self, batch, samples, out, self.cfg.gan_d_weight, self.cfg.t_min,
-                                       self.cfg.t_max)
+        if self.nets.discriminator is None:
+            return out
+        fake, real = self.gan_pair(batch, samples)
+        return plus_discriminator_loss(self, batch, fake, out, self.cfg.gan_d_weight, self.cfg.t_min, self.cfg.t_max,
+                                       real)

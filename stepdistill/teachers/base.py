@@ -21,14 +21,23 @@ class Teacher(ABC):
     domain: str = "none"  # "gmm" | "fashion-mnist" | "none"
 
     @abstractmethod
-    def student_network(self) -> ScoreModel:
-        """A trainable ScoreModel initialised from the teacher."""
+    def student_network(self, width: float = 1.0) -> ScoreModel:
+        """A trainable ScoreModel initialised from the teacher; with width < 1 a randomly initialised network of the
+        same family with its channels (hidden units) scaled by `width` (a smaller MSD student, pretrained by TSM)."""
 
-    def sample_cond(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """(n,) uniform class labels for class-conditional teachers, else None."""
+    def sample_cond(self, n: int, generator: torch.Generator | None = None,
+                    classes: list[int] | None = None) -> torch.Tensor | None:
+        """(n,) uniform class labels for class-conditional teachers (uniform over `classes` when given: an MSD
+        student's subset), else None."""
         if self.num_classes is None:
             return None
-        return torch.randint(0, self.num_classes, (n,), generator=generator)
+        if classes is None:
+            return torch.randint(0, self.num_classes, (n,), generator=generator)
+        return torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=generator)]
+
+    def feature_network(self) -> ScoreModel:
+        """The frozen network whose layers LADD's discriminator reads: the teacher itself."""
+        return self.score
 
     def real_data(self):
         """The teacher's own training data as a source with `sample(n, cond)`, or None when it has none (then a

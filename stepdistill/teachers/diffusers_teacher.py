@@ -5,6 +5,8 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..data.real import TensorData
 from ..models.loading import load_diffusers_score, resolve_path
 from ..models.score import ScoreModel
@@ -38,8 +40,37 @@ class DiffusersTeacher(Teacher):
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
         self.num_classes = score.null_label if score.conditioning == "class" else None
 
-    def student_network(self) -> ScoreModel:
-        return copy.deepcopy(self._init_net).requires_grad_(True).train()
+    def student_network(self, width: float = 1.0) -> ScoreModel:
+        """A copy of the teacher; with width < 1 a randomly initialised UNet of the same config with its
+        block_out_channels scaled (see `scaled_channels`)."""
+        if width == 1.0:
+            return copy.deepcopy(self._init_net).requires_grad_(True).train()
+        from diffusers import UNet2DModel
+
+        t = self._init_net
+        if not isinstance(t.net, UNet2DModel):
+            raise ValueError(f"generator.width < 1 supports UNet2DModel teachers, not {type(t.net).__name__}")
+        config = {**t.net.config, "block_out_channels": scaled_channels(t.net.config, width)}
+        with torch.random.fork_rng():  # building a student must not shift the training run's random stream
+            torch.manual_seed(0)
+            net = UNet2DModel.from_config(config)
+        return ScoreModel(net, t.schedule, t.prediction, t.conditioning, t.null_label).train()
+
+
+def scaled_channels(config, width: float) -> list[int]:
+    """block_out_channels times `width`, each rounded to a multiple of the GroupNorm groups (and, for blocks with
+    attention, of the attention head size), never below one such multiple."""
+    import math
+
+    n = len(config.block_out_channels)
+    head = config.get("attention_head_dim") or 1
+    out = []
+    for i, c in enumerate(config.block_out_channels):
+        attn = ("Attn" in config.down_block_types[i] or "Attn" in config.up_block_types[n - 1 - i]
+                or (i == n - 1 and config.get("add_attention", True)))
+        m = math.lcm(config.norm_num_groups, head) if attn else config.norm_num_groups
+        out.append(max(m, round(c * width / m) * m))
+    return out
 
 
 @dataclass

@@ -8,12 +8,18 @@ method's, not the teacher's. Students (generator and fake score) are that exact 
 MLP correction, so they start as exact copies of the teacher. (Starting them from an MLP regressed onto the teacher
 instead leaves a fitting error between fake score and teacher that biases VSD: one-step students then land with
 their modes about 0.2 too far out.)
+
+With `conditional: true` the mixture is class-conditional: label c is component c (num_classes = number of means),
+whose exact denoiser is that single Gaussian's posterior mean mu_c + alpha s^2 / (alpha^2 s^2 + sigma^2)
+(x_t - alpha mu_c); the null label (= number of means) gives the whole mixture's. Labels are drawn uniformly, as
+for the class-balanced Fashion-MNIST teacher, so the components must have equal weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.real import FunctionData
@@ -36,6 +42,7 @@ class GMMConfig:
     init_seed: int = 0  # seed of the students' MLP initialisation
     time_freq: float = 200.0  # highest frequency of the students' time features over t in [0, 1]; consistency
     #                           training (scm) differentiates through them and needs smooth ones (10)
+    conditional: bool = False  # class-conditional: label c = component c, label len(means) = the whole mixture
 
 
 class GMMDenoiser(nn.Module):
@@ -47,7 +54,8 @@ class GMMDenoiser(nn.Module):
         self.register_buffer("log_w", weights.log())
         self.std, self.schedule = std, schedule
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> Prediction:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> Prediction:
+        """cond: None or (N,) labels; label c < K selects component c alone, label K (null) the mixture."""
         alpha, sigma = self.schedule.alpha_sigma(t)
         a, s = bcast(alpha, x_t).double(), bcast(sigma, x_t).double()
         x, mu, s2 = x_t.double(), self.means.double(), self.std ** 2
@@ -55,27 +63,37 @@ class GMMDenoiser(nn.Module):
         d2 = ((x.unsqueeze(1) - a.unsqueeze(1) * mu) ** 2).sum(-1)  # (N, K) squared distance to each noised mean
         logits = self.log_w.double() - 0.5 * d2 / var - 0.5 * x.shape[1] * var.log()
         gamma = logits.softmax(dim=1)  # (N, K)
+        if cond is not None:  # a labelled sample comes from its component: responsibility 1 there
+            k = len(mu)
+            one_hot = F.one_hot(cond.long().clamp(max=k - 1), k).to(gamma)
+            gamma = torch.where((cond < k).reshape(-1, 1).to(gamma.device), one_hot, gamma)
         post = mu + (a * s2 / var).unsqueeze(1) * (x.unsqueeze(1) - a.unsqueeze(1) * mu)  # (N, K, D)
         x0 = (gamma.unsqueeze(-1) * post).sum(1)
         eps = (x - a * x0) / s.clamp_min(1e-12)
         return Prediction(x0.float(), eps.float())
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, D) exact samples; with (n,) labels cond, sample i from component cond[i] (the null label: any)."""
         k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        if cond is not None:
+            k = torch.where(cond < len(self.means), cond.long(), k)
         return self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator)
 
 
 class _Residual(ScoreModel):
     """The exact denoiser's output (in the prediction kind's units) plus a trainable MLP's."""
 
-    def __init__(self, net: MLPDenoiser, schedule, prediction: str, exact: GMMDenoiser) -> None:
-        super().__init__(net, schedule, prediction)
+    def __init__(self, net: MLPDenoiser, schedule, prediction: str, exact: GMMDenoiser,
+                 null_label: int | None = None) -> None:
+        super().__init__(net, schedule, prediction, "none" if null_label is None else "class", null_label)
         self._exact = [exact]  # a plain list: the exact denoiser's buffers are the teacher's, not trained weights
 
     def forward(self, x_t, t, cond=None):  # noqa: D102
         alpha, sigma = self.schedule.alpha_sigma(t)
-        base = from_prediction(self.prediction, self._exact[0](x_t, t), alpha, sigma)
-        out = base + self.net(x_t, t.float())  # canonical t in [0, 1]: smooth time features
+        base = from_prediction(self.prediction, self._exact[0](x_t, t, cond), alpha, sigma)
+        t = t.float()  # canonical t in [0, 1]: smooth time features
+        out = base + (self.net(x_t, t) if self.conditioning == "none" else self.net(x_t, t, cond))
         return to_prediction(self.prediction, out, x_t, alpha, sigma)
 
 
@@ -83,7 +101,7 @@ class _Exact(ScoreModel):
     """ScoreModel face of the exact denoiser (no network, no native timestep)."""
 
     def forward(self, x_t, t, cond=None):  # noqa: D102
-        return self.net(x_t, t)
+        return self.net(x_t, t, cond)
 
 
 @register("teacher", "gmm")
@@ -102,28 +120,46 @@ class GMMTeacher(Teacher):
             raise ValueError(f"teacher.std must be positive, got {cfg.std}")
         if cfg.schedule not in SCHEDULES or cfg.schedule == "vp":
             raise ValueError(f"teacher.schedule {cfg.schedule!r} not available for gmm; choose edm, flow or trigflow")
+        if cfg.conditional and not torch.allclose(w, w.mean().expand_as(w)):
+            raise ValueError(f"teacher.conditional=true draws labels uniformly, so teacher.weights must be equal (got "
+                             f"{cfg.weights}); drop teacher.weights or set teacher.conditional=false")
         self.cfg = cfg
         schedule = SCHEDULES[cfg.schedule]()
         self.denoiser = GMMDenoiser(means, w / w.sum(), cfg.std, schedule)
-        self.score = _Exact(self.denoiser, schedule, "x0").requires_grad_(False)
+        self.num_classes = len(means) if cfg.conditional else None
+        conditioning = "class" if cfg.conditional else "none"
+        self.score = _Exact(self.denoiser, schedule, "x0", conditioning, null_label=self.num_classes)
+        self.score.requires_grad_(False)
         self.shape = (means.shape[1],)
         self.student_kind = "flow" if cfg.schedule == "flow" else "v"
 
     def real_data(self) -> FunctionData:
-        return FunctionData(self.denoiser.sample)  # exact mixture samples
+        return FunctionData(self.denoiser.sample)  # exact samples (of the labels' components, when conditional)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, D) exact samples of the mixture."""
-        return self.denoiser.sample(n, generator)
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, D) exact samples of the mixture (with (n,) labels cond: sample i from component cond[i])."""
+        return self.denoiser.sample(n, generator, cond)
 
-    def student_network(self) -> ScoreModel:
+    def feature_network(self) -> ScoreModel:
+        """The analytic teacher has no layers; LADD reads the hidden layers of a frozen student copy instead (the exact
+        denoiser plus the zero-initialised MLP: its output is the teacher's, its features random ones of (x_t, t))."""
+        return self.student_network().requires_grad_(False)
+
+    def student_network(self, width: float = 1.0) -> ScoreModel:
         """A trainable copy of the teacher: the exact denoiser plus an MLP correction whose last layer starts at
         zero, so generator and fake score start as exact copies of the teacher, just as image students start
         from a copy of its UNet. The MLP predicts flow velocity (rectified flow) or v (other schedules): both stay
-        finite at every t, including pure noise, where eps- or x0-prediction would divide by zero."""
+        finite at every t, including pure noise, where eps- or x0-prediction would divide by zero. It sees the
+        label through an embedding when the teacher is conditional (harmless at start: its output layer is zero).
+
+        width < 1: the MLP has round(hidden * width) units and keeps its random output layer, so the student starts
+        away from the teacher and teacher score matching (generator.tsm_steps) has something to fit."""
+        hidden = self.cfg.hidden if width == 1.0 else max(1, round(self.cfg.hidden * width))
         with torch.random.fork_rng():  # building a student must not shift the training run's random stream
             torch.manual_seed(self.cfg.init_seed)
-            mlp = MLPDenoiser(self.shape[0], self.cfg.hidden, max_freq=self.cfg.time_freq)
-        nn.init.zeros_(mlp.net[-1].weight)
-        nn.init.zeros_(mlp.net[-1].bias)
-        return _Residual(mlp, self.score.schedule, self.student_kind, exact=self.denoiser)
+            mlp = MLPDenoiser(self.shape[0], hidden, max_freq=self.cfg.time_freq, num_classes=self.num_classes)
+        if width == 1.0:
+            nn.init.zeros_(mlp.net[-1].weight)
+            nn.init.zeros_(mlp.net[-1].bias)
+        return _Residual(mlp, self.score.schedule, self.student_kind, exact=self.denoiser, null_label=self.num_classes)

@@ -37,51 +37,87 @@ class Built:
     nets: Nets
     objective: Objective
     data: object | None = None  # real samples (`sample(n, cond)`) when the objective needs them
+    classes: list[int] | None = None  # an MSD student's classes: conditions are drawn uniformly from these only
+
+    def sample_cond(self, n: int) -> torch.Tensor | None:
+        return self.teacher.sample_cond(n, classes=self.classes)
 
     def batch(self, n: int) -> Batch:
         """One iteration's conditions and, for objectives that need them, real samples with the same conditions."""
-        cond = self.teacher.sample_cond(n)
+        cond = self.sample_cond(n)
         return Batch(n=n, cond=cond, x0=self.data.sample(n, cond) if self.objective.uses_data else None)
 
 
-def build(recipe: Recipe) -> Built:
+def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
     """Teacher, networks (generator and fake score start from the teacher), real data and objective for a recipe.
     Everything a recipe lacks (real data, a network that can carry a discriminator) is reported here, before any
-    training starts."""
-    from ..data.real import load_npz
-    from ..models.discriminator import build_discriminator
+    training starts. `classes`: train one MSD student, on these classes only."""
+    from ..models.discriminator import TeacherFeatureDiscriminator, build_discriminator
 
     teacher = build_teacher(recipe.teacher)
+    check_generator(recipe, teacher)
     obj_cls = get("objective", recipe.objective.name)
     needs = obj_cls.needs_for(recipe.objective)
     unknown = set(needs) - {"teacher", "fake_score", "discriminator", "data"}
     if unknown:
         raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
                           "build yet")
-    generator = Generator(teacher.student_network(), recipe.generator.steps)
-    fake = teacher.student_network() if {"fake_score", "discriminator"} & needs else None
+    width = recipe.generator.width  # < 1: smaller, randomly initialised generator and fake score (pretrained by TSM)
+    generator = Generator(teacher.student_network(width), recipe.generator.steps)
+    on_teacher = obj_cls.discriminator_on == "teacher"
+    fake = (teacher.student_network(width) if "fake_score" in needs or ("discriminator" in needs and not on_teacher)
+            else None)
     disc = None
     if "discriminator" in needs:
         try:
-            disc = build_discriminator(fake)
+            disc = TeacherFeatureDiscriminator(teacher.feature_network()) if on_teacher else build_discriminator(fake)
         except ValueError as e:
             raise RecipeError(f"objective {recipe.objective.name} (as configured) needs a discriminator: {e}") from None
-    data = None
-    if "data" in needs:
-        if recipe.data.path:
-            data = load_npz(recipe.data.path, teacher.shape, teacher.num_classes is not None)
-        else:
-            try:
-                data = teacher.real_data()
-            except FileNotFoundError as e:
-                raise RecipeError(f"objective {recipe.objective.name} needs real data: {e}") from None
-            if data is None:
-                raise RecipeError(f"objective {recipe.objective.name} (as configured) needs real data and teacher "
-                                  f"{recipe.teacher.name} has none built in: set data.path to an .npz with x (N, "
-                                  f"{', '.join(map(str, teacher.shape))}) in the teacher's space"
-                                  + (" and labels (N,)" if teacher.num_classes is not None else ""))
+    data = real_data(recipe, teacher, f"objective {recipe.objective.name} (as configured)") if "data" in needs \
+        else None
     nets = Nets(teacher=teacher.score, generator=generator, fake_score=fake, discriminator=disc)
-    return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape), data)
+    return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape), data, classes)
+
+
+def check_generator(recipe: Recipe, teacher: Teacher) -> None:
+    """generator.students / width / tsm_steps against the teacher; a RecipeError naming the fix."""
+    g = recipe.generator
+    if g.students < 1:
+        raise RecipeError(f"generator.students must be at least 1, got {g.students}")
+    if g.students > 1 and teacher.num_classes is None:
+        fix = " or teacher.conditional=true" if recipe.teacher.name == "gmm" else ""
+        raise RecipeError(f"generator.students={g.students} splits the classes among students (MSD), but teacher "
+                          f"{recipe.teacher.name!r} is unconditional: set generator.students=1{fix}")
+    if teacher.num_classes is not None and g.students > teacher.num_classes:
+        raise RecipeError(f"generator.students={g.students} is larger than the number of conditions "
+                          f"({teacher.num_classes} classes), so some student would have no class: set "
+                          f"generator.students to at most {teacher.num_classes}")
+    if not 0 < g.width <= 1:
+        raise RecipeError(f"generator.width must be in (0, 1] (the student's share of the teacher's channels), got "
+                          f"{g.width}")
+    if g.tsm_steps < 0:
+        raise RecipeError(f"generator.tsm_steps must be >= 0, got {g.tsm_steps}")
+    if g.width < 1 and g.tsm_steps == 0:
+        raise RecipeError(f"generator.width={g.width} builds a randomly initialised student, which must first learn "
+                          "the teacher by teacher score matching: set generator.tsm_steps (e.g. "
+                          "generator.tsm_steps=500)")
+
+
+def real_data(recipe: Recipe, teacher: Teacher, purpose: str):
+    """Real samples (`sample(n, cond)`) from data.path or the teacher's own data; `purpose` names who needs them."""
+    from ..data.real import load_npz
+
+    if recipe.data.path:
+        return load_npz(recipe.data.path, teacher.shape, teacher.num_classes is not None)
+    try:
+        data = teacher.real_data()
+    except FileNotFoundError as e:
+        raise RecipeError(f"{purpose} needs real data: {e}") from None
+    if data is None:
+        raise RecipeError(f"{purpose} needs real data and teacher {recipe.teacher.name} has none built in: set "
+                          f"data.path to an .npz with x (N, {', '.join(map(str, teacher.shape))}) in the teacher's "
+                          "space" + (" and labels (N,)" if teacher.num_classes is not None else ""))
+    return data
 
 
 def check_resumable(outdir: Path, recipe: Recipe) -> None:
@@ -104,15 +140,19 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, outdir: str | Path, quiet: bool = False) -> None:
+    def __init__(self, recipe: Recipe, outdir: str | Path, quiet: bool = False,
+                 classes: list[int] | None = None) -> None:
+        """`classes`: train one MSD student on these classes only (no evaluation at the end: the ensemble is
+        evaluated by train_students)."""
         self.recipe, self.cfg, self.outdir, self.quiet = recipe, recipe.train, Path(outdir), quiet
+        self.classes = classes
         # bf16 is applied with torch.autocast below rather than Accelerator(mixed_precision=...): accelerate's state is
         # a process-wide singleton that refuses a second Trainer with another precision (notebooks, tests).
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
             raise RuntimeError("multi-process training is not supported yet (gradients would not be synchronised); "
                                "run a single process. DDP/FSDP support is tracked in issue 6.")
-        self.built = build(recipe)
+        self.built = build(recipe, classes)
         self.nets, self.objective = self.built.nets, self.built.objective
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
@@ -208,6 +248,19 @@ class Trainer:
         logs["nonfinite"] = float(self.nonfinite)
         return logs
 
+    def teacher_score_matching(self) -> None:
+        """MSD's first stage for a smaller student: generator.tsm_steps of TSM (train/tsm.py) on real samples of this
+        run's classes; the fake score, when the objective has one, then starts from the pretrained student."""
+        from .tsm import teacher_score_matching
+
+        data = self.built.data if self.built.data is not None else real_data(self.recipe, self.built.teacher,
+                                                                             "generator.tsm_steps")
+        loss = teacher_score_matching(self.nets.generator.net, self.nets.teacher, data, self.built.sample_cond,
+                                      self.cfg.lr, self.recipe.generator.tsm_steps, self.cfg.batch_size, self.quiet)
+        self.last_logs["loss/tsm"] = loss
+        if self.nets.fake_score is not None:
+            self.nets.fake_score.load_state_dict(self.nets.generator.net.state_dict())
+
     # ---- the loop ----------------------------------------------------------------------------------------------
     def student(self) -> Generator:
         return self.ema.model if self.ema is not None else self.nets.generator
@@ -223,12 +276,16 @@ class Trainer:
         resumed = self.restore()
         start = time.time()  # train.max_minutes budgets the warm start too
         g = self.recipe.generator
-        if not resumed and g.warm_start_steps > 0:  # then checkpoint it, so a crash never repeats it
-            from .warm_start import regression_warm_start
+        if not resumed and (g.tsm_steps > 0 or g.warm_start_steps > 0):  # then checkpoint: a crash never redoes them
+            if g.tsm_steps > 0:
+                self.teacher_score_matching()
+            if g.warm_start_steps > 0:
+                from .warm_start import regression_warm_start
 
-            loss = regression_warm_start(self.nets.generator, self.built.teacher, self.cfg.lr, g.warm_start_steps,
-                                         g.warm_start_pairs, g.warm_start_nfe, self.cfg.batch_size, self.quiet)
-            self.last_logs["loss/warm_start"] = loss
+                loss = regression_warm_start(self.nets.generator, self.built.teacher, g.warm_start_lr or self.cfg.lr,
+                                             g.warm_start_steps, g.warm_start_pairs, g.warm_start_nfe,
+                                             self.cfg.batch_size, self.quiet, classes=self.classes)
+                self.last_logs["loss/warm_start"] = loss
             if self.ema is not None:
                 self.ema.model.load_state_dict(self.nets.generator.state_dict())
             self.save()
@@ -274,7 +331,7 @@ class Trainer:
         save_samples(self, "final")
         summary = {"iterations": self.step, "train_seconds": round(time.time() - start, 1), **last}
         (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        if not self.recipe.eval.at_end:
+        if not self.recipe.eval.at_end or self.classes is not None:
             return None
         metrics = evaluate(self.recipe, self.built.teacher, self.student(), quiet=self.quiet)
         write_metrics(self.outdir, metrics)
@@ -290,5 +347,11 @@ def _truncate_stats(path: Path, step: int) -> None:
 
 
 def train(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:
-    """Train (or resume) a run in `outdir`; returns the metrics written to metrics.json (None if eval.at_end is off)."""
+    """Train (or resume) a run in `outdir`; returns the metrics written to metrics.json (None if eval.at_end is off).
+    With generator.students = K > 1, K ordinary runs in outdir/students/k/ and the routed ensemble's metrics
+    (train/students.py)."""
+    if recipe.generator.students != 1:
+        from .students import train_students
+
+        return train_students(recipe, outdir, quiet=quiet)
     return Trainer(recipe, outdir, quiet=quiet).run()

@@ -12,12 +12,13 @@ from tqdm import tqdm
 from ..diffusion.solvers import sample_ode
 
 
-def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                              torch.Tensor]:
-    """(z, cond, x0): n noises, their conditions and the teacher's ODE outputs (Euler, `nfe` steps)."""
+def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256,
+                  classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(z, cond, x0): n noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
+    (Euler, `nfe` steps)."""
     score = teacher.score
     z = torch.randn(n, *teacher.shape)
-    cond = teacher.sample_cond(n)
+    cond = teacher.sample_cond(n, classes=classes)
     out = []
     with torch.no_grad():
         for i in range(0, n, batch_size):
@@ -29,10 +30,10 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256) -> tuple[tor
 
 
 def regression_warm_start(generator, teacher, lr: float, steps: int, pairs: int, nfe: int, batch_size: int,
-                          quiet: bool = False) -> float:
+                          quiet: bool = False, classes: list[int] | None = None) -> float:
     """Fit the generator's first step to teacher ODE pairs for `steps` Adam iterations (its own optimiser, so
-    distillation starts with fresh moments); returns the last loss."""
-    z, cond, target = teacher_pairs(teacher, pairs, nfe)
+    distillation starts with fresh moments); returns the last loss. `classes`: an MSD student's labels."""
+    z, cond, target = teacher_pairs(teacher, pairs, nfe, classes=classes)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):

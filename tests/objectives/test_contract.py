@@ -11,7 +11,9 @@ from stepdistill.train.trainer import build
 # every objective with every optional network switched on, so the contract covers them
 FULL = {"vsd": ["objective.gan_weight=0.01"], "fdiv": ["objective.gan_weight=0.01"],
         "sid": ["objective.adversarial=true"], "disback": ["objective.gan_weight=0.01", "objective.record_steps=2",
-                                                           "objective.record_every=1"], "scm": []}
+                                                           "objective.record_every=1"],
+        "scm": ["objective.adv_weight=0.5"], "ladd": [], "tbcm": ["objective.route_points=4"],
+        "asd": ["generator.steps=3"]}
 
 
 def _phases_run(b, steps, seed):
@@ -92,10 +94,10 @@ def test_few_step_generator_trains_every_step_by_backward_simulation(gmm_built):
     assert len(gen.times) == 4
     trained, original = [], gen.step
 
-    def spy(x_t, k, cond=None):
+    def spy(x_t, k, cond=None, steps=None):
         if torch.is_grad_enabled():
             trained.append(k)
-        return original(x_t, k, cond)
+        return original(x_t, k, cond, steps)
 
     gen.step = spy
     torch.manual_seed(0)

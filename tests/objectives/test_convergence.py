@@ -3,7 +3,6 @@ gap between where the student starts (a copy of the teacher: in one step all mas
 student's second step already spreads it) and the teacher's own 35-NFE sampler, and lands within an absolute energy
 distance that rules out dropped or merged modes (4096 samples a side). One- and few-step recipes alike. Each trains
 in under two minutes on 2 CPU cores; timings are printed, not asserted."""
-import copy
 import time
 from pathlib import Path
 
@@ -13,24 +12,28 @@ import torch
 from stepdistill.eval.harness import generate_student, generate_teacher
 from stepdistill.eval.metrics import energy_distance
 from stepdistill.recipe import load_recipe
-from stepdistill.train.trainer import Trainer
+from stepdistill.run import load_run
+from stepdistill.train.trainer import build, train
 
-RECIPES = sorted(str(p) for p in Path("configs/toy").glob("gmm_*.yaml"))
 MAX_ENERGY_DISTANCE = 0.05  # dropping one of the four modes scores 0.25; every mode twice too wide (std 0.4) 0.015
+# Known not to converge yet, each with what was measured (strict: a recipe that starts passing must be moved out).
+NOT_YET = {"gmm_tbcm": "TBCM ends at energy distance 0.15-0.42 (sCM on real samples: 0.042); see README, Results"}
+RECIPES = [pytest.param(str(p), id=p.stem, marks=[pytest.mark.xfail(strict=True, reason=NOT_YET[p.stem])]
+                        if p.stem in NOT_YET else []) for p in sorted(Path("configs/toy").glob("gmm_*.yaml"))]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
+@pytest.mark.parametrize("path", RECIPES)
 def test_recipe_closes_the_gap_on_the_gaussian_mixture(path, tmp_path):
     recipe = load_recipe(path, ["train.checkpoint_every=0", "eval.at_end=false"])
-    trainer = Trainer(recipe, tmp_path / "run", quiet=True)
-    teacher = trainer.built.teacher
+    built = build(recipe)  # the student's start: a copy of the teacher (every student of a multi-student run too)
+    teacher = built.teacher
     ref = teacher.sample(4096, torch.Generator().manual_seed(1))
-    start = energy_distance(generate_student(copy.deepcopy(trainer.nets.generator), teacher, 4096, 0, 4096), ref)
+    start = energy_distance(generate_student(built.nets.generator, teacher, 4096, 0, 4096), ref)
     ed_teacher = energy_distance(generate_teacher(teacher, 4096, 0, 4096, 35)[0], ref)
     t0 = time.time()
-    trainer.run()
+    train(recipe, tmp_path / "run", quiet=True)
     seconds = time.time() - t0
-    end = energy_distance(generate_student(trainer.student(), teacher, 4096, 0, 4096), ref)
+    end = energy_distance(generate_student(load_run(tmp_path / "run").student, teacher, 4096, 0, 4096), ref)
     closed = (start - end) / (start - ed_teacher)
     print(f"{Path(path).stem}: energy distance start {start:.4f}, end {end:.4f}, teacher {ed_teacher:.4f}; "
           f"gap closed {closed:.1%} in {seconds:.0f} s")

@@ -45,3 +45,32 @@ def test_bad_mixture_is_rejected():
         GMMTeacher(GMMConfig(means=[[0.0], [1.0]], weights=[1.0]))
     with pytest.raises(ValueError, match="teacher.std"):
         GMMTeacher(GMMConfig(std=-1))
+
+
+def test_conditional_denoiser_is_each_components_posterior_mean_and_null_is_the_mixture():
+    means = [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]
+    teacher = GMMTeacher(GMMConfig(means=means, std=0.3, conditional=True))
+    plain = GMMTeacher(GMMConfig(means=means, std=0.3))
+    assert teacher.num_classes == 3 and teacher.score.null_label == 3 and plain.num_classes is None
+    x, t = torch.randn(30, 2) * 2, torch.rand(30) * 0.9 + 0.05
+    cond = torch.arange(30) % 3
+    alpha, sigma = teacher.denoiser.schedule.alpha_sigma(t)
+    a, s, mu = alpha[:, None].double(), sigma[:, None].double(), torch.tensor(means, dtype=torch.float64)[cond]
+    closed = mu + a * 0.09 / (a * a * 0.09 + s * s) * (x.double() - a * mu)  # one Gaussian's E[x0 | x_t]
+    torch.testing.assert_close(teacher.score(x, t, cond).x0.double(), closed, atol=1e-5, rtol=1e-5)
+    null = teacher.score.null(cond)
+    torch.testing.assert_close(teacher.score(x, t, null).x0, plain.score(x, t).x0)
+    torch.testing.assert_close(teacher.score(x, t, None).x0, plain.score(x, t).x0)
+    # students start as exact copies of the conditional teacher (the label embedding feeds a zero output layer)
+    torch.testing.assert_close(teacher.student_network()(x, t, cond).x0, teacher.score(x, t, cond).x0)
+
+
+def test_conditional_real_data_respects_labels():
+    teacher = GMMTeacher(GMMConfig(conditional=True))
+    cond = torch.tensor([0, 1, 2, 3] * 500)
+    x = teacher.real_data().sample(len(cond), cond)
+    means = teacher.denoiser.means
+    assert (x - means[cond]).norm(dim=1).max() < 1.5  # std 0.2, modes 2.8 apart: every sample near its own mean
+    assert teacher.sample_cond(1000, classes=[2, 3]).unique().tolist() == [2, 3]
+    with pytest.raises(ValueError, match="teacher.weights must be equal"):
+        GMMTeacher(GMMConfig(conditional=True, weights=[1, 2, 1, 1]))

@@ -1,0 +1,62 @@
+"""Multi-student distillation (MSD): K ordinary runs, one per block of classes, then the routed ensemble's metrics.
+
+Student k trains in OUTDIR/students/k/ exactly as a single-student run would (its own generator, fake score,
+optimisers, checkpoints, warm start / TSM, objective), except that its conditions are drawn uniformly from its own
+classes (models/multi_student.py: class c goes to student c * K // num_classes). Students train one after another;
+train.steps and train.max_minutes apply to each. Rerunning the command skips every student whose folder has a
+train_summary.json and resumes the first unfinished one from its newest checkpoint. OUTDIR then gets the recipe,
+samples/final.png and metrics.json of the ensemble, which `stepdistill sample | eval | export` load like any run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import recipe as recipe_mod
+from ..models.multi_student import describe, partition
+from ..recipe import Recipe
+from ..run import load_run, student_dir
+from ..teachers import build_teacher
+from .trainer import Trainer, check_generator, check_resumable
+
+
+def train_students(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:
+    """Train (or resume) the K students of an MSD recipe in outdir/students/k/; returns the ensemble's metrics
+    (None if eval.at_end is off)."""
+    from ..eval.harness import evaluate, write_metrics
+    from ..eval.samples import write_samples
+
+    outdir = Path(outdir)
+    teacher = build_teacher(recipe.teacher)
+    check_generator(recipe, teacher)
+    outdir.mkdir(parents=True, exist_ok=True)
+    check_resumable(outdir, recipe)
+    (outdir / "recipe.yaml").write_text(recipe_mod.dump(recipe))
+    groups = partition(teacher.num_classes, recipe.generator.students)
+    summaries = []
+    for k, classes in enumerate(groups):
+        folder = student_dir(outdir, k)
+        name = f"student {k + 1}/{len(groups)}: {describe(classes)}"
+        done = folder / "train_summary.json"
+        if done.exists():
+            _say(f"{name}: already trained in {folder}, skipped", quiet)
+        else:
+            _say(f"{name} -> {folder}", quiet)
+            Trainer(recipe, folder, quiet=quiet, classes=classes).run()
+        summaries.append({"student": k, "classes": classes, **json.loads(done.read_text())})
+    (outdir / "train_summary.json").write_text(json.dumps({"students": summaries}, indent=2))
+    run = load_run(outdir)
+    write_samples(run.teacher, run.student, outdir, recipe.train.seed, "final")
+    if not recipe.eval.at_end:
+        return None
+    _say(f"evaluating the {len(groups)} students, each sample routed to its class's student", quiet)
+    metrics = evaluate(recipe, run.teacher, run.student, quiet=quiet)
+    write_metrics(outdir, metrics)
+    return metrics
+
+
+def _say(text: str, quiet: bool) -> None:
+    if not quiet:
+        tqdm.write(text)
