@@ -105,11 +105,10 @@ class TeacherFeatureDiscriminator(nn.Module):
     def __init__(self, backbone: ScoreModel) -> None:
         super().__init__()
         levels = feature_levels(backbone)
-        self._backbone = [backbone]
+        self._backbone, self._taps = [backbone], [m for m, _, _ in levels]  # plain lists: not submodules
         self.heads = nn.ModuleList(DiscriminatorHead(ch, spatial) for _, ch, spatial in levels)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        backbone = self._backbone[0]
-        with captured(*(m for m, _, _ in feature_levels(backbone))) as feats:
-            backbone(x_t, t, cond)
+        with captured(*self._taps) as feats:
+            self._backbone[0](x_t, t, cond)
         return torch.stack([head(f[-1]) for head, f in zip(self.heads, feats)], dim=1)
