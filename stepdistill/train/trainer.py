@@ -265,6 +265,15 @@ class Trainer:
     def student(self) -> Generator:
         return self.ema.model if self.ema is not None else self.nets.generator
 
+    def curve_point(self, path: Path, train_seconds: float) -> None:
+        """Append {step, time (training seconds), metric} to curve.jsonl; the evaluation's own time is not charged."""
+        from ..eval.harness import curve_score
+
+        t0 = time.time()
+        score = curve_score(self.recipe.eval, self.built.teacher, self.student(), self.classes)
+        _append_jsonl(path, {"step": self.step, "time": round(train_seconds, 3), **score})
+        self.paused += time.time() - t0
+
     def run(self) -> dict | None:
         from ..eval.harness import evaluate, write_metrics
         from ..eval.samples import save_samples
@@ -274,7 +283,10 @@ class Trainer:
         (self.outdir / "recipe.yaml").write_text(recipe_mod.dump(self.recipe))
         torch.manual_seed(self.cfg.seed)  # after building: only the loop's draws depend on this stream
         resumed = self.restore()
-        start = time.time()  # train.max_minutes budgets the warm start too
+        start, self.paused = time.time(), 0.0  # train.max_minutes budgets the warm start too, not curve points
+
+        def clock() -> float:
+            return time.time() - start - self.paused
         g = self.recipe.generator
         if not resumed and (g.tsm_steps > 0 or g.warm_start_steps > 0):  # then checkpoint: a crash never redoes them
             if g.tsm_steps > 0:
@@ -289,8 +301,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.model.load_state_dict(self.nets.generator.state_dict())
             self.save()
-        stats_path = self.outdir / "stats.jsonl"
+        stats_path, curve_path = self.outdir / "stats.jsonl", self.outdir / "curve.jsonl"
         _truncate_stats(stats_path, self.step)
+        _truncate_stats(curve_path, self.step)
+        curve_every = self.recipe.eval.curve_every if self.built.teacher.domain != "none" else 0
+        if curve_every and not resumed:
+            self.curve_point(curve_path, clock())
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(self.outdir / "tb")) if self.accelerator.is_main_process else None
@@ -307,9 +323,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")})
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    record = {"step": self.step, "time": round(time.time() - start, 3), **last}
-                    with open(stats_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    record = {"step": self.step, "time": round(clock(), 3), **last}
+                    _append_jsonl(stats_path, record)
                     if writer is not None:
                         for k, v in last.items():
                             writer.add_scalar(k, v, self.step)
@@ -317,7 +332,9 @@ class Trainer:
                     self.save()
                 if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
                     save_samples(self, f"step_{self.step:07d}")
-                if self.cfg.max_minutes and time.time() - start > self.cfg.max_minutes * 60:
+                if curve_every and self.step % curve_every == 0:
+                    self.curve_point(curve_path, clock())
+                if self.cfg.max_minutes and clock() > self.cfg.max_minutes * 60:
                     tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} reached")
                     break
         except KeyboardInterrupt:
@@ -328,14 +345,21 @@ class Trainer:
             if writer is not None:
                 writer.close()
         self.save()
+        if curve_every and self.step % curve_every:
+            self.curve_point(curve_path, clock())
         save_samples(self, "final")
-        summary = {"iterations": self.step, "train_seconds": round(time.time() - start, 1), **last}
+        summary = {"iterations": self.step, "train_seconds": round(clock(), 1), **last}
         (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if not self.recipe.eval.at_end or self.classes is not None:
             return None
         metrics = evaluate(self.recipe, self.built.teacher, self.student(), quiet=self.quiet)
         write_metrics(self.outdir, metrics)
         return metrics
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_stats(path: Path, step: int) -> None:

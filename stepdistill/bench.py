@@ -1,0 +1,260 @@
+"""`stepdistill bench`: every objective on one teacher under one budget and one set of seeds, side by side.
+
+A suite file (`configs/bench/*.yaml`) lists the recipes and what they share: the budget (training minutes, warm start
+included, or iterations), the seeds, the step counts every student is scored at, the teacher's NFE and how often a
+point of the metric-versus-time curve is taken. Each recipe and seed trains with `stepdistill train` in its own
+process, one at a time (concurrent runs would share the cores and distort wall-time budgets), into
+OUTDIR/<recipe>/seed<k>; a finished run is not retrained, so an interrupted bench resumes. The report (markdown) holds
+the table, the machine it ran on, a curve plot and a sample grid per recipe.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .recipe import RecipeError, build_dataclass
+
+
+@dataclass
+class Suite:
+    name: str
+    recipes: list[str]
+    minutes: float = 0.0  # training budget per run (train.max_minutes; warm start included); or
+    steps: int = 0  # iterations per run (train.steps, with no time limit)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    student_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
+    teacher_nfe: list[int] = field(default_factory=lambda: [1, 4, 35])
+    curve_every: int = 50  # iterations between curve points
+    curve_n: int = 1000  # samples per curve point
+    eval_n: int = 0  # samples per side for the table (0: each recipe's eval.n)
+
+
+def load_suite(path: str | Path) -> Suite:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"bench suite not found: {p}")
+    suite = build_dataclass(Suite, yaml.safe_load(p.read_text()), "suite")
+    if (suite.minutes > 0) == (suite.steps > 0):
+        raise RecipeError(f"{p}: give exactly one budget, `minutes` (wall time) or `steps` (iterations); got "
+                          f"minutes={suite.minutes}, steps={suite.steps}")
+    missing = [r for r in suite.recipes if not Path(r).exists()]
+    if missing:
+        raise RecipeError(f"{p}: recipe file(s) not found: {', '.join(missing)}")
+    return suite
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads){gpu}; {platform.system()} "
+            f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def overrides(suite: Suite, seed: int) -> list[str]:
+    budget = [f"train.max_minutes={suite.minutes}"] if suite.minutes else [f"train.steps={suite.steps}",
+                                                                              "train.max_minutes=0"]
+    return [f"train.seed={seed}", *budget, f"eval.curve_every={suite.curve_every}", f"eval.curve_n={suite.curve_n}",
+            *([f"eval.n={suite.eval_n}"] if suite.eval_n else [])]
+
+
+def train_runs(suite: Suite, outdir: Path, quiet: bool = False) -> list[tuple[str, int, Path]]:
+    runs = [(r, s, outdir / Path(r).stem / f"seed{s}") for r in suite.recipes for s in suite.seeds]
+    for i, (recipe, seed, run_dir) in enumerate(runs):
+        if (run_dir / "metrics.json").exists():
+            continue
+        print(f"== [{i + 1}/{len(runs)}] training {recipe} (seed {seed}) -> {run_dir}", flush=True)
+        subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", recipe, "--outdir", str(run_dir),
+                        *overrides(suite, seed), *(["--quiet"] if quiet else [])], check=True)
+    return runs
+
+
+def score_run(run_dir: Path, nfes: list[int]) -> dict:
+    """The run's domain metric at each NFE (its trained K from metrics.json, others generated now and cached in
+    nfe_scores.json), its iterations and training time."""
+    from .eval.harness import domain_score, generate_student, main_metric
+    from .run import load_run
+
+    run = load_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    e, k = run.recipe.eval, run.recipe.generator.steps
+    key = main_metric(metrics["student"])
+    cache = run_dir / "nfe_scores.json"
+    by_nfe = {int(n): v for n, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
+    by_nfe[k] = metrics["student"][key]
+    reference = run.teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if run.teacher.domain == "gmm" \
+        else None
+    for nfe in nfes:
+        if nfe not in by_nfe:
+            x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
+            by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
+            cache.write_text(json.dumps(by_nfe, indent=2))
+    parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
+    name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
+    return {"objective": name, "trained_k": k, "iterations": sum(s["iterations"] for s in parts),
+            "train_seconds": sum(s["train_seconds"] for s in parts), "key": key, "n": e.n,
+            "student": {n: by_nfe[n] for n in sorted(set(nfes) | {k})}}
+
+
+def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) -> dict[int, dict]:
+    """The teacher's metric at each NFE under the first recipe's protocol (its quality.json entry where the protocol
+    matches exactly; otherwise sampled now and cached in OUTDIR/teacher.json)."""
+    from .eval.harness import _cached_teacher, domain_score, generate_teacher, main_metric, protocol
+    from .recipe import load_recipe
+    from .teachers import build_teacher
+
+    recipe = load_recipe(recipe_path, [f"eval.n={eval_n}"] if eval_n else [])
+    teacher = build_teacher(recipe.teacher)
+    cache = outdir / "teacher.json"
+    done = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
+    for nfe in nfes:
+        if nfe in done:
+            continue
+        r = replace(recipe, eval=replace(recipe.eval, teacher_nfe=nfe))
+        e = r.eval
+        score = _cached_teacher(teacher, protocol(r, teacher))
+        if score is None:
+            print(f"== teacher at {nfe} NFE ({e.n} samples)", flush=True)
+            reference = teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) \
+                if teacher.domain == "gmm" else None
+            x, used = generate_teacher(teacher, e.n, e.seed, e.batch_size, nfe, e.guidance_scale)
+            score = {"nfe": used, **domain_score(teacher, x, reference)}
+        done[nfe] = {"nfe": score["nfe"], "value": score[main_metric(score)]}
+        cache.write_text(json.dumps(done, indent=2))
+    return done
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def plot_curves(rows: list[dict], label: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    drawn = 0
+    for i, r in enumerate(rows):
+        pts = _read_jsonl(r["run_dir"] / "curve.jsonl")
+        if not pts:
+            continue
+        key = next(k for k in pts[0] if k not in ("step", "time"))
+        style = "-" if i < 10 else "--"
+        for ax, x in zip(axes, ("time", "step")):
+            ax.plot([p[x] for p in pts], [p[key] for p in pts], style, marker=".", label=r["label"])
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, xlabel in zip(axes, ("training seconds (warm start included, evaluation excluded)", "iteration")):
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _mean_std(values: list[float], bold: bool = False) -> str:
+    m = float(np.mean(values))
+    text = f"{m:.4g}" + (f" ± {np.std(values):.2g}" if len(values) > 1 else "")
+    return f"**{text}**" if bold else text
+
+
+def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[int, dict], report: Path,
+                 command: str) -> str:
+    from . import registry
+
+    key = rows[0]["key"]
+    label = {"fd": "FD", "energy_distance": "energy distance"}.get(key, key.upper())
+    assets = report.parent / f"{report.stem}_assets"
+    if assets.exists():
+        shutil.rmtree(assets)
+    curves = plot_curves(rows, f"{label} (n={suite.curve_n})", assets / "curves.png")
+    budget = f"{suite.minutes} minutes of training per run" if suite.minutes else f"{suite.steps} iterations per run"
+    best_teacher = teacher[max(teacher)]["value"]
+    lines = [f"# Benchmark: {suite.name}", "",
+             f"Every recipe of `{suite_path}` under one budget ({budget}, warm start included), seeds "
+             f"{suite.seeds}, one run at a time. Made by:", "", "```bash", command, "```", "",
+             f"Machine: {machine()}.", "",
+             f"{label} of {rows[0]['n']} samples per side, each student scored at {suite.student_nfe} NFE whatever it "
+             f"was trained for (bold: the trained step count). x teacher: at the trained step count, against the "
+             f"teacher at {teacher[max(teacher)]['nfe']} NFE.", "",
+             "| recipe | objective | trained K | iterations | train time | "
+             + " | ".join(f"{label} @{n} NFE" for n in suite.student_nfe) + " | x teacher |",
+             "|---|---|---|---|---|" + "---|" * len(suite.student_nfe) + "---|"]
+    by_recipe: dict[str, list[dict]] = {}
+    for r in rows:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    order = sorted(by_recipe, key=lambda k: np.mean([r["student"][r["trained_k"]] for r in by_recipe[k]]))
+    for recipe in order:
+        rs = by_recipe[recipe]
+        k = rs[0]["trained_k"]
+        cells = [_mean_std([r["student"][n] for r in rs], bold=n == k) for n in suite.student_nfe]
+        ratio = np.mean([r["student"][k] for r in rs]) / best_teacher if best_teacher > 0 else float("nan")
+        lines.append(f"| `{recipe}` | {rs[0]['objective']} | {k} | {round(np.mean([r['iterations'] for r in rs]))} | "
+                     f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f} min | " + " | ".join(cells)
+                     + f" | {ratio:.2f} |")
+    lines += ["", "Teacher (probability-flow ODE; Euler at even NFE, Heun at odd NFE >= 3):", "",
+              "| NFE asked | NFE used | " + label + " |", "|---|---|---|"]
+    lines += [f"| {n} | {t['nfe']} | {t['value']:.4g} |" for n, t in sorted(teacher.items())]
+    covered = {r["objective"].split(" ")[0] for r in rows}
+    absent = [o for o in registry.names("objective") if o not in covered]
+    lines += ["", "Objectives in this suite: " + ", ".join(sorted(covered)) + "."
+              + (f" Registered but not in it: {', '.join(absent)}." if absent else "")]
+    if curves is not None:
+        lines += ["", f"## {label} during training", "",
+                  f"Seed {suite.seeds[0]}, {suite.curve_n} samples per point, a point every {suite.curve_every} "
+                  "iterations (the first right after any warm start). Multi-student runs draw no curve.", "",
+                  f"![{label} versus training time and iteration]({assets.name}/curves.png)"]
+    lines += ["", "## Samples (seed 0, final student)", ""]
+    for recipe in order:
+        src = by_recipe[recipe][0]["run_dir"] / "samples" / "final.png"
+        if src.exists():
+            assets.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, assets / f"{recipe}.png")
+            lines += [f"**`{recipe}`**", "", f"![{recipe}]({assets.name}/{recipe}.png)", ""]
+    text = "\n".join(lines) + "\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text)
+    return text
+
+
+def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = None, quiet: bool = False) -> Path:
+    suite = load_suite(suite_path)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    runs = train_runs(suite, outdir, quiet)
+    rows = []
+    for recipe, seed, run_dir in runs:
+        print(f"== scoring {run_dir} at {suite.student_nfe} NFE", flush=True)
+        rows.append({"recipe": Path(recipe).stem, "seed": seed, "run_dir": run_dir,
+                     "label": f"{Path(recipe).stem}", **score_run(run_dir, suite.student_nfe)})
+    teacher = score_teacher(suite.recipes[0], suite.teacher_nfe, suite.eval_n, outdir)
+    report = Path(report) if report else outdir / "report.md"
+    command = f"stepdistill bench {suite_path} --outdir {outdir} --report {report}"
+    write_report(suite, suite_path, rows, teacher, report, command)
+    (outdir / "bench.json").write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
+                                                   for r in rows], indent=2))
+    return report

@@ -1,0 +1,73 @@
+"""CLIP score (100 x the clipped cosine between image and prompt embeddings, averaged) with torchmetrics, from a
+local CLIP folder (a `CLIPModel` + `CLIPProcessor` saved with `save_pretrained`). Nothing is downloaded: no package
+ships CLIP weights, so the folder must be given."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .inception import check_uint8_images
+
+HOW_TO_GET = ("CLIP score needs a local CLIP model folder (config.json, weights, tokenizer and preprocessor files), "
+              "e.g. one saved with CLIPModel.save_pretrained + CLIPProcessor.save_pretrained, or a downloaded "
+              "openai/clip-vit-large-patch14 snapshot; pass it with --clip PATH")
+
+
+class _Embeddings(torch.nn.Module):
+    """transformers 5's `get_*_features` return a ModelOutput whose `pooler_output` holds the projected embeddings;
+    torchmetrics 1.9 expects the tensor itself."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _tensor(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; empty lines are an error (they would silently shift prompts against images)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if empty:
+        raise ValueError(f"{path}: empty prompt on line(s) {', '.join(map(str, empty[:10]))}; one prompt per line")
+    return [line.strip() for line in lines]
+
+
+def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path | None,
+               batch_size: int = 64) -> dict:
+    """{"clip_score", "clip_model"} of uint8 (N, C, H, W) images against their N prompts. Prompts longer than the
+    text encoder's context are truncated by the processor (CLIP: 77 tokens), as in every published CLIP score."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    if model_path is None:
+        raise FileNotFoundError(HOW_TO_GET)
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no CLIP model at {path} (config.json missing); {HOW_TO_GET}")
+    images = check_uint8_images(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+
+    def load():
+        return (_Embeddings(CLIPModel.from_pretrained(path, local_files_only=True).eval()),
+                CLIPProcessor.from_pretrained(path, local_files_only=True))
+
+    metric = CLIPScore(model_name_or_path=load)
+    for i in range(0, len(images), batch_size):
+        metric.update(images[i:i + batch_size], prompts[i:i + batch_size])
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    sha = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16] if weights else "unknown"
+    return {"clip_score": float(metric.compute()), "clip_model": f"{path.name} (weights sha256 {sha})"}

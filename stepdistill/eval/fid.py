@@ -1,0 +1,69 @@
+"""FID and KID of uint8 image sets against reference statistics, with the protocol written beside every score."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .images import dataset_images, load_folder, load_reference, reference_key, save_reference, stats_or_none
+from .inception import InceptionFeatures, cache_dir
+from .metrics import frechet_distance, gaussian_stats, kernel_inception_distance
+
+IMAGE_METRICS = ("fid", "kid")
+
+
+def reference_protocol(features: InceptionFeatures, source: str, images: torch.Tensor) -> dict:
+    return {**features.protocol(), "reference": source, "reference_n": len(images),
+            "resolution": f"{images.shape[2]}x{images.shape[3]}"}
+
+
+def reference_from_images(images: torch.Tensor, features: InceptionFeatures, source: str,
+                          out: str | Path | None = None, quiet: bool = True) -> dict:
+    """Reference statistics of uint8 `images` (written to `out` when given)."""
+    f = features(images, desc=f"Inception features of {source}", quiet=quiet)
+    proto = reference_protocol(features, source, images)
+    mu, sigma = stats_or_none(f)
+    if out is not None:
+        save_reference(out, f, proto)
+    return {"mu": mu, "sigma": sigma, "features": f, "protocol": proto}
+
+
+def reference_for(spec: str, features: InceptionFeatures, quiet: bool = True, split: str = "test") -> dict:
+    """Reference statistics from an npz file, an image folder, or a built-in dataset name (computed once per
+    protocol and cached under $STEPDISTILL_CACHE/refs)."""
+    path = Path(spec)
+    if path.suffix == ".npz":
+        return load_reference(path, expect=features.protocol())
+    if path.is_dir():
+        return reference_from_images(load_folder(path, quiet=quiet), features, f"folder {path}", quiet=quiet)
+    images = dataset_images(spec, split)
+    source = f"{spec} {split} split ({len(images)} images)"
+    cached = cache_dir() / "refs" / f"{spec}_{split}_{reference_key(reference_protocol(features, source, images))}.npz"
+    if cached.exists():
+        return load_reference(cached, expect=features.protocol())
+    return reference_from_images(images, features, source, out=cached, quiet=quiet)
+
+
+def image_scores(images: torch.Tensor, reference: dict, features: InceptionFeatures,
+                 metrics: tuple[str, ...] = IMAGE_METRICS, kid_subset_size: int = 1000, seed: int = 0,
+                 quiet: bool = True, desc: str = "Inception features") -> dict:
+    """{"fid", "kid", "kid_std"} (those asked for) of uint8 images against `reference`."""
+    unknown = set(metrics) - set(IMAGE_METRICS)
+    if unknown:
+        raise ValueError(f"unknown image metric(s) {sorted(unknown)}; choose from {', '.join(IMAGE_METRICS)}")
+    f = features(images, desc=desc, quiet=quiet)
+    out = {}
+    if "fid" in metrics:
+        if reference["mu"] is None:
+            raise ValueError(f"the reference set has {len(reference['features'])} images, too few for FID's "
+                             f"{f.shape[1]}-d covariance; use more than {f.shape[1]} reference images (KID works)")
+        mu, sigma = gaussian_stats(f)
+        out["fid"] = frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+    if "kid" in metrics:
+        if reference.get("features") is None:
+            raise ValueError("KID needs the reference features, but these reference statistics hold only mu and "
+                             "sigma; recompute them with `stepdistill eval ref` (it stores the features)")
+        out["kid"], out["kid_std"] = kernel_inception_distance(f, np.asarray(reference["features"]),
+                                                               subset_size=kid_subset_size, seed=seed)
+    return out

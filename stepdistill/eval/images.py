@@ -1,0 +1,104 @@
+"""Image sets for evaluation: folders of image files, built-in datasets, and their reference statistics (npz)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .visual import to_uint8
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+DATASETS = ("fashion-mnist",)
+
+
+def load_folder(folder: str | Path, limit: int | None = None, quiet: bool = True) -> torch.Tensor:
+    """Every image file under `folder` (recursively, sorted by path) as uint8 (N, 3, H, W). All must share one size;
+    unreadable files are listed in the error, not skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    if not files:
+        raise ValueError(f"no image files ({', '.join(sorted(EXTENSIONS))}) under {folder}")
+    files = files[:limit] if limit else files
+    images, bad = [], []
+    for f in tqdm(files, desc=f"reading {folder}", disable=quiet, leave=False):
+        try:
+            with Image.open(f) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as e:
+            bad.append(f"{f.name} ({type(e).__name__})")
+    if bad:
+        raise ValueError(f"{len(bad)} unreadable file(s) in {folder}: {', '.join(bad[:5])}"
+                         + (" ..." if len(bad) > 5 else "") + "; remove or fix them")
+    sizes = sorted({a.shape[:2] for a in images})
+    if len(sizes) > 1:
+        raise ValueError(f"images in {folder} have {len(sizes)} different sizes (e.g. {sizes[0]} and {sizes[-1]}); "
+                         "FID needs one resolution: resize them consistently first")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), rounded as a PNG writer would (so a saved folder scores the
+    same)."""
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def dataset_images(name: str, split: str = "test") -> torch.Tensor:
+    """A built-in dataset at the resolution its bundled teacher generates, as uint8 (N, C, H, W)."""
+    if name == "fashion-mnist":
+        from ..data import fashion
+
+        return as_uint8(fashion.load(split)[0])
+    raise ValueError(f"unknown dataset {name!r}; built in: {', '.join(DATASETS)} (or pass a folder)")
+
+
+def stats_or_none(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Gaussian statistics where the set is large enough for a full-rank covariance (N > D), else (None, None):
+    such a set still serves KID."""
+    from .metrics import gaussian_stats
+
+    return gaussian_stats(features) if len(features) > features.shape[1] else (None, None)
+
+
+def save_reference(path: str | Path, features: np.ndarray, protocol: dict) -> Path:
+    """The features (float32, for KID), mu and sigma (when N > D) and the protocol as JSON, written atomically."""
+    mu, sigma = stats_or_none(features)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    extra = {} if mu is None else {"mu": mu, "sigma": sigma}
+    np.savez(tmp, features=features.astype(np.float32), protocol=np.array(json.dumps(protocol, sort_keys=True)),
+             **extra)
+    tmp.replace(path)
+    return path
+
+
+def load_reference(path: str | Path, expect: dict | None = None) -> dict:
+    """{"mu", "sigma", "features" (or None), "protocol"} from an npz written by `save_reference` or by clean-fid /
+    pytorch-fid (mu and sigma only, no protocol). Keys of `expect` that the file records must match."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"reference statistics not found: {path}; make them with `stepdistill eval ref`")
+    with np.load(path) as z:
+        if "features" not in z and ("mu" not in z or "sigma" not in z):
+            raise ValueError(f"{path} holds {sorted(z.files)}, expected 'mu' and 'sigma' (or 'features')")
+        ref = {"mu": z["mu"].astype(np.float64) if "mu" in z else None,
+               "sigma": z["sigma"].astype(np.float64) if "sigma" in z else None,
+               "features": z["features"].astype(np.float64) if "features" in z else None,
+               "protocol": json.loads(str(z["protocol"])) if "protocol" in z else {}}
+    for key, want in (expect or {}).items():
+        have = ref["protocol"].get(key)
+        if have is not None and have != want:
+            raise ValueError(f"reference statistics {path} were computed with {key}={have!r}, this evaluation uses "
+                             f"{key}={want!r}; recompute them with `stepdistill eval ref` under the same protocol")
+    return ref
+
+
+def reference_key(protocol: dict) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""`stepdistill bench`: suite validation, and a tiny two-objective sweep end to end (training runs in subprocesses)."""
+import json
+
+import pytest
+
+from stepdistill.bench import load_suite, run_bench
+from stepdistill.recipe import RecipeError
+
+
+def _suite(tmp_path, **fields):
+    import yaml
+
+    data = {"name": "tiny", "recipes": ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_sid.yaml"], "steps": 30,
+            "seeds": [0], "student_nfe": [1, 2], "teacher_nfe": [1, 2], "curve_every": 10, "curve_n": 256,
+            "eval_n": 512, **fields}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    return path
+
+
+def test_suite_errors_name_the_problem(tmp_path):
+    with pytest.raises(RecipeError, match="exactly one budget"):
+        load_suite(_suite(tmp_path, minutes=1.0))
+    with pytest.raises(RecipeError, match="exactly one budget"):
+        load_suite(_suite(tmp_path, steps=None))
+    with pytest.raises(RecipeError, match="not found: configs/toy/nope.yaml"):
+        load_suite(_suite(tmp_path, recipes=["configs/toy/nope.yaml"]))
+    with pytest.raises(RecipeError, match="unknown key suite.budget"):
+        load_suite(_suite(tmp_path, budget=3))
+
+
+def test_tiny_bench_end_to_end(tmp_path):
+    out, report = tmp_path / "runs", tmp_path / "docs" / "bench.md"
+    run_bench(str(_suite(tmp_path)), out, report, quiet=True)
+    text = report.read_text()
+    for recipe in ("gmm_vsd", "gmm_sid"):
+        assert f"| `{recipe}` |" in text
+        run = out / recipe / "seed0"
+        curve = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in curve] == [0, 10, 20, 30] and all(p["energy_distance"] > 0 for p in curve)
+        assert all(a["time"] <= b["time"] for a, b in zip(curve, curve[1:]))
+        assert set(json.loads((run / "nfe_scores.json").read_text())) == {"1", "2"}
+        assert (report.parent / "bench_assets" / f"{recipe}.png").exists()
+    assert (report.parent / "bench_assets" / "curves.png").exists()
+    assert "| 2 | 2 |" in text and "Registered but not in it:" in text and "Machine:" in text
+    rows = json.loads((out / "bench.json").read_text())
+    assert [r["iterations"] for r in rows] == [30, 30]
+    # a rerun trains nothing and rewrites the same table
+    stamp = (out / "gmm_vsd" / "seed0" / "metrics.json").stat().st_mtime_ns
+    run_bench(str(_suite(tmp_path)), out, report, quiet=True)
+    assert (out / "gmm_vsd" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert report.read_text().split("Machine:")[1].split("## ")[0] == text.split("Machine:")[1].split("## ")[0]
