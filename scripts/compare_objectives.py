@@ -8,6 +8,9 @@ would share the cores and distort wall-time budgets) into OUTDIR/<recipe name>; 
 is not retrained, so an interrupted comparison resumes. Every student is scored with its recipe's eval protocol at 1,
 2 and 4 NFE (the few-step rule re-noises and predicts again, so a one-step student can take more steps and a K-step
 student fewer); the scores are cached in OUTDIR/<recipe name>/nfe_scores.json.
+
+`stepdistill bench` does the same for a suite file, with one budget imposed on every recipe, several seeds, curves
+and sample grids; this script keeps each recipe's own settings (it made the README's Fashion-MNIST table).
 """
 from __future__ import annotations
 
@@ -23,30 +26,12 @@ import torch
 NFES = (1, 2, 4)
 
 def score(run_dir: Path) -> dict:
-    from stepdistill.eval.harness import domain_score, generate_student
-    from stepdistill.run import load_run
+    from stepdistill.bench import score_run
 
-    run = load_run(run_dir)
+    r = score_run(run_dir, list(NFES))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    e, k = run.recipe.eval, run.recipe.generator.steps
-    key = "fd" if "fd" in metrics["student"] else "energy_distance"
-    cache = run_dir / "nfe_scores.json"
-    by_nfe = {int(n): v for n, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
-    by_nfe[k] = metrics["student"][key]
-    reference = run.teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if run.teacher.domain == "gmm" \
-        else None
-    for nfe in NFES:
-        if nfe not in by_nfe:
-            x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
-            by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
-            cache.write_text(json.dumps(by_nfe, indent=2))
-    parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
-    name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
-    return {"recipe": name, "steps": k, "iterations": "+".join(str(s["iterations"]) for s in parts),
-            "train_seconds": sum(s["train_seconds"] for s in parts), "key": key,
-            "student": dict(sorted(by_nfe.items())),
-            "teacher": metrics["teacher"][key], "teacher_nfe": metrics["teacher"]["nfe"], "n": e.n}
+    return {**r, "recipe": r["objective"], "steps": r["trained_k"], "teacher": metrics["teacher"][r["key"]],
+            "teacher_nfe": metrics["teacher"]["nfe"]}
 
 
 def main() -> int:

@@ -24,6 +24,8 @@ import yaml
 
 from .recipe import RecipeError, build_dataclass
 
+UNCAPPED = 10**7
+
 
 @dataclass
 class Suite:
@@ -65,9 +67,14 @@ def machine() -> str:
             f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def overrides(suite: Suite, seed: int) -> list[str]:
-    budget = [f"train.max_minutes={suite.minutes}"] if suite.minutes else [f"train.steps={suite.steps}",
-                                                                              "train.max_minutes=0"]
+def overrides(suite: Suite, seed: int, recipe: str) -> list[str]:
+    """The suite's settings as `stepdistill train` overrides. A wall-time budget lifts the recipe's iteration cap, so
+    every run stops on time alone; multi-student runs split it among their students (the budget applies to each)."""
+    from .recipe import load_recipe
+
+    students = load_recipe(recipe).generator.students
+    budget = [f"train.max_minutes={suite.minutes / students:g}", f"train.steps={UNCAPPED}"] if suite.minutes else \
+        [f"train.steps={suite.steps}", "train.max_minutes=0"]
     return [f"train.seed={seed}", *budget, f"eval.curve_every={suite.curve_every}", f"eval.curve_n={suite.curve_n}",
             *([f"eval.n={suite.eval_n}"] if suite.eval_n else [])]
 
@@ -79,7 +86,7 @@ def train_runs(suite: Suite, outdir: Path, quiet: bool = False) -> list[tuple[st
             continue
         print(f"== [{i + 1}/{len(runs)}] training {recipe} (seed {seed}) -> {run_dir}", flush=True)
         subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", recipe, "--outdir", str(run_dir),
-                        *overrides(suite, seed), *(["--quiet"] if quiet else [])], check=True)
+                        *overrides(suite, seed, recipe), *(["--quiet"] if quiet else [])], check=True)
     return runs
 
 
@@ -228,13 +235,19 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
                   f"Seed {suite.seeds[0]}, {suite.curve_n} samples per point, a point every {suite.curve_every} "
                   "iterations (the first right after any warm start). Multi-student runs draw no curve.", "",
                   f"![{label} versus training time and iteration]({assets.name}/curves.png)"]
-    lines += ["", "## Samples (seed 0, final student)", ""]
+    cells = []
     for recipe in order:
         src = by_recipe[recipe][0]["run_dir"] / "samples" / "final.png"
         if src.exists():
             assets.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, assets / f"{recipe}.png")
-            lines += [f"**`{recipe}`**", "", f"![{recipe}]({assets.name}/{recipe}.png)", ""]
+            cells.append(f"`{recipe}`<br>![{recipe}]({assets.name}/{recipe}.png)")
+    if cells:
+        per_row = 4
+        lines += ["", f"## Samples (seed {suite.seeds[0]}, final student, best first)", "",
+                  "|" + " |" * per_row, "|" + "---|" * per_row]
+        cells += [""] * (-len(cells) % per_row)
+        lines += ["| " + " | ".join(cells[i:i + per_row]) + " |" for i in range(0, len(cells), per_row)]
     text = "\n".join(lines) + "\n"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text)

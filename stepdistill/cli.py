@@ -16,7 +16,8 @@ Rerunning the same command resumes from the newest intact checkpoint in --outdir
     "sample": """examples:
   stepdistill sample --run runs/fashion_vsd --n 100 --out grid.png
   stepdistill sample --run runs/fashion_vsd --n 64 --steps 1 --seed 3 --out samples/   (a folder of PNGs)
-  stepdistill sample --run runs/gmm --n 4096 --out gmm.npy                             (vectors: an (N, D) array)""",
+  stepdistill sample --run runs/gmm --n 4096 --out gmm.npy                             (vectors: an (N, D) array)
+  stepdistill sample --export exports/fashion_1step --n 2500 --out samples/           (then: eval --folder samples/)""",
     "eval": """examples:
   stepdistill eval --run runs/fashion_vsd
   stepdistill eval --run runs/fashion_vsd eval.n=2000 --recompute-teacher
@@ -33,7 +34,7 @@ Inception weights (never downloaded): --inception PATH, $STEPDISTILL_INCEPTION, 
 The npz holds mu, sigma, the features (for KID) and the protocol; `eval --ref` refuses statistics made under a
 different protocol (backend, Inception weights, resize).""",
     "bench": """examples:
-  stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (~10 min, CPU)
+  stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (~11 min, CPU)
   stepdistill bench configs/bench/fashion.yaml --outdir runs/bench_fashion --report docs/benchmarks_fashion.md
 Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).""",
     "export": """examples:
@@ -63,8 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the networks, then stop")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    s = add("sample", "generate samples from a trained run")
-    s.add_argument("--run", required=True, help="run folder written by `stepdistill train`")
+    s = add("sample", "generate samples from a trained run or an exported diffusers folder")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run folder written by `stepdistill train`")
+    which.add_argument("--export", help="folder written by `stepdistill export --format diffusers` (sampled with "
+                       "plain diffusers: UNet2DModel + its LCMScheduler)")
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--steps", type=int, default=None, help="generator steps (default: the trained K)")
     s.add_argument("--seed", type=int, default=0)
@@ -151,14 +155,23 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from .eval.harness import generate_student
     from .eval.visual import save_grid, to_uint8
-    from .run import load_run
 
-    run = load_run(a.run)
-    x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
+    if a.export:
+        from .export.diffusers_folder import sample_exported
+
+        if a.steps is not None:
+            raise SystemExit("--steps applies to --run; an exported folder samples its trained steps")
+        x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size), True, "exported"
+    else:
+        from .eval.harness import generate_student
+        from .run import load_run
+
+        run = load_run(a.run)
+        x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
+        is_image, steps = run.teacher.is_image, run.student.steps if a.steps is None else a.steps
     out = Path(a.out)
-    if not run.teacher.is_image:
+    if not is_image:
         if out.suffix != ".npy":
             raise SystemExit(f"vector samples are written as .npy; got --out {out}")
         np.save(out, x.numpy())
@@ -172,7 +185,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:05d}.png")
-    print(f"wrote {a.n} samples ({run.student.steps if a.steps is None else a.steps} steps, seed {a.seed}) to {out}")
+    print(f"wrote {a.n} samples ({steps} steps, seed {a.seed}) to {out}")
     return 0
 
 

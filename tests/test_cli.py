@@ -91,6 +91,11 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
     theirs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
     ours = np.stack([np.array(Image.open(tmp_path / "ours" / f"{i:05d}.png")) for i in range(6)])
     assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1  # same images, up to rounding at a pixel edge
+    # `sample --export` runs that same loop (so exported models can be evaluated: eval --folder)
+    assert main(["sample", "--export", str(tmp_path / "exp"), "--n", "6", "--seed", "7", "--out",
+                 str(tmp_path / "exported")]) == 0
+    exported = np.stack([np.array(Image.open(tmp_path / "exported" / f"{i:05d}.png")) for i in range(6)])
+    assert np.array_equal(exported, theirs)
 
 
 def test_dry_run_prints_the_recipe_and_networks_and_writes_nothing(tmp_path, capsys):
@@ -103,7 +108,7 @@ def test_dry_run_prints_the_recipe_and_networks_and_writes_nothing(tmp_path, cap
 
 
 def test_every_subcommand_has_help_with_an_example(capsys):
-    for cmd in ("train", "sample", "eval", "export"):
+    for cmd in ("train", "sample", "eval", "eval-ref", "bench", "export"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

@@ -3,11 +3,11 @@ local CLIP folder (a `CLIPModel` + `CLIPProcessor` saved with `save_pretrained`)
 ships CLIP weights, so the folder must be given."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
+from ..hashing import file_sha256
 from .inception import check_uint8_images
 
 HOW_TO_GET = ("CLIP score needs a local CLIP model folder (config.json, weights, tokenizer and preprocessor files), "
@@ -69,5 +69,5 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path 
     for i in range(0, len(images), batch_size):
         metric.update(images[i:i + batch_size], prompts[i:i + batch_size])
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    sha = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16] if weights else "unknown"
+    sha = file_sha256(weights[0])[:16] if weights else "unknown"
     return {"clip_score": float(metric.compute()), "clip_model": f"{path.name} (weights sha256 {sha})"}

@@ -5,7 +5,6 @@ classifier's feature space against the 10k test set). The protocol is written ne
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..diffusion.solvers import sample_ode
+from ..hashing import file_sha256
 from ..models.generator import Generator
 from ..models.loading import resolve_path
 from .metrics import energy_distance, frechet_distance, gaussian_stats
@@ -23,7 +23,7 @@ CLASSIFIER_DIR = "checkpoints/fashion-classifier"
 
 
 def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def eval_conditions(teacher, n: int, classes: list[int] | None = None) -> torch.Tensor | None:

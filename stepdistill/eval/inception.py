@@ -15,7 +15,6 @@ network (the protocol of the original TensorFlow FID). Both take uint8 images an
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from ..hashing import file_sha256
 
 BACKENDS = ("clean-fid", "torchmetrics")
 CLEANFID_FILE = "inception-2015-12-05.pt"
@@ -53,14 +54,6 @@ def source_weights(path: str | os.PathLike | None = None) -> Path:
         if p.is_file():
             return p
     raise FileNotFoundError(HOW_TO_GET)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _feature_network(src: Path) -> torch.jit.ScriptModule:
@@ -136,7 +129,7 @@ class Weights:
 
 def weights(path: str | os.PathLike | None = None) -> Weights:
     src = source_weights(path)
-    sha = _sha256(src)
+    sha = file_sha256(src)
     folder = cache_dir() / "inception" / sha[:16]
     folder.mkdir(parents=True, exist_ok=True)
     return Weights(src, sha, folder)
@@ -151,9 +144,10 @@ class InceptionFeatures:
     """uint8 images (N, C, H, W), C = 1 or 3, any size -> (N, 2048) float64 pool features."""
 
     def __init__(self, backend: str = "clean-fid", path: str | os.PathLike | None = None, batch_size: int = 100,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend, self.batch_size, self.device = backend, batch_size, torch.device(device)
         self.weights = weights(path)
         if backend == "clean-fid":
@@ -201,7 +195,7 @@ def check_uint8_images(images) -> torch.Tensor:
         images = torch.as_tensor(np.asarray(images))
     if images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert images in [-1, 1] "
-                         "with stepdistill.eval.visual.to_uint8 (as a PNG writer would round them)")
+                         "with stepdistill.eval.images.as_uint8 (as a PNG writer would round them)")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
     if len(images) == 0:

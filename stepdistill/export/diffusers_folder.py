@@ -15,6 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from .. import recipe as recipe_mod
 
 USAGE = """# {name}: a {steps}-step student distilled by stepdistill
@@ -126,3 +128,33 @@ def _export_students(run, out: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+@torch.no_grad()
+def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int = 500) -> torch.Tensor:
+    """n samples in [-1, 1] from an exported folder with plain diffusers (UNet2DModel + LCMScheduler, the README's
+    loop), labels balanced (i % classes) when the UNet is class-conditional; one seeded generator for all noise, so
+    a batch equals `stepdistill sample --run` of the run it came from with the same seed and batch size."""
+    from diffusers import LCMScheduler, UNet2DModel
+
+    folder = Path(folder)
+    if (folder / "routing.json").exists():
+        raise ValueError(f"{folder} is a multi-student export; sample each student_k/ folder with its own classes "
+                         "(see its routing.json)")
+    if not (folder / "unet" / "config.json").exists() or not (folder / "scheduler").exists():
+        raise FileNotFoundError(f"{folder} is not an exported diffusers folder (expected unet/ and scheduler/)")
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+    scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+    meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").exists() else {}
+    scheduler.set_timesteps(meta.get("student_steps", scheduler.config.original_inference_steps))
+    classes = meta.get("null_label", unet.config.num_class_embeds)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    gen, out = torch.Generator().manual_seed(seed), []
+    for i in range(0, n, batch_size):
+        m = min(batch_size, n - i)
+        x = torch.randn(m, c, s, s, generator=gen) * scheduler.init_noise_sigma
+        labels = None if not classes else torch.arange(i, i + m) % classes
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=gen).prev_sample
+        out.append(x)
+    return torch.cat(out)

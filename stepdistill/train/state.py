@@ -7,7 +7,6 @@ either the whole checkpoint or none; on load the hashes are checked and a damage
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,15 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..hashing import file_sha256
+
 FILES = ("weights.safetensors", "state.pt")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
@@ -37,7 +30,7 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], s
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / FILES[0])
     torch.save(state, tmp / FILES[1])
-    manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+    manifest = {"step": step, "sha256": {name: file_sha256(tmp / name) for name in FILES}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     for name in (*FILES, "manifest.json"):  # make the bytes durable before the rename publishes them
         with open(tmp / name, "rb") as f:
@@ -66,7 +59,7 @@ def verify(path: Path) -> str | None:
     for name, digest in manifest.get("sha256", {}).items():
         if not (path / name).exists():
             return f"{name} is missing"
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             return f"{name} does not match its recorded SHA-256 (truncated or modified)"
     return None
 
