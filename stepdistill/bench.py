@@ -93,7 +93,7 @@ def train_runs(suite: Suite, outdir: Path, quiet: bool = False) -> list[tuple[st
 def score_run(run_dir: Path, nfes: list[int]) -> dict:
     """The run's domain metric at each NFE (its trained K from metrics.json, others generated now and cached in
     nfe_scores.json), its iterations and training time."""
-    from .eval.harness import domain_score, generate_student, main_metric
+    from .eval.harness import domain_reference, domain_score, generate_student, main_metric
     from .run import load_run
 
     run = load_run(run_dir)
@@ -104,13 +104,12 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
     cache = run_dir / "nfe_scores.json"
     by_nfe = {int(n): v for n, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
     by_nfe[k] = metrics["student"][key]
-    reference = run.teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if run.teacher.domain == "gmm" \
-        else None
-    for nfe in nfes:
-        if nfe not in by_nfe:
-            x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
-            by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
-            cache.write_text(json.dumps(by_nfe, indent=2))
+    missing = [nfe for nfe in nfes if nfe not in by_nfe]
+    reference = domain_reference(run.teacher, e.n, e.seed) if missing else None
+    for nfe in missing:
+        x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
+        by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
+        cache.write_text(json.dumps(by_nfe, indent=2))
     parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
     name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
     return {"objective": name, "trained_k": k, "iterations": sum(s["iterations"] for s in parts),
@@ -121,7 +120,7 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
 def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) -> dict[int, dict]:
     """The teacher's metric at each NFE under the first recipe's protocol (its quality.json entry where the protocol
     matches exactly; otherwise sampled now and cached in OUTDIR/teacher.json)."""
-    from .eval.harness import _cached_teacher, domain_score, generate_teacher, main_metric, protocol
+    from .eval.harness import _cached_teacher, domain_reference, domain_score, generate_teacher, main_metric, protocol
     from .recipe import load_recipe
     from .teachers import build_teacher
 
@@ -137,8 +136,7 @@ def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) 
         score = _cached_teacher(teacher, protocol(r, teacher))
         if score is None:
             print(f"== teacher at {nfe} NFE ({e.n} samples)", flush=True)
-            reference = teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) \
-                if teacher.domain == "gmm" else None
+            reference = domain_reference(teacher, e.n, e.seed)
             x, used = generate_teacher(teacher, e.n, e.seed, e.batch_size, nfe, e.guidance_scale)
             score = {"nfe": used, **domain_score(teacher, x, reference)}
         done[nfe] = {"nfe": score["nfe"], "value": score[main_metric(score)]}

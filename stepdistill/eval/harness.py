@@ -152,6 +152,12 @@ class ImageScorer:
                             self.e.kid_subset_size, self.e.seed, self.quiet, desc=f"Inception features ({who})")
 
 
+def domain_reference(teacher, n: int, seed: int, cond: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The reference sample a domain metric compares against: exact mixture samples (seed + 1) for gmm; None where
+    the reference is a fixed dataset's statistics."""
+    return teacher.sample(n, torch.Generator().manual_seed(seed + 1), cond) if teacher.domain == "gmm" else None
+
+
 def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
     if teacher.domain == "gmm":
         return {"energy_distance": energy_distance(samples, reference)}
@@ -169,8 +175,7 @@ def curve_score(e, teacher, student: Generator, classes: list[int] | None = None
     with torch.random.fork_rng():
         xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes)
         cond = None if classes is None else eval_conditions(teacher, e.curve_n, classes)
-        reference = teacher.sample(e.curve_n, torch.Generator().manual_seed(e.seed + 1), cond) \
-            if teacher.domain == "gmm" else None
+        reference = domain_reference(teacher, e.curve_n, e.seed, cond)
         score = domain_score(teacher, xs, reference)
     student.train(was_training)
     return score
@@ -201,7 +206,7 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         out = domain_score(teacher, samples, reference) if "domain" in e.metrics else {}
         return {**out, **(scorer(samples, who) if scorer is not None else {})}
 
-    reference = teacher.sample(e.n, torch.Generator().manual_seed(e.seed + 1)) if teacher.domain == "gmm" else None
+    reference = domain_reference(teacher, e.n, e.seed)
     student.eval()
     xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet)
     result = {"student": {"nfe": student.steps, **score(xs, "student")}}
