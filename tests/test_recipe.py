@@ -4,7 +4,8 @@ import pytest
 
 from stepdistill.recipe import RecipeError, apply_overrides, load_recipe
 
-CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
+CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if p.parent.name != "bench")
+SUITES = sorted(str(p) for p in Path("configs/bench").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -13,6 +14,15 @@ def test_every_recipe_validates_and_starts_with_its_command(path):
     assert recipe.objective.name and recipe.teacher.name
     first = Path(path).read_text().splitlines()[0]
     assert first.startswith("# stepdistill train " + path)
+
+
+@pytest.mark.parametrize("path", SUITES)
+def test_every_bench_suite_loads_and_starts_with_its_command(path):
+    from stepdistill.bench import load_suite
+
+    suite = load_suite(path)
+    assert suite.recipes and all(r in CONFIGS for r in suite.recipes)
+    assert Path(path).read_text().splitlines()[0].startswith("# stepdistill bench " + path)
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
