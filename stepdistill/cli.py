@@ -39,7 +39,8 @@ different protocol (backend, Inception weights, resize).""",
 Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).""",
     "export": """examples:
   stepdistill export --run runs/fashion_vsd --format diffusers --out exports/fashion_1step
-  stepdistill export --run runs/fashion_vsd --format safetensors --out exports/fashion_1step.safetensors""",
+  stepdistill export --run runs/fashion_vsd --format safetensors --out exports/fashion_1step.safetensors
+  stepdistill export --run runs/sd15_lora --format lora --out exports/sd15_lora   (diffusers + kohya files)""",
 }
 
 
@@ -111,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = add("export", "export the student's weights")
     x.add_argument("--run", required=True)
-    x.add_argument("--format", choices=["safetensors", "diffusers"], required=True)
+    x.add_argument("--format", choices=["safetensors", "diffusers", "lora"], required=True,
+                   help="safetensors: the student's weights (LoRA fused); diffusers: a pipeline folder with a "
+                        "few-step LCMScheduler; lora: a LoRA run's adapter in the diffusers and kohya layouts")
     x.add_argument("--out", required=True)
     return p
 
@@ -170,6 +173,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         run = load_run(a.run)
         x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
         is_image, steps = run.teacher.is_image, run.student.steps if a.steps is None else a.steps
+        x = run.teacher.decode(x) if is_image else x  # latent teachers: VAE-decoded images
     out = Path(a.out)
     if not is_image:
         if out.suffix != ".npy":
@@ -185,6 +189,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:05d}.png")
+        if not a.export and hasattr(run.teacher, "eval_prompt_list"):  # text-to-image: each image's prompt, in order
+            (out / "prompts.txt").write_text("".join(p + "\n" for p in run.teacher.eval_prompt_list(a.n)))
+            print(f"prompts of the images: {out / 'prompts.txt'} (for `eval --folder {out} --metrics clip "
+                  f"--prompts {out / 'prompts.txt'}`)")
     print(f"wrote {a.n} samples ({steps} steps, seed {a.seed}) to {out}")
     return 0
 
@@ -238,7 +246,8 @@ def _eval_folder(a: argparse.Namespace) -> int:
                                    quiet=a.quiet, desc=f"Inception features of {a.folder}"))
         protocol.update({**reference["protocol"], "kid_subset_size": a.kid_subset_size})
     if "clip" in metrics:
-        from .eval.clip import clip_score, read_prompts
+        from .data.prompts import read_prompts
+        from .eval.clip import clip_score
 
         if not a.prompts:
             raise SystemExit("stepdistill eval --folder: CLIP score needs --prompts (one line per image, in the "
@@ -282,11 +291,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .export import export_diffusers, export_safetensors
+    from .export import export_diffusers, export_lora, export_safetensors
     from .run import load_run
 
     run = load_run(a.run)
-    out = export_safetensors(run, a.out) if a.format == "safetensors" else export_diffusers(run, a.out)
+    out = {"safetensors": export_safetensors, "diffusers": export_diffusers, "lora": export_lora}[a.format](run, a.out)
     print(f"exported {a.format} to {out}")
     return 0
 

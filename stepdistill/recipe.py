@@ -31,6 +31,11 @@ class GeneratorConfig:
     students: int = 1  # MSD: K students, class c served by student c * K // num_classes (class-conditional teachers)
     width: float = 1.0  # < 1: a smaller student (channels / hidden units scaled), randomly initialised
     tsm_steps: int = 0  # teacher score matching iterations before distilling (needed when width < 1)
+    # LoRA: > 0 trains generator and fake score as adapters of this rank on the frozen teacher (one shared copy of
+    # the base weights); 0 fine-tunes full copies
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # LoRA scale alpha / rank; default alpha = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass

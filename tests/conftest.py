@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from stepdistill.models.tokenizer import byte_level_clip_tokenizer, text_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes are referenced as configs/...
 
@@ -47,35 +49,51 @@ def gmm_built():
     return make
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table (transformers 5 no longer exports it)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def make_tiny_sd_folder(path, prediction_type: str = "epsilon"):
+    """A tiny Stable Diffusion pipeline folder built offline (the layout of a real SD1.5 download): a 2-block
+    UNet2DConditionModel on 4x8x8 latents, a 2-block AutoencoderKL (16x16 RGB images), a 2-layer CLIP text encoder
+    with the local tokenizer, and a DDPM scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer, vocab = byte_level_clip_tokenizer(path.with_name(path.name + "_tokenizer_src"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(vocab)))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_sd_folder(tmp_path):
+    folder = make_tiny_sd_folder(tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\na black dress\n")
+    return folder
 
 
 def make_tiny_clip_folder(path, image_size: int = 32):
     """A tiny CLIPModel + CLIPProcessor folder built offline: a character-level BPE tokenizer (every byte, no merges)
     written locally, 2-layer text and vision towers."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     path.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    tokenizer, vocab = byte_level_clip_tokenizer(path)
     torch.manual_seed(0)
-    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, **tower,
-                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                                         pad_token_id=vocab["<|endoftext|>"]),
-                        vision_config=dict(image_size=image_size, patch_size=8, **tower), projection_dim=16)
+    config = CLIPConfig(text_config=text_config(vocab), vision_config=dict(image_size=image_size, patch_size=8,
+                                                                                **TOWER), projection_dim=16)
     CLIPModel(config).save_pretrained(path)
     size = {"height": image_size, "width": image_size}
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size),

@@ -34,15 +34,6 @@ def _tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; empty lines are an error (they would silently shift prompts against images)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
-    if empty:
-        raise ValueError(f"{path}: empty prompt on line(s) {', '.join(map(str, empty[:10]))}; one prompt per line")
-    return [line.strip() for line in lines]
-
-
 def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path | None,
                batch_size: int = 64) -> dict:
     """{"clip_score", "clip_model"} of uint8 (N, C, H, W) images against their N prompts. Prompts longer than the

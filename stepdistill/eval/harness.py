@@ -5,6 +5,7 @@ classifier's feature space against the 10k test set). The protocol is written ne
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -26,15 +27,6 @@ def _file_sha(path: Path) -> str:
     return file_sha256(path)[:16]
 
 
-def eval_conditions(teacher, n: int, classes: list[int] | None = None) -> torch.Tensor | None:
-    """Balanced labels (0, 1, ..., 9, 0, 1, ...) for class-conditional teachers, matching a balanced test set
-    (cycling through `classes` instead when given: one MSD student's)."""
-    if teacher.num_classes is None:
-        return None
-    labels = torch.arange(teacher.num_classes) if classes is None else torch.tensor(classes)
-    return labels[torch.arange(n) % len(labels)]
-
-
 def solver_for_nfe(nfe: int) -> tuple[str, int]:
     """Odd NFE >= 3 -> Heun with (nfe+1)/2 intervals (EDM's 18 -> 35); otherwise Euler with nfe steps."""
     if nfe < 1:
@@ -46,9 +38,9 @@ def solver_for_nfe(nfe: int) -> tuple[str, int]:
 def generate_student(student: Generator, teacher, n: int, seed: int, batch_size: int, steps: int | None = None,
                      quiet: bool = True, classes: list[int] | None = None) -> torch.Tensor:
     """n samples from the student (a Generator or a MultiStudent) with noise and fresh per-step noise drawn from one
-    seeded generator; labels as `eval_conditions`."""
+    seeded generator; conditions from `teacher.eval_cond`."""
     gen = torch.Generator().manual_seed(seed)
-    cond = eval_conditions(teacher, n, classes)
+    cond = teacher.eval_cond(n, classes)
     out = []
     for i in tqdm(range(0, n, batch_size), desc="student samples", disable=quiet, leave=False):
         m = min(batch_size, n - i)
@@ -66,7 +58,7 @@ def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guid
     skipped, so 35 asked gives 34 used."""
     solver, steps = solver_for_nfe(nfe)
     gen = torch.Generator().manual_seed(seed)
-    cond = eval_conditions(teacher, n)
+    cond = teacher.eval_cond(n)
     score = teacher.score
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f"teacher samples ({nfe} NFE)", disable=quiet, leave=False):
@@ -114,6 +106,9 @@ def protocol(recipe, teacher) -> dict:
         p["features_sha256"] = _file_sha(folder / "model.safetensors")
         p["teacher_sha256"] = _file_sha(teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
         p["labels"] = "balanced: i % 10"
+    if hasattr(teacher, "eval_prompt_list"):  # text-to-image: the prompts are part of the protocol
+        digest = hashlib.sha256("\n".join(teacher.eval_prompts).encode()).hexdigest()[:16]
+        p["eval_prompts"] = f"{len(teacher.eval_prompts)} prompts, cycled (sha256 {digest})"
     if image_metrics(e):  # only then: the domain-only protocol is what cached teacher scores are matched on
         p["metrics"] = list(e.metrics)
     return p
@@ -159,10 +154,11 @@ def domain_reference(teacher, n: int, seed: int, cond: torch.Tensor | None = Non
 
 
 def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    """The domain metric of samples in the teacher's space (latent teachers' are VAE-decoded first)."""
     if teacher.domain == "gmm":
         return {"energy_distance": energy_distance(samples, reference)}
     if teacher.domain == "fashion-mnist":
-        return {"fd": fashion_fd(samples)}
+        return {"fd": fashion_fd(teacher.decode(samples))}
     return {}
 
 
@@ -174,7 +170,7 @@ def curve_score(e, teacher, student: Generator, classes: list[int] | None = None
     student.eval()
     with torch.random.fork_rng():
         xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes)
-        cond = None if classes is None else eval_conditions(teacher, e.curve_n, classes)
+        cond = None if classes is None else teacher.eval_cond(e.curve_n, classes)
         reference = domain_reference(teacher, e.curve_n, e.seed, cond)
         score = domain_score(teacher, xs, reference)
     student.train(was_training)
@@ -204,7 +200,7 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
 
     def score(samples: torch.Tensor, who: str) -> dict:
         out = domain_score(teacher, samples, reference) if "domain" in e.metrics else {}
-        return {**out, **(scorer(samples, who) if scorer is not None else {})}
+        return {**out, **(scorer(teacher.decode(samples), who) if scorer is not None else {})}
 
     reference = domain_reference(teacher, e.n, e.seed)
     student.eval()

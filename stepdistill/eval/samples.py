@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..models.multi_student import describe
-from .harness import eval_conditions, generate_student
+from .harness import generate_student
 from .visual import save_grid, save_scatter
 
 
@@ -28,11 +28,11 @@ def write_samples(teacher, student, outdir: Path, seed: int, tag: str, classes: 
     with torch.random.fork_rng():  # sampling must not move the training run's random stream
         if teacher.is_image:
             nrow = 10 if classes is None else len(classes)
-            save_grid(generate_student(student, teacher, 10 * nrow, seed + 1000, 100, classes=classes), path,
-                      nrow=nrow)
+            xs = generate_student(student, teacher, 10 * nrow, seed + 1000, 100, classes=classes)
+            save_grid(teacher.decode(xs), path, nrow=nrow)
         else:
             xs = generate_student(student, teacher, 2000, seed + 1000, 2000, classes=classes)
-            cond = None if classes is None else eval_conditions(teacher, 2000, classes)
+            cond = None if classes is None else teacher.eval_cond(2000, classes)
             ref = teacher.sample(2000, torch.Generator().manual_seed(seed + 1001), cond)
             what = "exact mixture" if classes is None else f"its components ({describe(classes)})"
             save_scatter(xs, ref, path, title=f"{tag}: student ({student.steps} step) vs {what}")

@@ -1,3 +1,4 @@
-"""Exports: safetensors with the recipe in its metadata; diffusers folders with a few-step scheduler."""
+"""Exports: safetensors with the recipe in its metadata; diffusers folders with a few-step scheduler; LoRA."""
 from .diffusers_folder import export_diffusers  # noqa: F401
+from .lora import export_lora  # noqa: F401
 from .weights import export_safetensors  # noqa: F401

@@ -61,33 +61,23 @@ scheduler = LCMScheduler.from_pretrained("{path}/student_%d" % k, subfolder="sch
 def export_diffusers(run, out: str | Path) -> Path:
     """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop (a multi-student
     run: `out/student_k/` with those for each student, plus `out/routing.json` and a README)."""
-    from diffusers import LCMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     if hasattr(run.student, "routing"):
         return _export_students(run, Path(out))
 
+    if hasattr(run.teacher, "text"):
+        return _export_pipeline(run, Path(out))
     net = run.student.net.net
     if not isinstance(net, UNet2DModel) or run.teacher.folder is None:
         raise ValueError(f"--format diffusers needs a student built from a diffusers UNet teacher folder; this run's "
                          f"teacher is {run.recipe.teacher.name!r}. Use --format safetensors instead.")
-    if not run.student.schedule.discrete:
-        raise ValueError("--format diffusers currently supports DDPM-family (discrete VP) teachers only")
+    scheduler, timesteps = lcm_scheduler(run)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(tmp / "unet", safe_serialization=True)
-    teacher_sched = json.loads((run.teacher.folder / "scheduler" / "scheduler_config.json").read_text())
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "rescale_betas_zero_snr")
-    scheduler = LCMScheduler(**{k: v for k, v in teacher_sched.items() if k in keep},
-                             original_inference_steps=run.student.steps, clip_sample=False, set_alpha_to_one=True,
-                             timestep_spacing="leading", timestep_scaling=10.0)
     scheduler.save_pretrained(tmp / "scheduler")
-    scheduler.set_timesteps(run.student.steps)
-    timesteps = scheduler.timesteps.tolist()
-    expected = [round(t * (run.student.schedule.num_steps - 1)) for t in run.student.times]
-    if timesteps != expected:  # guard: the exported scheduler must reproduce the trained times
-        raise RuntimeError(f"LCMScheduler gives timesteps {timesteps}, the student was trained at {expected}")
     meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
         run.teacher.folder / "stepdistill.json").exists() else {}
     meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
@@ -102,6 +92,69 @@ def export_diffusers(run, out: str | Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by stepdistill
+
+A complete Stable Diffusion pipeline folder: the teacher's VAE and text encoder, the student's UNet{fused}, and an
+LCMScheduler whose default is the trained steps ({timesteps}), so no `timesteps=` argument is needed.
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{path}")
+images = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0,
+              generator=torch.Generator().manual_seed(0)).images
+```
+"""
+
+
+def _export_pipeline(run, out: Path) -> Path:
+    """A Stable Diffusion student as a full pipeline folder (adapters fused), loadable with from_pretrained alone."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..models.lora import is_lora, merged
+
+    scheduler, timesteps = lcm_scheduler(run)
+    net = run.student.net.net
+    pipe = StableDiffusionPipeline.from_pretrained(run.teacher.folder, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.register_modules(unet=merged(net), scheduler=scheduler)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    meta = {"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
+            "guidance_scale": 1.0, "recipe": recipe_mod.to_dict(run.recipe)}
+    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "README.md").write_text(PIPELINE_USAGE.format(
+        name=out.name, steps=run.student.steps, timesteps=timesteps, path=out,
+        fused=" (LoRA adapters fused into it)" if is_lora(net) else ""))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def lcm_scheduler(run):
+    """(LCMScheduler, its timesteps): the teacher's noise schedule with the student's trained steps as its default,
+    checked to reproduce the trained times exactly."""
+    from diffusers import LCMScheduler
+
+    if not run.student.schedule.discrete:
+        raise ValueError("diffusers exports currently support DDPM-family (discrete VP) teachers only")
+    teacher_sched = json.loads((run.teacher.folder / "scheduler" / "scheduler_config.json").read_text())
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "rescale_betas_zero_snr")
+    scheduler = LCMScheduler(**{k: v for k, v in teacher_sched.items() if k in keep},
+                             original_inference_steps=run.student.steps, clip_sample=False, set_alpha_to_one=True,
+                             timestep_spacing="leading", timestep_scaling=10.0)
+    scheduler.set_timesteps(run.student.steps)
+    timesteps = scheduler.timesteps.tolist()
+    expected = [round(t * (run.student.schedule.num_steps - 1)) for t in run.student.times]
+    if timesteps != expected:  # guard: the exported scheduler must reproduce the trained times
+        raise RuntimeError(f"LCMScheduler gives timesteps {timesteps}, the student was trained at {expected}")
+    return scheduler, timesteps
 
 
 def _export_students(run, out: Path) -> Path:

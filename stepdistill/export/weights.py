@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import recipe as recipe_mod
+from ..models.lora import merged
 
 
 def export_safetensors(run, out: str | Path) -> Path:
@@ -35,9 +36,9 @@ def export_safetensors(run, out: str | Path) -> Path:
         metadata["stepdistill.routing"] = json.dumps({**student.routing(), "iterations": run.student_steps,
                                                       "key_prefix": "students.{k}."})
         tensors = {f"students.{k}.{name}": v for k, g in enumerate(student.students)
-                   for name, v in g.net.net.state_dict().items()}
+                   for name, v in merged(g.net.net).state_dict().items()}
     else:
         metadata["stepdistill.prediction"] = student.net.prediction
-        tensors = student.net.net.state_dict()
+        tensors = merged(student.net.net).state_dict()  # a LoRA student: adapters fused into the weights
     save_file({k: v.contiguous() for k, v in tensors.items()}, out, metadata=metadata)
     return out

@@ -1,5 +1,6 @@
-"""Built-in teachers, registered by name: gmm (analytic), fashion-mnist (bundled), diffusers (any folder)."""
-from . import diffusers_teacher, gmm  # noqa: F401
+"""Built-in teachers, registered by name: gmm (analytic), fashion-mnist (bundled), diffusers (any pixel UNet folder),
+sd (Stable Diffusion pipeline folders: latent, text-to-image)."""
+from . import diffusers_teacher, gmm, sd  # noqa: F401
 from .base import Teacher
 
 

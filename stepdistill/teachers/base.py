@@ -35,6 +35,18 @@ class Teacher(ABC):
             return torch.randint(0, self.num_classes, (n,), generator=generator)
         return torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=generator)]
 
+    def eval_cond(self, n: int, classes: list[int] | None = None) -> torch.Tensor | None:
+        """The fixed conditions of n evaluation samples: balanced labels (0, 1, ..., 9, 0, 1, ...) for class-conditional
+        teachers, matching a balanced test set (cycling through `classes` instead when given: one MSD student's)."""
+        if self.num_classes is None:
+            return None
+        labels = torch.arange(self.num_classes) if classes is None else torch.tensor(classes)
+        return labels[torch.arange(n) % len(labels)]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in the teacher's space -> images in [-1, 1] (latent teachers decode with their VAE)."""
+        return x
+
     def feature_network(self) -> ScoreModel:
         """The frozen network whose layers LADD's discriminator reads: the teacher itself."""
         return self.score

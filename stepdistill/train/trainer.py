@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .. import recipe as recipe_mod
 from ..models.generator import Generator
+from ..models.lora import load_saved_state, saved_state
 from ..objectives.base import Batch, Nets, Objective
 from ..recipe import Recipe, RecipeError
 from ..registry import get
@@ -62,11 +63,10 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
     if unknown:
         raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
                           "build yet")
-    width = recipe.generator.width  # < 1: smaller, randomly initialised generator and fake score (pretrained by TSM)
-    generator = Generator(teacher.student_network(width), recipe.generator.steps)
+    generator = Generator(student_network(teacher, recipe.generator), recipe.generator.steps)
     on_teacher = obj_cls.discriminator_on == "teacher"
-    fake = (teacher.student_network(width) if "fake_score" in needs or ("discriminator" in needs and not on_teacher)
-            else None)
+    fake = (student_network(teacher, recipe.generator, seed=1)
+            if "fake_score" in needs or ("discriminator" in needs and not on_teacher) else None)
     disc = None
     if "discriminator" in needs:
         try:
@@ -77,6 +77,16 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
         else None
     nets = Nets(teacher=teacher.score, generator=generator, fake_score=fake, discriminator=disc)
     return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape), data, classes)
+
+
+def student_network(teacher: Teacher, g, seed: int = 0):
+    """A trainable network for generator or fake score: a full copy of the teacher (a smaller random one with
+    generator.width < 1), or with generator.lora_rank a LoRA adapter on the teacher's own frozen weights."""
+    if g.lora_rank:
+        from ..models.lora import with_lora
+
+        return with_lora(teacher.score, g.lora_rank, g.lora_alpha, g.lora_targets, seed)
+    return teacher.student_network(g.width)
 
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:
@@ -97,6 +107,9 @@ def check_generator(recipe: Recipe, teacher: Teacher) -> None:
                           f"{g.width}")
     if g.tsm_steps < 0:
         raise RecipeError(f"generator.tsm_steps must be >= 0, got {g.tsm_steps}")
+    if g.lora_rank < 0 or (g.lora_rank and g.width < 1):
+        raise RecipeError(f"generator.lora_rank={g.lora_rank}: give a rank >= 1 (or 0 for full fine-tuning), and "
+                          "keep generator.width=1 with LoRA (an adapter needs the teacher's own weights)")
     if g.width < 1 and g.tsm_steps == 0:
         raise RecipeError(f"generator.width={g.width} builds a randomly initialised student, which must first learn "
                           "the teacher by teacher score matching: set generator.tsm_steps (e.g. "
@@ -173,9 +186,9 @@ class Trainer:
     def _weights(self) -> dict[str, torch.Tensor]:
         w = {}
         for name in self.objective.trains:
-            w.update(prefixed(name, self.nets.get(name).state_dict()))
+            w.update(prefixed(name, saved_state(self.nets.get(name))))
         if self.ema is not None:
-            w.update(prefixed("ema", self.ema.model.state_dict()))
+            w.update(prefixed("ema", saved_state(self.ema.model)))
         w.update(prefixed("objective", self.objective.state_dict()))
         return w
 
@@ -192,10 +205,10 @@ class Trainer:
             return False
         step, weights, state = found
         for name in self.objective.trains:
-            self.nets.get(name).load_state_dict(unprefixed(name, weights))
+            load_saved_state(self.nets.get(name), unprefixed(name, weights))
             self.optimizers[name].load_state_dict(state["optimizers"][name])
         if self.ema is not None:
-            self.ema.model.load_state_dict(unprefixed("ema", weights))
+            load_saved_state(self.ema.model, unprefixed("ema", weights))
         self.objective.load_state_dict(unprefixed("objective", weights))
         torch.set_rng_state(state["rng"])
         self.step, self.nonfinite = step, int(state["nonfinite"])

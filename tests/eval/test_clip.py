@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import make_tiny_clip_folder
 
-from stepdistill.eval.clip import clip_score, read_prompts
+from stepdistill.data.prompts import read_prompts
+from stepdistill.eval.clip import clip_score
 
 PROMPTS = ["a red shirt", "a blue bag", "an ankle boot", "a dress " * 40]  # the last is over 77 tokens: truncated
 

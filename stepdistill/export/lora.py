@@ -1,0 +1,160 @@
+"""A LoRA student as files other tools load: the diffusers/peft layout, the kohya (A1111 / ComfyUI) layout, and the
+LCMScheduler config that samples the student's trained steps.
+
+diffusers layout: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight` / `lora_B.weight`, the
+adapter's LoraConfig (rank, alpha, targets) in the metadata so `pipe.load_lora_weights` rebuilds the same scale.
+kohya layout: `<name>_kohya.safetensors`, keys `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` /
+`.alpha` with the real alpha (diffusers' own converter writes alpha = rank), and `ss_*` metadata plus the intended
+steps, timesteps and scale.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .. import recipe as recipe_mod
+from ..hashing import file_sha256
+from ..models.lora import is_lora
+from .diffusers_folder import lcm_scheduler
+
+USAGE = """# {name}: a {steps}-step LoRA student distilled by stepdistill
+
+Base model: the teacher at `{base}` (UNet weights sha256 `{base_sha}`). Load it on that base only.
+
+diffusers:
+
+```python
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.scheduler = LCMScheduler.from_pretrained("{path}", subfolder="scheduler")
+pipe.load_lora_weights("{path}")  # pytorch_lora_weights.safetensors
+# or, checking first that pipe has the base it was trained on:
+# from stepdistill.export.lora import load_lora; load_lora(pipe, "{path}")
+images = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0,  # trained steps: {timesteps}
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+ComfyUI / A1111: `{kohya}` (kohya layout, network dim {rank}, alpha {alpha}, strength 1.0), sampled with an LCM
+sampler for {steps} step(s) at CFG 1.
+"""
+
+
+def _adapter(run):
+    student = run.student
+    if hasattr(student, "routing"):
+        raise ValueError("--format lora exports one student; this is a multi-student run")
+    if not is_lora(student):
+        raise ValueError("--format lora needs a LoRA run (generator.lora_rank > 0); this run fine-tuned full weights: "
+                         "use --format diffusers or --format safetensors")
+    if getattr(run.teacher, "folder", None) is None or not hasattr(run.teacher, "text"):
+        raise ValueError("--format lora supports LoRA students of a local Stable Diffusion teacher folder (teacher sd)")
+    return student.net.net
+
+
+def base_fingerprint(unet: torch.nn.Module, modules: list[str]) -> str:
+    """SHA-256 (16 hex) of the base weights of the adapted modules, as float32: identifies the base a LoRA belongs
+    to whatever file it was loaded from (fp16, another layout), without the adapters."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        module = unet.get_submodule(name)
+        weight = getattr(module, "base_layer", module).weight
+        h.update(name.encode())
+        h.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _adapted_modules(peft_state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".lora_", 1)[0] for k in peft_state})
+
+
+def load_lora(pipe, folder: str | Path, kohya: bool = False) -> None:
+    """`pipe.load_lora_weights` for an exported student, after checking that `pipe` has the base it was trained on
+    (a LoRA on another base loads silently in diffusers and gives wrong images)."""
+    folder = Path(folder)
+    info_path = folder / "stepdistill.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"{folder} is not a stepdistill LoRA export (no stepdistill.json)")
+    info = json.loads(info_path.read_text())
+    modules = info["adapted_modules"]
+    missing = [m for m in modules if not _has_module(pipe.unet, m)]
+    if missing:
+        raise ValueError(f"{folder} adapts layers this pipeline's UNet does not have (e.g. {missing[0]}): it was "
+                         f"exported for another architecture (base {info['base']})")
+    try:
+        found = base_fingerprint(pipe.unet, modules)
+    except (AttributeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{folder} does not fit this pipeline's UNet ({e}); it was exported for {info['base']}") \
+            from None
+    if found != info["base_fingerprint"]:
+        raise ValueError(f"{folder} was trained on another base: its base weights have fingerprint "
+                         f"{info['base_fingerprint']} ({info['base']}), this pipeline's UNet has {found}. Load it on "
+                         "the model it was distilled from.")
+    pipe.load_lora_weights(folder, weight_name=f"{folder.name}_kohya.safetensors" if kohya else None)
+
+
+def _has_module(net: torch.nn.Module, name: str) -> bool:
+    try:
+        net.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def kohya_state(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft keys (`<module>.lora_A.weight`) -> kohya keys for the UNet, with one `.alpha` per module."""
+    out = {}
+    for key, value in peft_state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_lora(run, out: str | Path) -> Path:
+    """Write out/pytorch_lora_weights.safetensors, out/<name>_kohya.safetensors, out/scheduler/ and a README."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    net = _adapter(run)
+    config = net.peft_config["default"]
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict(),
+                                              weight_name="pytorch_lora_weights.safetensors")
+    scheduler, timesteps = lcm_scheduler(run)
+    scheduler.save_pretrained(tmp / "scheduler")
+    base_sha = file_sha256(run.teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
+    modules = _adapted_modules(state)
+    fingerprint = base_fingerprint(net, modules)
+    steps = run.student.steps
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+            "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": "sd_v1",
+            "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
+            "stepdistill.scheduler": "LCMScheduler", "stepdistill.guidance_scale": "1.0",
+            "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
+            "stepdistill.base_fingerprint": fingerprint,
+            "stepdistill.iteration": str(run.step), "stepdistill.recipe": recipe_mod.dump(run.recipe)}
+    kohya = f"{out.name}_kohya.safetensors"
+    save_file(kohya_state(state, config.lora_alpha), tmp / kohya, metadata=meta)
+    info = {k.removeprefix("stepdistill."): v for k, v in meta.items() if k != "stepdistill.recipe"}
+    info.update(base=str(run.teacher.folder), adapted_modules=modules, base_fingerprint=fingerprint)
+    (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
+    (tmp / "README.md").write_text(USAGE.format(
+        name=out.name, steps=steps, base=run.teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
+        kohya=kohya, rank=config.r, alpha=config.lora_alpha))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,123 @@
+"""Exports of a LoRA student of a tiny Stable Diffusion teacher load in plain diffusers and reproduce its samples."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from stepdistill.eval.harness import generate_student
+from stepdistill.export import export_diffusers, export_lora, export_safetensors
+from stepdistill.recipe import load_recipe
+from stepdistill.run import load_run
+from stepdistill.train.trainer import Trainer
+
+N, SEED = 4, 3
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A 2-step LoRA student (rank 4, alpha 8: scale 2, so a loader that ignored alpha would differ), 2 iterations."""
+    from conftest import make_tiny_sd_folder
+
+    root = tmp_path_factory.mktemp("t2i")
+    folder = make_tiny_sd_folder(root / "sd")
+    (root / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\n")
+    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
+            "objective": {"name": "vsd", "update_ratio": 1}}
+    recipe = load_recipe(None, ["train.batch_size=4", "train.steps=2", "train.lr=1e-2", "eval.at_end=false",
+                                "generator.steps=2", "generator.lora_rank=4", "generator.lora_alpha=8"], data=data)
+    Trainer(recipe, root / "run", quiet=True).run()
+    run = load_run(root / "run")
+    expected = generate_student(run.student, run.teacher, N, SEED, N)
+    assert not torch.allclose(expected, generate_student(run.student, run.teacher, N, SEED, N, steps=1))
+    return run, root, expected
+
+
+def base_pipeline(run, scheduler_folder):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(run.teacher.folder, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.scheduler = LCMScheduler.from_pretrained(scheduler_folder, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_latents(pipe, run):
+    return pipe(run.teacher.eval_prompt_list(N), num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                generator=torch.Generator().manual_seed(SEED)).images
+
+
+def test_diffusers_lora_loads_with_load_lora_weights_and_reproduces_the_student(lora_run, tmp_path):
+    run, _, expected = lora_run
+    out = export_lora(run, tmp_path / "lora")
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    pipe = base_pipeline(run, out)
+    pipe.load_lora_weights(out)
+    torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
+    assert "load_lora_weights" in (out / "README.md").read_text()
+
+
+def test_kohya_file_has_that_layout_with_the_real_alpha_and_loads_in_diffusers(lora_run, tmp_path):
+    run, _, expected = lora_run
+    out = export_lora(run, tmp_path / "lora")
+    path = out / "lora_kohya.safetensors"
+    state = load_file(path)
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+    assert all(m.startswith("lora_unet_") and "." not in m for m in modules)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0" in modules
+    for m in modules:
+        assert state[f"{m}.alpha"].item() == 8.0  # the real alpha, not the rank
+        assert state[f"{m}.lora_down.weight"].shape[0] == 4 and state[f"{m}.lora_up.weight"].shape[1] == 4
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], float(meta["ss_network_alpha"]), meta["ss_network_module"]) == (
+        "4", 8.0, "networks.lora")
+    assert json.loads(meta["stepdistill.timesteps"]) == [999, 499] and meta["stepdistill.steps"] == "2"
+    pipe = base_pipeline(run, out)
+    pipe.load_lora_weights(out, weight_name="lora_kohya.safetensors")
+    torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_checked_loader_refuses_a_lora_on_another_base(lora_run, tmp_path):
+    from stepdistill.export.lora import load_lora
+
+    run, _, expected = lora_run
+    out = export_lora(run, tmp_path / "lora")
+    pipe = base_pipeline(run, out)
+    load_lora(pipe, out, kohya=True)
+    torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
+    other = base_pipeline(run, out)
+    with torch.no_grad():
+        other.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.add_(0.01)
+    with pytest.raises(ValueError, match="was trained on another base: its base weights have fingerprint"):
+        load_lora(other, out)
+
+
+def test_pipeline_folder_samples_the_trained_steps_with_from_pretrained_alone(lora_run, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    run, _, expected = lora_run
+    out = export_diffusers(run, tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == [999, 499]
+    torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
+    # fused weights as safetensors: a plain UNet state dict
+    fused = load_file(export_safetensors(run, tmp_path / "fused.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert fused.keys() == unet.state_dict().keys()
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in fused.items())
+
+
+def test_lora_export_of_a_full_weight_run_names_the_fix(tiny_unet_folder, tmp_path):
+    recipe = load_recipe(None, ["train.steps=1", "train.batch_size=2", "eval.at_end=false"],
+                         data={"teacher": {"name": "diffusers", "path": str(tiny_unet_folder)},
+                               "objective": {"name": "vsd"}})
+    Trainer(recipe, tmp_path / "run", quiet=True).run()
+    with pytest.raises(ValueError, match="needs a LoRA run.*use --format diffusers or --format safetensors"):
+        export_lora(load_run(tmp_path / "run"), tmp_path / "x")
