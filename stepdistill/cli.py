@@ -131,7 +131,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             net = getattr(built.nets, role)
             if net is not None:
                 n = sum(p.numel() for p in net.parameters())
-                print(f"# {role}: {type(net).__name__}, {n / 1e6:.2f}M parameters")
+                trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+                print(f"# {role}: {type(net).__name__}, {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
         print(f"# objective {recipe.objective.name}: trains {', '.join(built.objective.trains)}")
         if recipe.generator.students > 1:
             from .models.multi_student import describe, partition

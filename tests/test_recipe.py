@@ -47,7 +47,7 @@ def test_unknown_objective_and_teacher_list_the_known_ones():
     known = "asd, disback, fdiv, ladd, scm, sid, tbcm, vsd"
     with pytest.raises(RecipeError, match=f"unknown objective 'dmd9'; known objectives: {known}"):
         load_recipe("configs/toy/gmm_vsd.yaml", ["objective.name=dmd9"])
-    with pytest.raises(RecipeError, match="known teachers: diffusers, fashion-mnist, gmm"):
+    with pytest.raises(RecipeError, match="known teachers: diffusers, fashion-mnist, fashion-t2i, gmm, sd"):
         load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.name=sd15"])
 
 
