@@ -15,7 +15,6 @@ from .models.multi_student import MultiStudent
 from .recipe import Recipe, load_recipe
 from .teachers import Teacher, build_teacher
 from .train.state import list_checkpoints, load_latest, unprefixed
-from .train.trainer import student_network
 
 
 @dataclass
@@ -40,7 +39,7 @@ def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Gener
         raise FileNotFoundError(f"no intact checkpoint in {path / 'checkpoints'}"
                                 + (f" ({len(have)} damaged ones were skipped)" if have else ""))
     step, weights, _ = found
-    student = Generator(student_network(teacher, recipe.generator), recipe.generator.steps)
+    student = Generator(teacher.trainable_network(recipe.generator), recipe.generator.steps)
     prefix = "ema" if any(k.startswith("ema.") for k in weights) else "generator"
     load_saved_state(student, unprefixed(prefix, weights))
     return student.eval().requires_grad_(False), step

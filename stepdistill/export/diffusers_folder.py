@@ -63,10 +63,12 @@ def export_diffusers(run, out: str | Path) -> Path:
     run: `out/student_k/` with those for each student, plus `out/routing.json` and a README)."""
     from diffusers import UNet2DModel
 
+    from ..teachers.sd import SDTeacher
+
     if hasattr(run.student, "routing"):
         return _export_students(run, Path(out))
 
-    if hasattr(run.teacher, "text"):
+    if isinstance(run.teacher, SDTeacher):
         return _export_pipeline(run, Path(out))
     net = run.student.net.net
     if not isinstance(net, UNet2DModel) or run.teacher.folder is None:
@@ -111,16 +113,17 @@ images = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0,
 
 
 def _export_pipeline(run, out: Path) -> Path:
-    """A Stable Diffusion student as a full pipeline folder (adapters fused), loadable with from_pretrained alone."""
+    """A Stable Diffusion student as a full pipeline folder (adapters fused), loadable with from_pretrained alone: the
+    teacher's own VAE, text encoder and tokenizer, the student's UNet and the few-step scheduler."""
     from diffusers import StableDiffusionPipeline
 
     from ..models.lora import is_lora, merged
 
     scheduler, timesteps = lcm_scheduler(run)
-    net = run.student.net.net
-    pipe = StableDiffusionPipeline.from_pretrained(run.teacher.folder, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.register_modules(unet=merged(net), scheduler=scheduler)
+    net, teacher = run.student.net.net, run.teacher
+    pipe = StableDiffusionPipeline(vae=teacher.codec.vae, text_encoder=teacher.text.encoder,
+                                   tokenizer=teacher.text.tokenizer, unet=merged(net), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

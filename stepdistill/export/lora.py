@@ -52,7 +52,9 @@ def _adapter(run):
     if not is_lora(student):
         raise ValueError("--format lora needs a LoRA run (generator.lora_rank > 0); this run fine-tuned full weights: "
                          "use --format diffusers or --format safetensors")
-    if getattr(run.teacher, "folder", None) is None or not hasattr(run.teacher, "text"):
+    from ..teachers.sd import SDTeacher
+
+    if not isinstance(run.teacher, SDTeacher) or run.teacher.folder is None:
         raise ValueError("--format lora supports LoRA students of a local Stable Diffusion teacher folder (teacher sd)")
     return student.net.net
 

@@ -25,6 +25,16 @@ class Teacher(ABC):
         """A trainable ScoreModel initialised from the teacher; with width < 1 a randomly initialised network of the
         same family with its channels (hidden units) scaled by `width` (a smaller MSD student, pretrained by TSM)."""
 
+    def trainable_network(self, g, seed: int = 0) -> ScoreModel:
+        """A trainable network for generator or fake score under the recipe's `generator` section `g`: the
+        student_network (a full copy, or smaller with width < 1), or with generator.lora_rank a LoRA adapter on the
+        teacher's own frozen weights (`seed` draws the adapter's initial A matrices)."""
+        if g.lora_rank:
+            from ..models.lora import with_lora
+
+            return with_lora(self.score, g.lora_rank, g.lora_alpha, g.lora_targets, seed)
+        return self.student_network(g.width)
+
     def sample_cond(self, n: int, generator: torch.Generator | None = None,
                     classes: list[int] | None = None) -> torch.Tensor | None:
         """(n,) uniform class labels for class-conditional teachers (uniform over `classes` when given: an MSD

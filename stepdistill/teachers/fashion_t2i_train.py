@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import fashion
+from .fashion_train import update
 
 TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "a black and white photo of a {}", "an image of a {}")
 EVAL_TEMPLATE = TEMPLATES[0]
@@ -107,17 +108,8 @@ def train_unet(unet, latents, labels, embeddings, null, scheduler, minutes, batc
         t = torch.randint(0, 1000, (batch_size,))
         eps = torch.randn_like(z0)
         a, s = alphas[t].sqrt().view(-1, 1, 1, 1), (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 500)
         loss = F.mse_loss(unet(a * z0 + s * eps, t, encoder_hidden_states=cond).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+        update(unet, ema, opt, loss, step, lr, ema_decay)
         step += 1
         bar.n = int(time.time() - start)
         bar.set_postfix(step=step, loss=f"{loss.item():.4f}")

@@ -55,6 +55,21 @@ def save_folder(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path, info: di
     tmp.rename(out)  # the folder appears whole or not at all
 
 
+def update(net, ema, opt, loss: torch.Tensor, step: int, lr: float, ema_decay: float, warmup: int = 500) -> None:
+    """One update of a bundled teacher's training: linear learning-rate warm-up, gradient clipping at 1, the optimiser
+    step, then the EMA (its decay warmed up as (1 + step) / (10 + step))."""
+    for g in opt.param_groups:
+        g["lr"] = lr * min(1.0, (step + 1) / warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        d = min(ema_decay, (1 + step) / (10 + step))
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1 - d)
+
+
 def train_teacher(out: str, minutes: float, batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.999,
                   label_dropout: float = 0.1, seed: int = 0, save_every_min: float = 5.0,
                   init: str | None = None) -> None:
@@ -81,18 +96,8 @@ def train_teacher(out: str, minutes: float, batch_size: int = 128, lr: float = 1
         a = alphas[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
         v = a * eps - s * x0
-        warm = min(1.0, (step + 1) / 500)
-        for g in opt.param_groups:
-            g["lr"] = lr * warm
         loss = F.mse_loss(unet(a * x0 + s * eps, t, y).sample, v)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+        update(unet, ema, opt, loss, step, lr, ema_decay)
         step += 1
         bar.n = int(time.time() - start)
         bar.set_postfix(step=step, loss=f"{loss.item():.4f}")

@@ -63,9 +63,9 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
     if unknown:
         raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
                           "build yet")
-    generator = Generator(student_network(teacher, recipe.generator), recipe.generator.steps)
+    generator = Generator(teacher.trainable_network(recipe.generator), recipe.generator.steps)
     on_teacher = obj_cls.discriminator_on == "teacher"
-    fake = (student_network(teacher, recipe.generator, seed=1)
+    fake = (teacher.trainable_network(recipe.generator, seed=1)
             if "fake_score" in needs or ("discriminator" in needs and not on_teacher) else None)
     disc = None
     if "discriminator" in needs:
@@ -77,16 +77,6 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
         else None
     nets = Nets(teacher=teacher.score, generator=generator, fake_score=fake, discriminator=disc)
     return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape), data, classes)
-
-
-def student_network(teacher: Teacher, g, seed: int = 0):
-    """A trainable network for generator or fake score: a full copy of the teacher (a smaller random one with
-    generator.width < 1), or with generator.lora_rank a LoRA adapter on the teacher's own frozen weights."""
-    if g.lora_rank:
-        from ..models.lora import with_lora
-
-        return with_lora(teacher.score, g.lora_rank, g.lora_alpha, g.lora_targets, seed)
-    return teacher.student_network(g.width)
 
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:

@@ -1,6 +1,5 @@
 """The bundled text-to-image teacher: a miniature SD pipeline folder that loads like a real one."""
 import pytest
-import torch
 
 from stepdistill.data import fashion
 from stepdistill.recipe import load_recipe
