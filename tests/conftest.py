@@ -77,6 +77,63 @@ def make_tiny_sd_folder(path, prediction_type: str = "epsilon"):
     return path
 
 
+def make_tiny_sdxl_folder(path):
+    """A tiny SDXL pipeline folder built offline: two CLIP text encoders (the second with a projection: the pooled
+    embedding), a UNet with SDXL's text_time added conditioning, a 2-block VAE and SDXL's Euler scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, vocab = byte_level_clip_tokenizer(path.with_name(path.name + "_tokenizer_src"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+                                transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16, scaling_factor=0.13025)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(vocab)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(vocab), projection_dim=16))
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                              add_watermarker=False).save_pretrained(path)
+    return path
+
+
+def make_tiny_sd3_folder(path, t5: bool = True):
+    """A tiny SD3 pipeline folder built offline: two CLIP encoders with projections, a 1-layer T5 encoder (with the
+    local byte-level tokenizer; t5=False leaves it out, as SD3 allows), a 2-layer SD3Transformer2DModel whose joint
+    width (96) is wider than the CLIPs' together (64), a 2-block VAE with a shift factor, and SD3's flow scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, vocab = byte_level_clip_tokenizer(path.with_name(path.name + "_tokenizer_src"))
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,
+                                        caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                        pos_embed_max_size=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
+    clip = [CLIPTextModelWithProjection(CLIPTextConfig(**text_config(vocab), projection_dim=16)) for _ in range(2)]
+    t5_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=96, d_kv=8, d_ff=64, num_layers=1,
+                                         num_heads=2)) if t5 else None
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=clip[0], tokenizer=tokenizer, text_encoder_2=clip[1], tokenizer_2=tokenizer,
+                             text_encoder_3=t5_encoder, tokenizer_3=tokenizer if t5 else None).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_sd_folder(tmp_path):
     folder = make_tiny_sd_folder(tmp_path / "sd")

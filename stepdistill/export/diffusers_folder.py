@@ -98,32 +98,47 @@ def export_diffusers(run, out: str | Path) -> Path:
 
 PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by stepdistill
 
-A complete Stable Diffusion pipeline folder: the teacher's VAE and text encoder, the student's UNet{fused}, and an
-LCMScheduler whose default is the trained steps ({timesteps}), so no `timesteps=` argument is needed.
+A complete {pipeline} folder: the teacher's VAE and text encoders, the student's {denoiser}{fused}, and a
+{scheduler} whose default is the trained steps ({timesteps}), so no `timesteps=` or `sigmas=` argument is needed.
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{path}")
+pipe = {pipeline}.from_pretrained("{path}")
 images = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0,
               generator=torch.Generator().manual_seed(0)).images
 ```
 """
 
 
+SD3_NOISE_NOTE = """
+StableDiffusion3Pipeline does not pass `generator` to the scheduler, so the fresh noise between steps comes from
+torch's global generator: call `torch.manual_seed(...)` as well for reproducible multi-step samples.
+"""
+
+
+def denoiser_name(teacher) -> str:
+    """The pipeline component the student replaces: `transformer` for SD3, else `unet`."""
+    return "transformer" if teacher.family == "sd3" else "unet"
+
+
 def _export_pipeline(run, out: Path) -> Path:
-    """A Stable Diffusion student as a full pipeline folder (adapters fused), loadable with from_pretrained alone: the
-    teacher's own VAE, text encoder and tokenizer, the student's UNet and the few-step scheduler."""
-    from diffusers import StableDiffusionPipeline
+    """A text-to-image student as a full pipeline folder of the teacher's family (adapters fused), loadable with
+    from_pretrained alone: the teacher's own VAE, text encoders and tokenizers, the student's network and the
+    few-step scheduler."""
+    import diffusers
 
     from ..models.lora import is_lora, merged
 
     scheduler, timesteps = lcm_scheduler(run)
     net, teacher = run.student.net.net, run.teacher
-    pipe = StableDiffusionPipeline(vae=teacher.codec.vae, text_encoder=teacher.text.encoder,
-                                   tokenizer=teacher.text.tokenizer, unet=merged(net), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    extra = {"sd": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+             "sdxl": dict(force_zeros_for_empty_prompt=teacher.text.null == "zeros", add_watermarker=False),
+             }.get(teacher.family, {})
+    parts = {"vae": teacher.codec.vae, "scheduler": scheduler, denoiser_name(teacher): merged(net),
+             **teacher.text.components(), **extra}
+    pipe = getattr(diffusers, teacher.pipeline)(**parts)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -131,8 +146,10 @@ def _export_pipeline(run, out: Path) -> Path:
             "guidance_scale": 1.0, "recipe": recipe_mod.to_dict(run.recipe)}
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(PIPELINE_USAGE.format(
-        name=out.name, steps=run.student.steps, timesteps=timesteps, path=out,
-        fused=" (LoRA adapters fused into it)" if is_lora(net) else ""))
+        name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
+        denoiser=denoiser_name(teacher), scheduler=type(scheduler).__name__,
+        fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (SD3_NOISE_NOTE if teacher.family == "sd3"
+                                                                           else ""))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -140,23 +157,38 @@ def _export_pipeline(run, out: Path) -> Path:
 
 
 def lcm_scheduler(run):
-    """(LCMScheduler, its timesteps): the teacher's noise schedule with the student's trained steps as its default,
-    checked to reproduce the trained times exactly."""
-    from diffusers import LCMScheduler
+    """(scheduler, its timesteps): the teacher's noise schedule with the student's trained steps as its default,
+    checked to reproduce the trained times. DDPM-family teachers get an LCMScheduler; flow-matching teachers a
+    FlowMatchLCMScheduler (the same rule: predict x0, re-noise to the next sigma), unshifted, with
+    `shift_terminal=1/K` so that its K sigmas are the student's 1, 1 - 1/K, ..., 1/K."""
+    from diffusers import FlowMatchLCMScheduler, LCMScheduler
 
-    if not run.student.schedule.discrete:
-        raise ValueError("diffusers exports currently support DDPM-family (discrete VP) teachers only")
+    student = run.student
     teacher_sched = json.loads((run.teacher.folder / "scheduler" / "scheduler_config.json").read_text())
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "rescale_betas_zero_snr")
-    scheduler = LCMScheduler(**{k: v for k, v in teacher_sched.items() if k in keep},
-                             original_inference_steps=run.student.steps, clip_sample=False, set_alpha_to_one=True,
-                             timestep_spacing="leading", timestep_scaling=10.0)
-    scheduler.set_timesteps(run.student.steps)
-    timesteps = scheduler.timesteps.tolist()
-    expected = [round(t * (run.student.schedule.num_steps - 1)) for t in run.student.times]
-    if timesteps != expected:  # guard: the exported scheduler must reproduce the trained times
-        raise RuntimeError(f"LCMScheduler gives timesteps {timesteps}, the student was trained at {expected}")
+    k = student.steps
+    if student.schedule.name == "flow":
+        n = teacher_sched.get("num_train_timesteps", 1000)
+        scheduler = FlowMatchLCMScheduler(num_train_timesteps=n, shift=1.0, shift_terminal=1 / k if k > 1 else None)
+        scheduler.set_timesteps(k)
+        timesteps = [round(float(t), 3) for t in scheduler.timesteps]
+        expected = [round(t * n, 3) for t in student.times]
+        ok = all(abs(a - b) < 1e-2 for a, b in zip(timesteps, expected)) and len(timesteps) == len(expected)
+    elif student.schedule.discrete:
+        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                "rescale_betas_zero_snr")
+        scheduler = LCMScheduler(**{k: v for k, v in teacher_sched.items() if k in keep},
+                                 original_inference_steps=k, clip_sample=False, set_alpha_to_one=True,
+                                 timestep_spacing="leading", timestep_scaling=10.0)
+        scheduler.set_timesteps(k)
+        timesteps = scheduler.timesteps.tolist()
+        expected = [round(t * (student.schedule.num_steps - 1)) for t in student.times]
+        ok = timesteps == expected
+    else:
+        raise ValueError(f"diffusers exports support DDPM-family and flow-matching teachers, not a "
+                         f"{student.schedule.name!r} schedule")
+    if not ok:  # guard: the exported scheduler must reproduce the trained times
+        raise RuntimeError(f"{type(scheduler).__name__} gives timesteps {timesteps}, the student was trained at "
+                           f"{expected}")
     return scheduler, timesteps
 
 

@@ -1,11 +1,14 @@
 """A LoRA student as files other tools load: the diffusers/peft layout, the kohya (A1111 / ComfyUI) layout, and the
 LCMScheduler config that samples the student's trained steps.
 
-diffusers layout: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight` / `lora_B.weight`, the
-adapter's LoraConfig (rank, alpha, targets) in the metadata so `pipe.load_lora_weights` rebuilds the same scale.
+diffusers layout: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight` / `lora_B.weight`
+(`transformer.` for SD3), the adapter's LoraConfig (rank, alpha, targets) in the metadata so `pipe.load_lora_weights`
+rebuilds the same scale.
 kohya layout: `<name>_kohya.safetensors`, keys `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` /
-`.alpha` with the real alpha (diffusers' own converter writes alpha = rank), and `ss_*` metadata plus the intended
-steps, timesteps and scale.
+`.alpha` (`lora_transformer_` for SD3, the OneTrainer naming ComfyUI maps) with the real alpha (diffusers' own
+converter writes alpha = rank), and `ss_*` metadata plus the intended steps, timesteps and scale. Module names are
+diffusers' (`down_blocks_0_attentions_0_...`), which ComfyUI and diffusers map; kohya's original LDM naming
+(`input_blocks_...`) is not written.
 """
 from __future__ import annotations
 
@@ -21,18 +24,20 @@ from ..hashing import file_sha256
 from ..models.lora import is_lora
 from .diffusers_folder import lcm_scheduler
 
+BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}  # kohya's ss_base_model_version
+
 USAGE = """# {name}: a {steps}-step LoRA student distilled by stepdistill
 
-Base model: the teacher at `{base}` (UNet weights sha256 `{base_sha}`). Load it on that base only.
+Base model: the teacher at `{base}` ({denoiser} weights sha256 `{base_sha}`). Load it on that base only.
 
 diffusers:
 
 ```python
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import {scheduler}, {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
-pipe.scheduler = LCMScheduler.from_pretrained("{path}", subfolder="scheduler")
+pipe = {pipeline}.from_pretrained("{base}")
+pipe.scheduler = {scheduler}.from_pretrained("{path}", subfolder="scheduler")
 pipe.load_lora_weights("{path}")  # pytorch_lora_weights.safetensors
 # or, checking first that pipe has the base it was trained on:
 # from stepdistill.export.lora import load_lora; load_lora(pipe, "{path}")
@@ -55,7 +60,7 @@ def _adapter(run):
     from ..teachers.sd import SDTeacher
 
     if not isinstance(run.teacher, SDTeacher) or run.teacher.folder is None:
-        raise ValueError("--format lora supports LoRA students of a local Stable Diffusion teacher folder (teacher sd)")
+        raise ValueError("--format lora supports LoRA students of a local text-to-image pipeline folder (teacher sd)")
     return student.net.net
 
 
@@ -86,19 +91,20 @@ def load_lora(pipe, folder: str | Path, kohya: bool = False) -> None:
         raise FileNotFoundError(f"{folder} is not a stepdistill LoRA export (no stepdistill.json)")
     info = json.loads(info_path.read_text())
     modules = info["adapted_modules"]
-    missing = [m for m in modules if not _has_module(pipe.unet, m)]
+    net = pipe.components.get("unet") or pipe.components.get("transformer")
+    missing = [m for m in modules if not _has_module(net, m)]
     if missing:
-        raise ValueError(f"{folder} adapts layers this pipeline's UNet does not have (e.g. {missing[0]}): it was "
+        raise ValueError(f"{folder} adapts layers this pipeline's denoiser does not have (e.g. {missing[0]}): it was "
                          f"exported for another architecture (base {info['base']})")
     try:
-        found = base_fingerprint(pipe.unet, modules)
+        found = base_fingerprint(net, modules)
     except (AttributeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{folder} does not fit this pipeline's UNet ({e}); it was exported for {info['base']}") \
+        raise ValueError(f"{folder} does not fit this pipeline's denoiser ({e}); it was exported for {info['base']}") \
             from None
     if found != info["base_fingerprint"]:
         raise ValueError(f"{folder} was trained on another base: its base weights have fingerprint "
-                         f"{info['base_fingerprint']} ({info['base']}), this pipeline's UNet has {found}. Load it on "
-                         "the model it was distilled from.")
+                         f"{info['base_fingerprint']} ({info['base']}), this pipeline's denoiser has {found}. Load it "
+                         "on the model it was distilled from.")
     pipe.load_lora_weights(folder, weight_name=f"{folder.name}_kohya.safetensors" if kohya else None)
 
 
@@ -110,12 +116,13 @@ def _has_module(net: torch.nn.Module, name: str) -> bool:
         return False
 
 
-def kohya_state(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft keys (`<module>.lora_A.weight`) -> kohya keys for the UNet, with one `.alpha` per module."""
+def kohya_state(peft_state: dict[str, torch.Tensor], alpha: float, prefix: str = "lora_unet_"
+                ) -> dict[str, torch.Tensor]:
+    """peft keys (`<module>.lora_A.weight`) -> kohya keys for the denoiser, with one `.alpha` per module."""
     out = {}
     for key, value in peft_state.items():
         module, kind = key.rsplit(".lora_", 1)
-        name = "lora_unet_" + module.replace(".", "_")
+        name = prefix + module.replace(".", "_")
         out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
@@ -123,39 +130,45 @@ def kohya_state(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, 
 
 def export_lora(run, out: str | Path) -> Path:
     """Write out/pytorch_lora_weights.safetensors, out/<name>_kohya.safetensors, out/scheduler/ and a README."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from peft import get_peft_model_state_dict
 
-    net = _adapter(run)
+    from .diffusers_folder import denoiser_name
+
+    net, teacher = _adapter(run), run.teacher
+    denoiser = denoiser_name(teacher)
     config = net.peft_config["default"]
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict(),
-                                              weight_name="pytorch_lora_weights.safetensors")
+    getattr(diffusers, teacher.pipeline).save_lora_weights(
+        tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
+        weight_name="pytorch_lora_weights.safetensors")
     scheduler, timesteps = lcm_scheduler(run)
     scheduler.save_pretrained(tmp / "scheduler")
-    base_sha = file_sha256(run.teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
+    weights = sorted((teacher.folder / denoiser).glob("*.safetensors"))
+    base_sha = file_sha256(weights[0]) if len(weights) == 1 else "n/a (sharded or not safetensors)"
     modules = _adapted_modules(state)
     fingerprint = base_fingerprint(net, modules)
     steps = run.student.steps
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-            "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": "sd_v1",
+            "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": BASE_VERSION[teacher.family],
             "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
-            "stepdistill.scheduler": "LCMScheduler", "stepdistill.guidance_scale": "1.0",
+            "stepdistill.scheduler": type(scheduler).__name__, "stepdistill.guidance_scale": "1.0",
             "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
             "stepdistill.base_fingerprint": fingerprint,
             "stepdistill.iteration": str(run.step), "stepdistill.recipe": recipe_mod.dump(run.recipe)}
     kohya = f"{out.name}_kohya.safetensors"
-    save_file(kohya_state(state, config.lora_alpha), tmp / kohya, metadata=meta)
+    save_file(kohya_state(state, config.lora_alpha, f"lora_{denoiser}_"), tmp / kohya, metadata=meta)
     info = {k.removeprefix("stepdistill."): v for k, v in meta.items() if k != "stepdistill.recipe"}
-    info.update(base=str(run.teacher.folder), adapted_modules=modules, base_fingerprint=fingerprint)
+    info.update(base=str(teacher.folder), adapted_modules=modules, base_fingerprint=fingerprint)
     (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
     (tmp / "README.md").write_text(USAGE.format(
-        name=out.name, steps=steps, base=run.teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
-        kohya=kohya, rank=config.r, alpha=config.lora_alpha))
+        name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
+        kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
+        scheduler=type(scheduler).__name__))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -58,8 +58,7 @@ def with_lora(score: ScoreModel, rank: int, alpha: float | None = None,
     with torch.random.fork_rng():  # the adapters' random init must not shift the run's random stream
         torch.manual_seed(seed)
         inject_adapter_in_model(config, copied, adapter_name="default")
-    out = ScoreModel(copied, score.schedule, score.prediction, score.conditioning, score.null_label, score.null_cond)
-    return out.train()
+    return score.like(copied).train()
 
 
 def saved_state(module: nn.Module) -> dict[str, torch.Tensor]:

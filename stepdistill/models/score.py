@@ -21,11 +21,14 @@ class ScoreModel(nn.Module):
     """Wraps `net` (diffusers UNet2DModel / UNet2DConditionModel, or an MLPDenoiser).
 
     cond: None for unconditional nets; (N,) int64 labels for class-conditional ones (label `null_label` means
-    unconditional); (N, L, C) text embeddings for cross-attention nets (`null_cond` is the unconditional embedding).
+    unconditional); (N, L, C) text conditions for cross-attention nets (`null_cond` is the unconditional one), whose
+    last row holds the pooled embedding for SDXL UNets and SD3 transformers (models/conditioning.py); SDXL's
+    micro-conditioning `time_ids` (original size, crop, target size) are fixed per teacher and kept here.
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, prediction: str, conditioning: Conditioning = "none",
-                 null_label: int | None = None, null_cond: torch.Tensor | None = None) -> None:
+                 null_label: int | None = None, null_cond: torch.Tensor | None = None,
+                 time_ids: torch.Tensor | None = None) -> None:
         super().__init__()
         if prediction not in KINDS:
             raise ValueError(f"unknown prediction kind {prediction!r}; expected one of {', '.join(KINDS)}")
@@ -34,6 +37,12 @@ class ScoreModel(nn.Module):
         self.net, self.schedule, self.prediction = net, schedule, prediction
         self.conditioning, self.null_label = conditioning, null_label
         self.register_buffer("null_cond", null_cond, persistent=False)
+        self.register_buffer("time_ids", time_ids, persistent=False)
+
+    def like(self, net: nn.Module) -> ScoreModel:
+        """The same wrapper (schedule, prediction, conditioning) around another network of this family."""
+        return ScoreModel(net, self.schedule, self.prediction, self.conditioning, self.null_label, self.null_cond,
+                          self.time_ids)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> Prediction:
         """x_t (N, ...), t (N,) canonical -> Prediction with x0, eps of x_t's shape (float32)."""
@@ -44,7 +53,9 @@ class ScoreModel(nn.Module):
     predict = forward
 
     def _call_net(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        from diffusers import UNet2DConditionModel, UNet2DModel
+        from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+
+        from .conditioning import unpack_pooled
 
         net = self.net
         net_dtype = next(net.parameters()).dtype
@@ -52,7 +63,16 @@ class ScoreModel(nn.Module):
         if isinstance(net, UNet2DModel):
             return net(x, timestep, class_labels=cond if self.conditioning == "class" else None).sample
         if isinstance(net, UNet2DConditionModel):
+            c = net.config
+            if c.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop time ids
+                tokens, pooled = unpack_pooled(cond.to(net_dtype), c.projection_class_embeddings_input_dim
+                                               - len(self.time_ids) * c.addition_time_embed_dim)
+                added = {"text_embeds": pooled, "time_ids": self.time_ids.to(x).expand(len(x), -1)}
+                return net(x, timestep, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
             return net(x, timestep, encoder_hidden_states=cond.to(net_dtype)).sample
+        if isinstance(net, SD3Transformer2DModel):
+            tokens, pooled = unpack_pooled(cond.to(net_dtype), net.config.pooled_projection_dim)
+            return net(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=timestep).sample
         return net(x, timestep) if self.conditioning == "none" else net(x, timestep, cond)
 
     def null(self, cond: torch.Tensor | None) -> torch.Tensor | None:

@@ -54,7 +54,7 @@ class DiffusersTeacher(Teacher):
         with torch.random.fork_rng():  # building a student must not shift the training run's random stream
             torch.manual_seed(0)
             net = UNet2DModel.from_config(config)
-        return ScoreModel(net, t.schedule, t.prediction, t.conditioning, t.null_label).train()
+        return t.like(net).train()
 
 
 def scaled_channels(config, width: float) -> list[int]:

@@ -134,7 +134,7 @@ def train_fashion_t2i(out: str, vae_minutes: float, unet_minutes: float, seed: i
     means = encode_all(vae, x)
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     latents = means * vae.config.scaling_factor
-    text = TextEncoder(tokenizer, text_encoder)
+    text = TextEncoder([tokenizer], [text_encoder])
     prompts = training_prompts()
     embeddings = text([p for p, _ in prompts]).view(len(TEMPLATES), 10, text.max_length, -1)
     ema, unet_info = train_unet(unet, latents, y, embeddings, text([""])[0], scheduler, unet_minutes)

@@ -1,7 +1,9 @@
-"""Latent text-to-image teachers from diffusers Stable Diffusion folders (SD1.x, SD2.x: eps or v prediction).
+"""Latent text-to-image teachers from diffusers pipeline folders: Stable Diffusion 1.x/2.x (eps or v prediction),
+SDXL (two CLIP encoders, pooled embedding, size/crop time ids) and SD3 (an MMDiT flow-matching transformer on two
+CLIPs and T5).
 
-The teacher denoises VAE latents, conditioned on CLIP text embeddings of prompts from a prompt file; the VAE decodes
-samples for grids and image metrics. Training is data-free: only prompts are needed.
+The teacher denoises VAE latents, conditioned on the family's text condition (models/conditioning.py) of prompts from
+a prompt file; the VAE decodes samples for grids and image metrics. Training is data-free: only prompts are needed.
 """
 from __future__ import annotations
 
@@ -18,18 +20,21 @@ from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
 
-SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x"}
-PLANNED = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3", "SanaPipeline": "SANA",
-           "FluxPipeline": "FLUX"}
+SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL",
+             "StableDiffusion3Pipeline": "SD3"}
+PLANNED = {"SanaPipeline": "SANA", "FluxPipeline": "FLUX"}
+FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 
 
 @dataclass
 class SDConfig:
     name: str = "sd"
-    path: str = ""  # diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or hub id
+    path: str = ""  # diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text encoders) or hub id
     prompts: str = ""  # training prompts: .txt (one per line), .csv or .jsonl with a prompt/text/caption column
     eval_prompts: str | None = None  # prompts of sample grids and evaluation (cycled); default: the training prompts
-    null: Literal["empty", "zeros"] = "empty"  # unconditional embedding: the encoded "" (SD1.5/2.1) or zeros
+    # unconditional condition: the folder's own convention (auto: zeros for SDXL's force_zeros_for_empty_prompt, else
+    # the encoded ""), or forced: the encoded "" (SD1.5/2.1/SD3) or all-zero embeddings (SDXL, DMD2)
+    null: Literal["auto", "empty", "zeros"] = "auto"
 
 
 def _bundled(path: str) -> Path:
@@ -38,35 +43,52 @@ def _bundled(path: str) -> Path:
     return p if p.exists() or p.is_absolute() else REPO_ROOT / p
 
 
-def pipeline_family(where: Path | str) -> str:
-    """The pipeline class of a local folder's model_index.json; an error naming the supported families otherwise."""
+def pipeline_index(where: Path | str) -> dict:
+    """A local folder's model_index.json, checked to be a supported family; an error naming the supported ones."""
     if not isinstance(where, Path):
-        return "StableDiffusionPipeline"  # a hub id: its loading will say if it is not one
+        return {"_class_name": "StableDiffusionPipeline"}  # a hub id: its loading will say if it is not one
     index = where / "model_index.json"
     if not index.exists():
         raise FileNotFoundError(f"{where} has no model_index.json: teacher sd needs a full diffusers pipeline folder "
                                 "(saved with pipeline.save_pretrained)")
-    family = json.loads(index.read_text()).get("_class_name", "?")
+    meta = json.loads(index.read_text())
+    family = meta.get("_class_name", "?")
     if family not in SUPPORTED:
         planned = f" ({PLANNED[family]} support is planned)" if family in PLANNED else ""
         raise ValueError(f"{where} is a {family} folder, which teacher sd does not support yet{planned}; supported: "
                          f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
-    return family
+    return meta
+
+
+def _text_encoder(where: Path | str, index: dict, family: str, null: str, width: int | None):
+    """The family's tokenizers and text encoders from the folder (SD3's T5 may be absent: text_encoder_3 null)."""
+    import transformers
+
+    def part(name: str):
+        spec = index.get(name, ["transformers", "CLIPTokenizer" if "token" in name else "CLIPTextModel"])
+        if spec is None or spec[1] is None:
+            return None
+        return _from_pretrained(getattr(transformers, spec[1]), where, name)
+
+    names = {"sd": ("",), "sdxl": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
+    from ..models.conditioning import TextEncoder
+
+    return TextEncoder([part("tokenizer" + k) for k in names], [part("text_encoder" + k) for k in names], null,
+                       family, width=width)
 
 
 @register("teacher", "sd")
 class SDTeacher(Teacher):
-    """A Stable Diffusion pipeline folder as a latent, text-conditional teacher."""
+    """A Stable Diffusion (1.x/2.x, XL or 3) pipeline folder as a latent, text-conditional teacher."""
 
     Config = SDConfig
 
     def __init__(self, cfg: SDConfig) -> None:
         from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         from ..data.prompts import read_prompts
         from ..models.codec import VAECodec
-        from ..models.conditioning import TextEncoder, warn_truncated
+        from ..models.conditioning import warn_truncated
 
         if not cfg.path:
             raise ValueError("teacher.path is empty: give a Stable Diffusion diffusers folder or hub id")
@@ -74,22 +96,28 @@ class SDTeacher(Teacher):
             raise ValueError("teacher.prompts is empty: give a prompt file (.txt with one prompt per line, or a .csv / "
                              ".jsonl with a prompt column); text-to-image distillation trains on prompts, not images")
         where = resolve_path(cfg.path)
-        pipeline_family(where)
-        self.cfg = cfg
+        index = pipeline_index(where)
+        self.cfg, self.pipeline = cfg, index["_class_name"]
+        self.family = FAMILY[self.pipeline]
         self.folder = where if isinstance(where, Path) else None
-        self.text = TextEncoder(_from_pretrained(CLIPTokenizer, where, "tokenizer"),
-                                _from_pretrained(CLIPTextModel, where, "text_encoder"), cfg.null)
+        score = load_diffusers_score(cfg.path, "transformer" if self.family == "sd3" else "unet")
+        null = cfg.null if cfg.null != "auto" else (
+            "zeros" if self.family == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty")
+        width = score.net.config.joint_attention_dim if self.family == "sd3" else None
+        self.text = _text_encoder(where, index, self.family, null, width)
         self.prompts = read_prompts(_bundled(cfg.prompts))
         self.eval_prompts = read_prompts(_bundled(cfg.eval_prompts)) if cfg.eval_prompts else self.prompts
         warn_truncated(self.text, self.prompts, "teacher.prompts")
         if cfg.eval_prompts:
             warn_truncated(self.text, self.eval_prompts, "teacher.eval_prompts")
-        score = load_diffusers_score(cfg.path, "unet")
-        score.null_cond = self.text.null_embedding()
-        self.score = score.requires_grad_(False).eval()
         self.codec = VAECodec(_from_pretrained(AutoencoderKL, where, "vae"))
         c = score.net.config
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
+        score.null_cond = self.text.null_embedding()
+        if self.family == "sdxl":  # micro-conditioning: original size, crop top-left, target size, in pixels
+            size = c.sample_size * self.codec.factor
+            score.time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32)
+        self.score = score.requires_grad_(False).eval()
 
     def sample_cond(self, n: int, generator: torch.Generator | None = None,
                     classes: list[int] | None = None) -> torch.Tensor:

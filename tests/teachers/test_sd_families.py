@@ -1,0 +1,82 @@
+"""SDXL and SD3 folders as teachers: their conditions are exactly what the folder's own pipeline encodes (pooled
+embedding, time ids, T5, null convention), and the network sees them as the pipeline passes them."""
+import pytest
+import torch
+
+from stepdistill.models.conditioning import unpack_pooled
+from stepdistill.teachers.sd import SDConfig, SDTeacher
+
+PROMPTS = ["a red shirt", "a blue bag"]
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "sd3-no-t5"])
+def family_teacher(request, tmp_path_factory):
+    from conftest import make_tiny_sd3_folder, make_tiny_sdxl_folder
+
+    root = tmp_path_factory.mktemp(request.param)
+    folder = (make_tiny_sdxl_folder(root / "xl") if request.param == "sdxl"
+              else make_tiny_sd3_folder(root / "sd3", t5=request.param == "sd3"))
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return request.param, SDTeacher(SDConfig(path=str(folder), prompts=str(root / "prompts.txt")))
+
+
+def pipeline_of(teacher):
+    import diffusers
+
+    no_t5 = dict(text_encoder_3=None, tokenizer_3=None) \
+        if teacher.text.components().get("text_encoder_3", 0) is None else {}
+    pipe = getattr(diffusers, teacher.pipeline).from_pretrained(teacher.folder, local_files_only=True, **no_t5)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_conditions_are_what_the_pipeline_encodes(family_teacher):
+    family, t = family_teacher
+    pipe = pipeline_of(t)
+    cond = t.text(PROMPTS)
+    pooled_width = 16 if family == "sdxl" else 32
+    tokens, pooled = unpack_pooled(cond, pooled_width)
+    kw = dict(prompt_2=None, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    if family == "sdxl":
+        embeds, neg, pooled_ref, neg_pooled = pipe.encode_prompt(PROMPTS, **kw)
+        assert cond.shape == (2, 78, 64) and t.text.null == "zeros"  # SDXL's force_zeros_for_empty_prompt
+    else:
+        embeds, neg, pooled_ref, neg_pooled = pipe.encode_prompt(PROMPTS, prompt_3=None, **kw)
+        assert cond.shape == (2, 77 + 256 + 1, 96) and t.text.null == "empty"
+        assert (tokens[:, :77, 64:] == 0).all()  # the CLIP states zero-padded to the joint width
+        if family == "sd3-no-t5":
+            assert (tokens[:, 77:] == 0).all()
+    torch.testing.assert_close(tokens, embeds)
+    torch.testing.assert_close(pooled, pooled_ref)
+    assert (cond[:, -1, pooled_width:] == 0).all()
+    null_tokens, null_pooled = unpack_pooled(t.score.null_cond, pooled_width)
+    torch.testing.assert_close(null_tokens, neg[:1])
+    torch.testing.assert_close(null_pooled, neg_pooled[:1])
+
+
+def test_the_network_gets_the_pipelines_inputs(family_teacher):
+    """The canonical prediction equals the network called as the pipeline calls it (SDXL: added text_embeds and
+    time_ids from _get_add_time_ids; SD3: pooled_projections and timestep = 1000 sigma, velocity output)."""
+    family, t = family_teacher
+    pipe = pipeline_of(t)
+    x = torch.randn(2, *t.shape)
+    cond = t.text(PROMPTS)
+    with torch.no_grad():
+        if family == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+            size = (16, 16)
+            time_ids = pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype,
+                                              text_encoder_projection_dim=16).repeat(2, 1)
+            eps = pipe.unet(x, 500, encoder_hidden_states=embeds,
+                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            torch.testing.assert_close(t.score(x, torch.full((2,), 500 / 999), cond).eps, eps, rtol=1e-4, atol=1e-4)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                                      do_classifier_free_guidance=False)
+            sigma = 0.7
+            v = pipe.transformer(x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                 timestep=torch.full((2,), 1000 * sigma)).sample
+            x0 = t.score(x, torch.full((2,), sigma), cond).x0
+            torch.testing.assert_close(x0, x - sigma * v, rtol=1e-4, atol=1e-4)
+    images = t.decode(torch.randn(2, *t.shape))
+    assert images.shape == (2, 3, 16, 16)
