@@ -16,6 +16,9 @@ import yaml
 
 from . import registry
 
+# attention projections, the default of diffusers' LoRA training scripts (models/lora.py uses the same)
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used as written; the message names the key and the fix."""
@@ -35,7 +38,7 @@ class GeneratorConfig:
     # the base weights); 0 fine-tunes full copies
     lora_rank: int = 0
     lora_alpha: float | None = None  # LoRA scale alpha / rank; default alpha = rank (scale 1)
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
 @dataclass

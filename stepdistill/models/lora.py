@@ -13,9 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from ..recipe import DEFAULT_LORA_TARGETS
 from .score import ScoreModel
-
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections: diffusers' SD LoRA scripts' default
 
 
 def is_lora(module: nn.Module) -> bool:
@@ -31,7 +30,7 @@ def _targets(net: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
 
 
 def with_lora(score: ScoreModel, rank: int, alpha: float | None = None,
-              targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS, seed: int = 0) -> ScoreModel:
+              targets: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS, seed: int = 0) -> ScoreModel:
     """A trainable LoRA (rank, alpha; alpha defaults to rank, scale 1) on `score`'s frozen network, sharing its
     weights. Adapters start at zero (lora_B = 0), so the result predicts exactly what `score` does."""
     from peft import LoraConfig, inject_adapter_in_model
