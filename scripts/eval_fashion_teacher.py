@@ -33,8 +33,8 @@ if __name__ == "__main__":
         x, used = generate_teacher(teacher, a.n, a.seed, recipe.eval.batch_size, nfe, a.guidance_scale, quiet=False)
         entry = {"protocol": protocol(recipe, teacher), "teacher": {"nfe": used, **domain_score(teacher, x, None)},
                  "seconds": round(time.time() - start, 1),
-                 "command": f"python scripts/eval_fashion_teacher.py --nfe {nfe} --n {a.n} --seed {a.seed} "
-                            f"--guidance-scale {a.guidance_scale}"}
+                 "command": f"python scripts/eval_fashion_teacher.py --recipe {a.recipe} --nfe {nfe} --n {a.n} "
+                            f"--seed {a.seed} --guidance-scale {a.guidance_scale}"}
         path = Path(teacher.folder) / "quality.json"
         data = json.loads(path.read_text()) if path.exists() else {"entries": []}
         data["entries"] = [e for e in data["entries"] if e["protocol"] != entry["protocol"]] + [entry]

@@ -134,6 +134,32 @@ def make_tiny_sd3_folder(path, t5: bool = True):
     return path
 
 
+def make_tiny_sana_folder(path):
+    """A tiny SANA pipeline folder built offline: a 1-layer Gemma2 text encoder (with the local byte-level tokenizer),
+    a 1-layer SanaTransformer2DModel on 16x16 latents (SanaPipeline wants images of a multiple of 32 px), a 2-block
+    AutoencoderDC and SANA's DPM-Solver on flow sigmas."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer, vocab = byte_level_clip_tokenizer(path.with_name(path.name + "_tokenizer_src"))
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                         cross_attention_dim=16, caption_channels=32, sample_size=16, patch_size=1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock",) * 2,
+                        decoder_block_types=("ResBlock",) * 2, encoder_block_out_channels=(8, 16),
+                        decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+                        decoder_qkv_multiscales=((), ()), scaling_factor=0.41407)
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=16))
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                 scheduler=scheduler).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_sd_folder(tmp_path):
     folder = make_tiny_sd_folder(tmp_path / "sd")

@@ -118,11 +118,6 @@ torch's global generator: call `torch.manual_seed(...)` as well for reproducible
 """
 
 
-def denoiser_name(teacher) -> str:
-    """The pipeline component the student replaces: `transformer` for SD3, else `unet`."""
-    return "transformer" if teacher.family == "sd3" else "unet"
-
-
 def _export_pipeline(run, out: Path) -> Path:
     """A text-to-image student as a full pipeline folder of the teacher's family (adapters fused), loadable with
     from_pretrained alone: the teacher's own VAE, text encoders and tokenizers, the student's network and the
@@ -136,7 +131,7 @@ def _export_pipeline(run, out: Path) -> Path:
     extra = {"sd": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
              "sdxl": dict(force_zeros_for_empty_prompt=teacher.text.null == "zeros", add_watermarker=False),
              }.get(teacher.family, {})
-    parts = {"vae": teacher.codec.vae, "scheduler": scheduler, denoiser_name(teacher): merged(net),
+    parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: merged(net),
              **teacher.text.components(), **extra}
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
     tmp = out.with_name(out.name + ".tmp")
@@ -147,7 +142,7 @@ def _export_pipeline(run, out: Path) -> Path:
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(PIPELINE_USAGE.format(
         name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
-        denoiser=denoiser_name(teacher), scheduler=type(scheduler).__name__,
+        denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
         fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (SD3_NOISE_NOTE if teacher.family == "sd3"
                                                                            else ""))
     if out.exists():

@@ -24,7 +24,7 @@ from ..hashing import file_sha256
 from ..models.lora import is_lora
 from .diffusers_folder import lcm_scheduler
 
-BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}  # kohya's ss_base_model_version
+BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "sana": "sana"}  # kohya's ss_base_model_version
 
 USAGE = """# {name}: a {steps}-step LoRA student distilled by stepdistill
 
@@ -133,10 +133,8 @@ def export_lora(run, out: str | Path) -> Path:
     import diffusers
     from peft import get_peft_model_state_dict
 
-    from .diffusers_folder import denoiser_name
-
     net, teacher = _adapter(run), run.teacher
-    denoiser = denoiser_name(teacher)
+    denoiser = teacher.denoiser
     config = net.peft_config["default"]
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
     out = Path(out)

@@ -1,7 +1,8 @@
 """Codecs between the space a teacher denoises and pixels: the identity for pixel teachers, a VAE for latent ones.
 
 Latents are the VAE's `(latent_dist.mean - shift_factor) * scaling_factor`, the convention of every diffusers
-text-to-image pipeline (SD1.5/2.1 and SDXL: scaling only; SD3/FLUX/SANA-style VAEs: a shift too)."""
+text-to-image pipeline (SD1.5/2.1 and SDXL: scaling only; SD3/FLUX VAEs: a shift too); SANA's deterministic DC-AE
+(AutoencoderDC) gives its latent directly."""
 from __future__ import annotations
 
 import torch
@@ -16,14 +17,15 @@ class VAECodec(nn.Module):
         self.vae = vae.requires_grad_(False).eval()
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(vae.config.get("shift_factor") or 0.0)
-        blocks = len(vae.config.block_out_channels)
+        blocks = len(vae.config.get("block_out_channels") or vae.config.encoder_block_out_channels)
         self.factor = 2 ** (blocks - 1)  # pixels per latent along each side (8 for SD's 4-block VAE)
         self.latent_channels = int(vae.config.latent_channels)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        mean = self.vae.encode(images.to(dtype)).latent_dist.mean
+        out = self.vae.encode(images.to(dtype))
+        mean = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
         return ((mean.float() - self.shift) * self.scale)
 
     @torch.no_grad()

@@ -10,6 +10,9 @@ any other condition; the ScoreModel unpacks it at the network boundary:
 - `sd3`: both CLIPs' penultimate states side by side, zero-padded to the transformer's joint width D, followed by
   T5's T states (zeros for a folder without T5, as diffusers does), then the pooled row (both CLIPs' pooled
   projections side by side): (N, 77 + T + 1, D).
+- `sana`: Gemma's last hidden state of SANA's complex human instruction + the lower-cased prompt, the first token
+  and the last 299 kept (SANA's select index), with the attention mask as one extra last column: (N, 300, C + 1).
+  Its null condition is the encoded "" without the instruction, as SanaPipeline's negative prompt.
 
 Classifier-free guidance needs an unconditional condition, and families disagree on what it is: SD1.5/2.1 and SD3
 encode the empty prompt (`null: empty`); SDXL pipelines (force_zeros_for_empty_prompt) and DMD2 use all-zero
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 NULLS = ("empty", "zeros")
-FAMILIES = ("sd", "sdxl", "sd3")
+FAMILIES = ("sd", "sdxl", "sd3", "sana")
 
 
 def pack_pooled(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -45,21 +48,23 @@ class TextEncoder(nn.Module):
     the CPU, in float32. `encoders[i]` may be None only for SD3's T5 (then `width` gives the joint width D)."""
 
     def __init__(self, tokenizers: list, encoders: list, null: str = "empty", family: str = "sd",
-                 t5_length: int = 256, width: int | None = None) -> None:
+                 t5_length: int = 256, width: int | None = None, instruction: list[str] | None = None,
+                 sana_length: int = 300) -> None:
         super().__init__()
         if null not in NULLS:
             raise ValueError(f"unknown null condition {null!r}; expected one of {', '.join(NULLS)} (empty: the "
                              "encoded empty prompt, as SD1.5/2.1/SD3; zeros: all-zero embeddings, as SDXL and DMD2)")
         if family not in FAMILIES:
             raise ValueError(f"unknown text family {family!r}; expected one of {', '.join(FAMILIES)}")
-        self.family, self.null, self.width = family, null, width
+        self.family, self.null, self.width, self.instruction = family, null, width, instruction
         self.tokenizers = list(tokenizers)
         self.encoders = nn.ModuleList([e.requires_grad_(False).eval() for e in encoders if e is not None])
         self._encoders = [e for e in encoders]  # positionally aligned with tokenizers (None: no T5)
         # CLIP contexts: the tokenizer's (77) bounded by the encoder's positions (some tokenizers say 1e30); SD3's T5
         # (third) uses diffusers' max_sequence_length
         self.lengths = [min(int(tok.model_max_length), int(enc.config.max_position_embeddings))
-                        for tok, enc in zip(self.tokenizers[:2], self._encoders[:2])]
+                        for tok, enc in zip(self.tokenizers[:2], self._encoders[:2])] if family != "sana" else [
+            sana_length]  # SANA: diffusers' max_sequence_length
         if family == "sd3":
             self.lengths.append(t5_length)
         self._cache: dict[str, torch.Tensor] = {}
@@ -96,7 +101,24 @@ class TextEncoder(nn.Module):
                   return_tensors="pt").input_ids
         return enc(ids.to(enc.device), output_hidden_states=True)
 
+    def _sana(self, prompts: list[str], instruct: bool = True) -> torch.Tensor:
+        tok, enc, length = self.tokenizer, self.encoder, self.max_length
+        texts = [p.lower().strip() for p in prompts]
+        select = slice(None)
+        if instruct and self.instruction:
+            head = "\n".join(self.instruction)
+            texts = [head + t for t in texts]
+            length = len(tok.encode(head)) + self.max_length - 2
+            select = [0, *range(-self.max_length + 1, 0)]
+        tok.padding_side = "right"
+        batch = tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        mask = batch.attention_mask.to(enc.device)
+        hidden = enc(batch.input_ids.to(enc.device), attention_mask=mask)[0]
+        return torch.cat([hidden[:, select], mask[:, select, None].to(hidden.dtype)], dim=-1)
+
     def _encode(self, prompts: list[str]) -> torch.Tensor:
+        if self.family == "sana":
+            return self._sana(prompts)
         if self.family == "sd":
             return self._run(0, prompts).last_hidden_state
         clip = [self._run(i, prompts) for i in (0, 1)]
@@ -120,7 +142,8 @@ class TextEncoder(nn.Module):
 
     def null_embedding(self) -> torch.Tensor:
         """(1, L, C): the unconditional condition of this family's convention."""
-        empty = self([""])
+        with torch.no_grad():
+            empty = self._sana([""], instruct=False).float().cpu() if self.family == "sana" else self([""])
         return torch.zeros_like(empty) if self.null == "zeros" else empty
 
 

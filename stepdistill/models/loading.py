@@ -30,7 +30,7 @@ def resolve_path(path: str) -> Path | str:
 def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
     """(Schedule, prediction kind) from a diffusers scheduler instance."""
     name = type(scheduler).__name__
-    if name.startswith("FlowMatch"):
+    if name.startswith("FlowMatch") or scheduler.config.get("use_flow_sigmas"):  # SANA: DPM-Solver on flow sigmas
         return RectifiedFlow(native_scale=float(scheduler.config.num_train_timesteps)), "flow"
     if hasattr(scheduler, "alphas_cumprod"):
         kind = scheduler.config.get("prediction_type", "epsilon")
@@ -76,7 +76,8 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
         conditioning = "class" if n_cls else "none"
         null_label = meta.get("null_label", n_cls - 1 if n_cls else None)
         return ScoreModel(net, schedule, kind, conditioning, null_label=null_label)
-    if isinstance(net, (diffusers.UNet2DConditionModel, diffusers.SD3Transformer2DModel)):
+    if isinstance(net, (diffusers.UNet2DConditionModel, diffusers.SD3Transformer2DModel,
+                        diffusers.SanaTransformer2DModel)):
         return ScoreModel(net, schedule, kind, "text")
     raise ValueError(f"{type(net).__name__} is not supported yet (UNet2DModel, UNet2DConditionModel, "
-                     "SD3Transformer2DModel)")
+                     "SD3Transformer2DModel, SanaTransformer2DModel)")

@@ -53,7 +53,7 @@ class ScoreModel(nn.Module):
     predict = forward
 
     def _call_net(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+        from diffusers import SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
         from .conditioning import unpack_pooled
 
@@ -73,6 +73,11 @@ class ScoreModel(nn.Module):
         if isinstance(net, SD3Transformer2DModel):
             tokens, pooled = unpack_pooled(cond.to(net_dtype), net.config.pooled_projection_dim)
             return net(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=timestep).sample
+        if isinstance(net, SanaTransformer2DModel):  # the attention mask is the condition's last column
+            cond = cond.to(net_dtype)
+            out = net(x, encoder_hidden_states=cond[..., :-1], encoder_attention_mask=cond[..., -1],
+                      timestep=timestep * net.config.timestep_scale).sample
+            return out[:, :x.shape[1]]  # a learned-sigma head's first half is the prediction
         return net(x, timestep) if self.conditioning == "none" else net(x, timestep, cond)
 
     def null(self, cond: torch.Tensor | None) -> torch.Tensor | None:

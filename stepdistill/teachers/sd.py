@@ -1,6 +1,6 @@
 """Latent text-to-image teachers from diffusers pipeline folders: Stable Diffusion 1.x/2.x (eps or v prediction),
-SDXL (two CLIP encoders, pooled embedding, size/crop time ids) and SD3 (an MMDiT flow-matching transformer on two
-CLIPs and T5).
+SDXL (two CLIP encoders, pooled embedding, size/crop time ids), SD3 (an MMDiT flow-matching transformer on two CLIPs
+and T5) and SANA (a linear-attention flow transformer on Gemma, with a DC-AE autoencoder).
 
 The teacher denoises VAE latents, conditioned on the family's text condition (models/conditioning.py) of prompts from
 a prompt file; the VAE decodes samples for grids and image metrics. Training is data-free: only prompts are needed.
@@ -21,9 +21,10 @@ from ..registry import register
 from .base import Teacher
 
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL",
-             "StableDiffusion3Pipeline": "SD3"}
-PLANNED = {"SanaPipeline": "SANA", "FluxPipeline": "FLUX"}
-FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+             "StableDiffusion3Pipeline": "SD3", "SanaPipeline": "SANA"}
+PLANNED = {"FluxPipeline": "FLUX"}
+FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+          "SanaPipeline": "sana"}
 
 
 @dataclass
@@ -70,21 +71,31 @@ def _text_encoder(where: Path | str, index: dict, family: str, null: str, width:
             return None
         return _from_pretrained(getattr(transformers, spec[1]), where, name)
 
-    names = {"sd": ("",), "sdxl": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
+    names = {"sd": ("",), "sana": ("",), "sdxl": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
     from ..models.conditioning import TextEncoder
 
     return TextEncoder([part("tokenizer" + k) for k in names], [part("text_encoder" + k) for k in names], null,
-                       family, width=width)
+                       family, width=width, instruction=sana_instruction() if family == "sana" else None)
+
+
+def sana_instruction() -> list[str]:
+    """The complex human instruction SanaPipeline prepends to every prompt by default (read from its signature, so
+    it is exactly the installed diffusers' text)."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
 @register("teacher", "sd")
 class SDTeacher(Teacher):
-    """A Stable Diffusion (1.x/2.x, XL or 3) pipeline folder as a latent, text-conditional teacher."""
+    """A Stable Diffusion (1.x/2.x, XL or 3) or SANA pipeline folder as a latent, text-conditional teacher."""
 
     Config = SDConfig
 
     def __init__(self, cfg: SDConfig) -> None:
-        from diffusers import AutoencoderKL
+        import diffusers
 
         from ..data.prompts import read_prompts
         from ..models.codec import VAECodec
@@ -99,8 +110,9 @@ class SDTeacher(Teacher):
         index = pipeline_index(where)
         self.cfg, self.pipeline = cfg, index["_class_name"]
         self.family = FAMILY[self.pipeline]
+        self.denoiser = "transformer" if self.family in ("sd3", "sana") else "unet"  # the pipeline's component name
         self.folder = where if isinstance(where, Path) else None
-        score = load_diffusers_score(cfg.path, "transformer" if self.family == "sd3" else "unet")
+        score = load_diffusers_score(cfg.path, self.denoiser)
         null = cfg.null if cfg.null != "auto" else (
             "zeros" if self.family == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty")
         width = score.net.config.joint_attention_dim if self.family == "sd3" else None
@@ -110,7 +122,8 @@ class SDTeacher(Teacher):
         warn_truncated(self.text, self.prompts, "teacher.prompts")
         if cfg.eval_prompts:
             warn_truncated(self.text, self.eval_prompts, "teacher.eval_prompts")
-        self.codec = VAECodec(_from_pretrained(AutoencoderKL, where, "vae"))
+        vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])  # SANA: AutoencoderDC
+        self.codec = VAECodec(_from_pretrained(vae_cls, where, "vae"))
         c = score.net.config
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
         score.null_cond = self.text.null_embedding()

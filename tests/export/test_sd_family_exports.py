@@ -1,4 +1,4 @@
-"""SDXL and SD3 LoRA students: a few distillation iterations, then every export loads in plain diffusers (the
+"""SDXL, SD3 and SANA LoRA students: a few distillation iterations, then every export loads in plain diffusers (the
 family's own pipeline class) and reproduces the student's samples at its trained steps."""
 import functools
 import json
@@ -17,13 +17,13 @@ from stepdistill.train.trainer import Trainer
 N, SEED = 2, 3
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "sana"])
 def family_run(request, tmp_path_factory):
     """A 2-step LoRA VSD student with CFG 2 on the teacher, 2 iterations (rank 2, alpha 4)."""
-    from conftest import make_tiny_sd3_folder, make_tiny_sdxl_folder
+    import conftest
 
     root = tmp_path_factory.mktemp(request.param)
-    folder = make_tiny_sdxl_folder(root / "xl") if request.param == "sdxl" else make_tiny_sd3_folder(root / "sd3")
+    folder = getattr(conftest, f"make_tiny_{request.param}_folder")(root / request.param)
     (root / "prompts.txt").write_text("a red shirt\na blue bag\n")
     data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
             "objective": {"name": "vsd", "update_ratio": 1, "guidance_scale": 2.0}}
@@ -45,8 +45,9 @@ def latents(pipe, run):
     generator = torch.Generator().manual_seed(SEED)
     if run.teacher.family == "sd3":
         pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=generator)
+    tiny = dict(use_resolution_binning=False, height=32, width=32) if run.teacher.family == "sana" else {}  # 1024 px
     return pipe(run.teacher.eval_prompt_list(N), num_inference_steps=2, guidance_scale=1.0, output_type="latent",
-                generator=generator).images
+                generator=generator, **tiny).images
 
 
 def test_pipeline_folder_reproduces_the_student_with_from_pretrained_alone(family_run, tmp_path):
@@ -55,9 +56,9 @@ def test_pipeline_folder_reproduces_the_student_with_from_pretrained_alone(famil
     family, run, expected = family_run
     out = export_diffusers(run, tmp_path / "pipe")
     pipe = getattr(diffusers, run.teacher.pipeline).from_pretrained(out, local_files_only=True)
-    assert type(pipe.scheduler).__name__ == ("FlowMatchLCMScheduler" if family == "sd3" else "LCMScheduler")
-    assert json.loads((out / "stepdistill.json").read_text())["timesteps"] == (
-        [1000.0, 500.0] if family == "sd3" else [999, 499])
+    flow = family in ("sd3", "sana")
+    assert type(pipe.scheduler).__name__ == ("FlowMatchLCMScheduler" if flow else "LCMScheduler")
+    assert json.loads((out / "stepdistill.json").read_text())["timesteps"] == ([1000.0, 500.0] if flow else [999, 499])
     torch.testing.assert_close(latents(pipe, run), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -66,13 +67,13 @@ def test_lora_loads_with_load_lora_weights_and_reproduces_the_student(family_run
 
     family, run, expected = family_run
     out = export_lora(run, tmp_path / "lora")
-    prefix = "transformer" if family == "sd3" else "unet"
+    prefix = run.teacher.denoiser
     assert all(k.startswith(prefix + ".") for k in load_file(out / "pytorch_lora_weights.safetensors"))
     kohya = load_file(out / "lora_kohya.safetensors")
     assert all(k.startswith(f"lora_{prefix}_") for k in kohya)
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
     pipe = getattr(diffusers, run.teacher.pipeline).from_pretrained(run.teacher.folder, local_files_only=True)
-    scheduler = "FlowMatchLCMScheduler" if family == "sd3" else "LCMScheduler"
+    scheduler = "FlowMatchLCMScheduler" if family in ("sd3", "sana") else "LCMScheduler"
     pipe.scheduler = getattr(diffusers, scheduler).from_pretrained(out, subfolder="scheduler")
     load_lora(pipe, out)  # checks the base's fingerprint, then pipe.load_lora_weights
     torch.testing.assert_close(latents(pipe, run), expected, rtol=1e-4, atol=1e-4)

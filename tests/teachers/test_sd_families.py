@@ -1,21 +1,23 @@
-"""SDXL and SD3 folders as teachers: their conditions are exactly what the folder's own pipeline encodes (pooled
-embedding, time ids, T5, null convention), and the network sees them as the pipeline passes them."""
+"""SDXL, SD3 and SANA folders as teachers: their conditions are exactly what the folder's own pipeline encodes
+(pooled embedding, time ids, T5, SANA's instruction and attention mask, null convention), and the network sees them
+as the pipeline passes them."""
 import pytest
 import torch
 
 from stepdistill.models.conditioning import unpack_pooled
-from stepdistill.teachers.sd import SDConfig, SDTeacher
+from stepdistill.teachers.sd import SDConfig, SDTeacher, sana_instruction
 
 PROMPTS = ["a red shirt", "a blue bag"]
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3", "sd3-no-t5"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "sd3-no-t5", "sana"])
 def family_teacher(request, tmp_path_factory):
-    from conftest import make_tiny_sd3_folder, make_tiny_sdxl_folder
+    from conftest import make_tiny_sana_folder, make_tiny_sd3_folder, make_tiny_sdxl_folder
 
     root = tmp_path_factory.mktemp(request.param)
-    folder = (make_tiny_sdxl_folder(root / "xl") if request.param == "sdxl"
-              else make_tiny_sd3_folder(root / "sd3", t5=request.param == "sd3"))
+    folder = {"sdxl": lambda: make_tiny_sdxl_folder(root / "xl"), "sana": lambda: make_tiny_sana_folder(root / "sana"),
+              "sd3": lambda: make_tiny_sd3_folder(root / "sd3"),
+              "sd3-no-t5": lambda: make_tiny_sd3_folder(root / "sd3", t5=False)}[request.param]()
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return request.param, SDTeacher(SDConfig(path=str(folder), prompts=str(root / "prompts.txt")))
 
@@ -34,6 +36,15 @@ def test_conditions_are_what_the_pipeline_encodes(family_teacher):
     family, t = family_teacher
     pipe = pipeline_of(t)
     cond = t.text(PROMPTS)
+    if family == "sana":
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, device="cpu",
+                                                         complex_human_instruction=sana_instruction())
+        assert cond.shape == (2, 300, 33) and t.text.null == "empty"
+        torch.testing.assert_close(cond[..., :-1], embeds)
+        torch.testing.assert_close(cond[..., -1], mask.float())
+        torch.testing.assert_close(t.score.null_cond[..., :-1], neg[:1])  # "" without the instruction
+        torch.testing.assert_close(t.score.null_cond[..., -1], neg_mask[:1].float())
+        return
     pooled_width = 16 if family == "sdxl" else 32
     tokens, pooled = unpack_pooled(cond, pooled_width)
     kw = dict(prompt_2=None, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
@@ -62,7 +73,14 @@ def test_the_network_gets_the_pipelines_inputs(family_teacher):
     x = torch.randn(2, *t.shape)
     cond = t.text(PROMPTS)
     with torch.no_grad():
-        if family == "sdxl":
+        if family == "sana":
+            embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, device="cpu",
+                                                    complex_human_instruction=sana_instruction())
+            v = pipe.transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                 timestep=torch.full((2,), 700.0)).sample
+            x0 = t.score(x, torch.full((2,), 0.7), cond).x0
+            torch.testing.assert_close(x0, x - 0.7 * v, rtol=1e-4, atol=1e-4)
+        elif family == "sdxl":
             embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
             size = (16, 16)
             time_ids = pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype,
@@ -79,4 +97,4 @@ def test_the_network_gets_the_pipelines_inputs(family_teacher):
             x0 = t.score(x, torch.full((2,), sigma), cond).x0
             torch.testing.assert_close(x0, x - sigma * v, rtol=1e-4, atol=1e-4)
     images = t.decode(torch.randn(2, *t.shape))
-    assert images.shape == (2, 3, 16, 16)
+    assert images.shape == (2, 3, 2 * t.shape[1], 2 * t.shape[2])
