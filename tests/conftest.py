@@ -134,6 +134,30 @@ def make_tiny_sd3_folder(path, t5: bool = True):
     return path
 
 
+def make_tiny_flux_folder(path):
+    """A tiny FLUX-dev pipeline folder built offline: a CLIP text encoder (pooled output) and a 1-layer T5 (with the
+    local byte-level tokenizer), a FluxTransformer2DModel with a guidance embedding, a 2-block VAE with a shift
+    factor and FLUX's dynamically shifted flow scheduler. Sample it at 16 px (teacher.resolution=16)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, vocab = byte_level_clip_tokenizer(path.with_name(path.name + "_tokenizer_src"))
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_config(vocab))),
+                 tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                 transformer=transformer).save_pretrained(path)
+    return path
+
+
 def make_tiny_sana_folder(path):
     """A tiny SANA pipeline folder built offline: a 1-layer Gemma2 text encoder (with the local byte-level tokenizer),
     a 1-layer SanaTransformer2DModel on 16x16 latents (SanaPipeline wants images of a multiple of 32 px), a 2-block

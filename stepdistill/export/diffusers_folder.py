@@ -106,15 +106,15 @@ import torch
 from diffusers import {pipeline}
 
 pipe = {pipeline}.from_pretrained("{path}")
-images = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0,
+images = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance},
               generator=torch.Generator().manual_seed(0)).images
 ```
 """
 
 
-SD3_NOISE_NOTE = """
-StableDiffusion3Pipeline does not pass `generator` to the scheduler, so the fresh noise between steps comes from
-torch's global generator: call `torch.manual_seed(...)` as well for reproducible multi-step samples.
+GLOBAL_NOISE_NOTE = """
+{pipeline} does not pass `generator` to the scheduler, so the fresh noise between steps comes from torch's global
+generator: call `torch.manual_seed(...)` as well for reproducible multi-step samples.
 """
 
 
@@ -138,13 +138,14 @@ def _export_pipeline(run, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
-            "guidance_scale": 1.0, "recipe": recipe_mod.to_dict(run.recipe)}
+            "guidance_scale": teacher.pipeline_guidance, "recipe": recipe_mod.to_dict(run.recipe)}
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(PIPELINE_USAGE.format(
         name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
+        guidance=teacher.pipeline_guidance,
         denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
-        fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (SD3_NOISE_NOTE if teacher.family == "sd3"
-                                                                           else ""))
+        fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
+        GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else ""))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

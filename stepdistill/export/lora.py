@@ -24,7 +24,8 @@ from ..hashing import file_sha256
 from ..models.lora import is_lora
 from .diffusers_folder import lcm_scheduler
 
-BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "sana": "sana"}  # kohya's ss_base_model_version
+# kohya's ss_base_model_version
+BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "sana": "sana"}
 
 USAGE = """# {name}: a {steps}-step LoRA student distilled by stepdistill
 
@@ -41,7 +42,7 @@ pipe.scheduler = {scheduler}.from_pretrained("{path}", subfolder="scheduler")
 pipe.load_lora_weights("{path}")  # pytorch_lora_weights.safetensors
 # or, checking first that pipe has the base it was trained on:
 # from stepdistill.export.lora import load_lora; load_lora(pipe, "{path}")
-images = pipe("a prompt", num_inference_steps={steps}, guidance_scale=1.0,  # trained steps: {timesteps}
+images = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance},  # trained steps: {timesteps}
               generator=torch.Generator().manual_seed(0)).images
 ```
 
@@ -154,7 +155,8 @@ def export_lora(run, out: str | Path) -> Path:
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
             "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": BASE_VERSION[teacher.family],
             "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
-            "stepdistill.scheduler": type(scheduler).__name__, "stepdistill.guidance_scale": "1.0",
+            "stepdistill.scheduler": type(scheduler).__name__,
+            "stepdistill.guidance_scale": str(teacher.pipeline_guidance),
             "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
             "stepdistill.base_fingerprint": fingerprint,
             "stepdistill.iteration": str(run.step), "stepdistill.recipe": recipe_mod.dump(run.recipe)}
@@ -166,7 +168,7 @@ def export_lora(run, out: str | Path) -> Path:
     (tmp / "README.md").write_text(USAGE.format(
         name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
         kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
-        scheduler=type(scheduler).__name__))
+        scheduler=type(scheduler).__name__, guidance=teacher.pipeline_guidance))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -10,6 +10,7 @@ any other condition; the ScoreModel unpacks it at the network boundary:
 - `sd3`: both CLIPs' penultimate states side by side, zero-padded to the transformer's joint width D, followed by
   T5's T states (zeros for a folder without T5, as diffusers does), then the pooled row (both CLIPs' pooled
   projections side by side): (N, 77 + T + 1, D).
+- `flux`: T5's T states (T = 512), then the pooled row (the CLIP encoder's pooled output): (N, T + 1, D).
 - `sana`: Gemma's last hidden state of SANA's complex human instruction + the lower-cased prompt, the first token
   and the last 299 kept (SANA's select index), with the attention mask as one extra last column: (N, 300, C + 1).
   Its null condition is the encoded "" without the instruction, as SanaPipeline's negative prompt.
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 NULLS = ("empty", "zeros")
-FAMILIES = ("sd", "sdxl", "sd3", "sana")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana")
 
 
 def pack_pooled(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ class TextEncoder(nn.Module):
     the CPU, in float32. `encoders[i]` may be None only for SD3's T5 (then `width` gives the joint width D)."""
 
     def __init__(self, tokenizers: list, encoders: list, null: str = "empty", family: str = "sd",
-                 t5_length: int = 256, width: int | None = None, instruction: list[str] | None = None,
+                 t5_length: int | None = None, width: int | None = None, instruction: list[str] | None = None,
                  sana_length: int = 300) -> None:
         super().__init__()
         if null not in NULLS:
@@ -60,13 +61,13 @@ class TextEncoder(nn.Module):
         self.tokenizers = list(tokenizers)
         self.encoders = nn.ModuleList([e.requires_grad_(False).eval() for e in encoders if e is not None])
         self._encoders = [e for e in encoders]  # positionally aligned with tokenizers (None: no T5)
-        # CLIP contexts: the tokenizer's (77) bounded by the encoder's positions (some tokenizers say 1e30); SD3's T5
-        # (third) uses diffusers' max_sequence_length
+        # CLIP contexts: the tokenizer's (77) bounded by the encoder's positions (some tokenizers say 1e30); T5 and
+        # Gemma contexts: the pipelines' default max_sequence_length (SD3 256, FLUX 512, SANA 300)
+        clips = {"sd": 1, "sdxl": 2, "sd3": 2, "flux": 1, "sana": 0}[family]
         self.lengths = [min(int(tok.model_max_length), int(enc.config.max_position_embeddings))
-                        for tok, enc in zip(self.tokenizers[:2], self._encoders[:2])] if family != "sana" else [
-            sana_length]  # SANA: diffusers' max_sequence_length
-        if family == "sd3":
-            self.lengths.append(t5_length)
+                        for tok, enc in zip(self.tokenizers[:clips], self._encoders[:clips])]
+        long_context = t5_length or {"sd3": 256, "flux": 512, "sana": sana_length}.get(family)
+        self.lengths += [long_context] * (len(self.tokenizers) - clips)
         self._cache: dict[str, torch.Tensor] = {}
 
     def components(self) -> dict:
@@ -121,6 +122,8 @@ class TextEncoder(nn.Module):
             return self._sana(prompts)
         if self.family == "sd":
             return self._run(0, prompts).last_hidden_state
+        if self.family == "flux":
+            return pack_pooled(self._run(1, prompts).last_hidden_state, self._run(0, prompts).pooler_output)
         clip = [self._run(i, prompts) for i in (0, 1)]
         tokens = torch.cat([o.hidden_states[-2] for o in clip], dim=-1)
         if self.family == "sdxl":

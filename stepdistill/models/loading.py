@@ -77,7 +77,7 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
         null_label = meta.get("null_label", n_cls - 1 if n_cls else None)
         return ScoreModel(net, schedule, kind, conditioning, null_label=null_label)
     if isinstance(net, (diffusers.UNet2DConditionModel, diffusers.SD3Transformer2DModel,
-                        diffusers.SanaTransformer2DModel)):
+                        diffusers.SanaTransformer2DModel, diffusers.FluxTransformer2DModel)):
         return ScoreModel(net, schedule, kind, "text")
     raise ValueError(f"{type(net).__name__} is not supported yet (UNet2DModel, UNet2DConditionModel, "
-                     "SD3Transformer2DModel, SanaTransformer2DModel)")
+                     "SD3Transformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel)")

@@ -1,6 +1,7 @@
 """Latent text-to-image teachers from diffusers pipeline folders: Stable Diffusion 1.x/2.x (eps or v prediction),
 SDXL (two CLIP encoders, pooled embedding, size/crop time ids), SD3 (an MMDiT flow-matching transformer on two CLIPs
-and T5) and SANA (a linear-attention flow transformer on Gemma, with a DC-AE autoencoder).
+and T5), FLUX (a flow transformer on 2x2 latent patches, T5 and pooled CLIP; dev models take their guidance scale as
+an input) and SANA (a linear-attention flow transformer on Gemma, with a DC-AE autoencoder).
 
 The teacher denoises VAE latents, conditioned on the family's text condition (models/conditioning.py) of prompts from
 a prompt file; the VAE decodes samples for grids and image metrics. Training is data-free: only prompts are needed.
@@ -21,10 +22,10 @@ from ..registry import register
 from .base import Teacher
 
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionXLPipeline": "SDXL",
-             "StableDiffusion3Pipeline": "SD3", "SanaPipeline": "SANA"}
-PLANNED = {"FluxPipeline": "FLUX"}
+             "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "FLUX", "SanaPipeline": "SANA"}
+PLANNED = {"PixArtSigmaPipeline": "PixArt-Sigma", "HunyuanDiTPipeline": "Hunyuan-DiT"}
 FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
-          "SanaPipeline": "sana"}
+          "FluxPipeline": "flux", "SanaPipeline": "sana"}
 
 
 @dataclass
@@ -36,6 +37,9 @@ class SDConfig:
     # unconditional condition: the folder's own convention (auto: zeros for SDXL's force_zeros_for_empty_prompt, else
     # the encoded ""), or forced: the encoded "" (SD1.5/2.1/SD3) or all-zero embeddings (SDXL, DMD2)
     null: Literal["auto", "empty", "zeros"] = "auto"
+    resolution: int | None = None  # image side in pixels (default: the network's sample size; FLUX: 1024)
+    embedded_guidance: float = 3.5  # FLUX-dev: the guidance scale the network takes as an input (its pipeline's
+    #                                 guidance_scale); ignored by networks without a guidance embedding
 
 
 def _bundled(path: str) -> Path:
@@ -71,7 +75,7 @@ def _text_encoder(where: Path | str, index: dict, family: str, null: str, width:
             return None
         return _from_pretrained(getattr(transformers, spec[1]), where, name)
 
-    names = {"sd": ("",), "sana": ("",), "sdxl": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
+    names = {"sd": ("",), "sana": ("",), "sdxl": ("", "_2"), "flux": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
     from ..models.conditioning import TextEncoder
 
     return TextEncoder([part("tokenizer" + k) for k in names], [part("text_encoder" + k) for k in names], null,
@@ -90,7 +94,7 @@ def sana_instruction() -> list[str]:
 
 @register("teacher", "sd")
 class SDTeacher(Teacher):
-    """A Stable Diffusion (1.x/2.x, XL or 3) or SANA pipeline folder as a latent, text-conditional teacher."""
+    """A Stable Diffusion (1.x/2.x, XL or 3), FLUX or SANA pipeline folder as a latent, text-conditional teacher."""
 
     Config = SDConfig
 
@@ -110,7 +114,7 @@ class SDTeacher(Teacher):
         index = pipeline_index(where)
         self.cfg, self.pipeline = cfg, index["_class_name"]
         self.family = FAMILY[self.pipeline]
-        self.denoiser = "transformer" if self.family in ("sd3", "sana") else "unet"  # the pipeline's component name
+        self.denoiser = "unet" if self.family in ("sd", "sdxl") else "transformer"  # the pipeline's component name
         self.folder = where if isinstance(where, Path) else None
         score = load_diffusers_score(cfg.path, self.denoiser)
         null = cfg.null if cfg.null != "auto" else (
@@ -124,13 +128,26 @@ class SDTeacher(Teacher):
             warn_truncated(self.text, self.eval_prompts, "teacher.eval_prompts")
         vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])  # SANA: AutoencoderDC
         self.codec = VAECodec(_from_pretrained(vae_cls, where, "vae"))
-        c = score.net.config
-        self.shape = (c.in_channels, c.sample_size, c.sample_size)
+        c, factor = score.net.config, self.codec.factor
+        size = cfg.resolution or (1024 if self.family == "flux" else c.sample_size * factor)
+        if size % (2 * factor if self.family == "flux" else factor):
+            raise ValueError(f"teacher.resolution={size} must be a multiple of {factor} (the VAE's downsampling"
+                             f"{' x 2 for FLUX patches' if self.family == 'flux' else ''})")
+        channels = c.in_channels // 4 if self.family == "flux" else c.in_channels  # FLUX: 2x2 patches of latents
+        self.shape = (channels, size // factor, size // factor)
         score.null_cond = self.text.null_embedding()
         if self.family == "sdxl":  # micro-conditioning: original size, crop top-left, target size, in pixels
-            size = c.sample_size * self.codec.factor
             score.time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32)
+        if self.family == "flux":
+            score.guidance_input = cfg.embedded_guidance
         self.score = score.requires_grad_(False).eval()
+
+    @property
+    def pipeline_guidance(self) -> float:
+        """The guidance_scale to give this family's pipeline for a student: 1.0 (no CFG), or for FLUX-dev the embedded
+        guidance the student was distilled with (FluxPipeline passes guidance_scale to the network)."""
+        net = self.score.net
+        return float(self.score.guidance_input) if getattr(net.config, "guidance_embeds", False) else 1.0
 
     def sample_cond(self, n: int, generator: torch.Generator | None = None,
                     classes: list[int] | None = None) -> torch.Tensor:

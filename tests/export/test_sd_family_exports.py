@@ -1,5 +1,5 @@
-"""SDXL, SD3 and SANA LoRA students: a few distillation iterations, then every export loads in plain diffusers (the
-family's own pipeline class) and reproduces the student's samples at its trained steps."""
+"""SDXL, SD3, FLUX and SANA LoRA students: a few distillation iterations, then every export loads in plain diffusers
+(the family's own pipeline class) and reproduces the student's samples at its trained steps."""
 import functools
 import json
 
@@ -17,18 +17,21 @@ from stepdistill.train.trainer import Trainer
 N, SEED = 2, 3
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3", "sana"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux", "sana"])
 def family_run(request, tmp_path_factory):
-    """A 2-step LoRA VSD student with CFG 2 on the teacher, 2 iterations (rank 2, alpha 4)."""
+    """A 2-step LoRA VSD student with CFG 2 on the teacher, 2 iterations (rank 2, alpha 4). FLUX: one step, as
+    FluxPipeline re-noises packed latents from the global generator, which no seed can align with ours."""
     import conftest
 
     root = tmp_path_factory.mktemp(request.param)
     folder = getattr(conftest, f"make_tiny_{request.param}_folder")(root / request.param)
     (root / "prompts.txt").write_text("a red shirt\na blue bag\n")
-    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
+    size = {"resolution": 16} if request.param == "flux" else {}
+    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt"), **size},
             "objective": {"name": "vsd", "update_ratio": 1, "guidance_scale": 2.0}}
     recipe = load_recipe(None, ["train.batch_size=2", "train.steps=2", "train.lr=1e-2", "eval.at_end=false",
-                                "generator.steps=2", "generator.lora_rank=2", "generator.lora_alpha=4"], data=data)
+                                f"generator.steps={1 if request.param == 'flux' else 2}", "generator.lora_rank=2",
+                                "generator.lora_alpha=4"], data=data)
     Trainer(recipe, root / "run", quiet=True).run()
     run = load_run(root / "run")
     assert run.student.net.net.peft_config["default"].r == 2
@@ -45,9 +48,12 @@ def latents(pipe, run):
     generator = torch.Generator().manual_seed(SEED)
     if run.teacher.family == "sd3":
         pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=generator)
-    tiny = dict(use_resolution_binning=False, height=32, width=32) if run.teacher.family == "sana" else {}  # 1024 px
-    return pipe(run.teacher.eval_prompt_list(N), num_inference_steps=2, guidance_scale=1.0, output_type="latent",
-                generator=generator, **tiny).images
+    family = run.teacher.family
+    size = {"sana": dict(use_resolution_binning=False, height=32, width=32), "flux": dict(height=16, width=16)}
+    out = pipe(run.teacher.eval_prompt_list(N), num_inference_steps=run.student.steps,
+               guidance_scale=run.teacher.pipeline_guidance, output_type="latent", generator=generator,
+               **size.get(family, {})).images
+    return pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor) if family == "flux" else out
 
 
 def test_pipeline_folder_reproduces_the_student_with_from_pretrained_alone(family_run, tmp_path):
@@ -56,9 +62,10 @@ def test_pipeline_folder_reproduces_the_student_with_from_pretrained_alone(famil
     family, run, expected = family_run
     out = export_diffusers(run, tmp_path / "pipe")
     pipe = getattr(diffusers, run.teacher.pipeline).from_pretrained(out, local_files_only=True)
-    flow = family in ("sd3", "sana")
+    flow = family in ("sd3", "flux", "sana")
     assert type(pipe.scheduler).__name__ == ("FlowMatchLCMScheduler" if flow else "LCMScheduler")
-    assert json.loads((out / "stepdistill.json").read_text())["timesteps"] == ([1000.0, 500.0] if flow else [999, 499])
+    expected_steps = {"flux": [1000.0], "sd3": [1000.0, 500.0], "sana": [1000.0, 500.0]}.get(family, [999, 499])
+    assert json.loads((out / "stepdistill.json").read_text())["timesteps"] == expected_steps
     torch.testing.assert_close(latents(pipe, run), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -73,7 +80,7 @@ def test_lora_loads_with_load_lora_weights_and_reproduces_the_student(family_run
     assert all(k.startswith(f"lora_{prefix}_") for k in kohya)
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
     pipe = getattr(diffusers, run.teacher.pipeline).from_pretrained(run.teacher.folder, local_files_only=True)
-    scheduler = "FlowMatchLCMScheduler" if family in ("sd3", "sana") else "LCMScheduler"
+    scheduler = "FlowMatchLCMScheduler" if family in ("sd3", "flux", "sana") else "LCMScheduler"
     pipe.scheduler = getattr(diffusers, scheduler).from_pretrained(out, subfolder="scheduler")
     load_lora(pipe, out)  # checks the base's fingerprint, then pipe.load_lora_weights
     torch.testing.assert_close(latents(pipe, run), expected, rtol=1e-4, atol=1e-4)

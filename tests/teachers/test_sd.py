@@ -47,9 +47,9 @@ def test_bad_sd_inputs_name_the_fix(tiny_sd_folder, tmp_path):
     xl = tmp_path / "xl"
     shutil.copytree(tiny_sd_folder, xl)
     index = json.loads((xl / "model_index.json").read_text())
-    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "SanaPipeline"}))
-    with pytest.raises(ValueError, match=r"SanaPipeline folder, which teacher sd does not support yet "
-                                         r"\(SANA support is planned\); supported: StableDiffusionPipeline"):
+    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtSigmaPipeline"}))
+    with pytest.raises(ValueError, match=r"PixArtSigmaPipeline folder, which teacher sd does not support yet "
+                                         r"\(PixArt-Sigma support is planned\); supported: StableDiffusionPipeline"):
         teacher(xl)
     (xl / "model_index.json").unlink()
     with pytest.raises(FileNotFoundError, match="no model_index.json"):

@@ -1,6 +1,6 @@
-"""SDXL, SD3 and SANA folders as teachers: their conditions are exactly what the folder's own pipeline encodes
+"""SDXL, SD3, FLUX and SANA folders as teachers: their conditions are exactly what the folder's own pipeline encodes
 (pooled embedding, time ids, T5, SANA's instruction and attention mask, null convention), and the network sees them
-as the pipeline passes them."""
+as the pipeline passes them (FLUX: packed 2x2 patches, image ids, embedded guidance)."""
 import pytest
 import torch
 
@@ -10,16 +10,18 @@ from stepdistill.teachers.sd import SDConfig, SDTeacher, sana_instruction
 PROMPTS = ["a red shirt", "a blue bag"]
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3", "sd3-no-t5", "sana"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "sd3-no-t5", "flux", "sana"])
 def family_teacher(request, tmp_path_factory):
-    from conftest import make_tiny_sana_folder, make_tiny_sd3_folder, make_tiny_sdxl_folder
+    import conftest
 
     root = tmp_path_factory.mktemp(request.param)
-    folder = {"sdxl": lambda: make_tiny_sdxl_folder(root / "xl"), "sana": lambda: make_tiny_sana_folder(root / "sana"),
-              "sd3": lambda: make_tiny_sd3_folder(root / "sd3"),
-              "sd3-no-t5": lambda: make_tiny_sd3_folder(root / "sd3", t5=False)}[request.param]()
+    if request.param == "sd3-no-t5":
+        folder = conftest.make_tiny_sd3_folder(root / "sd3", t5=False)
+    else:
+        folder = getattr(conftest, f"make_tiny_{request.param}_folder")(root / request.param)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return request.param, SDTeacher(SDConfig(path=str(folder), prompts=str(root / "prompts.txt")))
+    size = {"resolution": 16} if request.param == "flux" else {}
+    return request.param, SDTeacher(SDConfig(path=str(folder), prompts=str(root / "prompts.txt"), **size))
 
 
 def pipeline_of(teacher):
@@ -36,6 +38,15 @@ def test_conditions_are_what_the_pipeline_encodes(family_teacher):
     family, t = family_teacher
     pipe = pipeline_of(t)
     cond = t.text(PROMPTS)
+    if family == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu")
+        assert cond.shape == (2, 513, 32) and t.text.null == "empty" and t.shape == (4, 8, 8)
+        close = dict(rtol=1e-4, atol=1e-4)  # T5 in another batch composition: float rounding
+        torch.testing.assert_close(cond[:, :-1], embeds, **close)
+        torch.testing.assert_close(cond[:, -1], pooled, **close)
+        null, null_pooled, _ = pipe.encode_prompt([""], None, device="cpu")
+        torch.testing.assert_close(t.score.null_cond, torch.cat([null, null_pooled[:, None]], dim=1), **close)
+        return
     if family == "sana":
         embeds, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, device="cpu",
                                                          complex_human_instruction=sana_instruction())
@@ -73,7 +84,15 @@ def test_the_network_gets_the_pipelines_inputs(family_teacher):
     x = torch.randn(2, *t.shape)
     cond = t.text(PROMPTS)
     with torch.no_grad():
-        if family == "sana":
+        if family == "flux":  # the pipeline packs 2x2 patches and passes time in [0, 1] and guidance 3.5
+            embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, None, device="cpu")
+            packed = pipe._pack_latents(x, 2, 4, 8, 8)
+            v = pipe.transformer(packed, timestep=torch.full((2,), 0.7), guidance=torch.full((2,), 3.5),
+                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                 img_ids=pipe._prepare_latent_image_ids(2, 4, 4, "cpu", x.dtype)).sample
+            v = pipe._unpack_latents(v, 16, 16, pipe.vae_scale_factor)
+            torch.testing.assert_close(t.score(x, torch.full((2,), 0.7), cond).x0, x - 0.7 * v, rtol=1e-4, atol=1e-4)
+        elif family == "sana":
             embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, device="cpu",
                                                     complex_human_instruction=sana_instruction())
             v = pipe.transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
