@@ -2,10 +2,10 @@
 LCMScheduler config that samples the student's trained steps.
 
 diffusers layout: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight` / `lora_B.weight`
-(`transformer.` for SD3), the adapter's LoraConfig (rank, alpha, targets) in the metadata so `pipe.load_lora_weights`
-rebuilds the same scale.
+(`transformer.` for SD3, FLUX, SANA), the adapter's LoraConfig (rank, alpha, targets) in the metadata so
+`pipe.load_lora_weights` rebuilds the same scale.
 kohya layout: `<name>_kohya.safetensors`, keys `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` /
-`.alpha` (`lora_transformer_` for SD3, the OneTrainer naming ComfyUI maps) with the real alpha (diffusers' own
+`.alpha` (`lora_transformer_` for transformers, the OneTrainer naming ComfyUI maps) with the real alpha (diffusers' own
 converter writes alpha = rank), and `ss_*` metadata plus the intended steps, timesteps and scale. Module names are
 diffusers' (`down_blocks_0_attentions_0_...`), which ComfyUI and diffusers map; kohya's original LDM naming
 (`input_blocks_...`) is not written.

@@ -60,12 +60,12 @@ class TextEncoder(nn.Module):
         self.family, self.null, self.width, self.instruction = family, null, width, instruction
         self.tokenizers = list(tokenizers)
         self.encoders = nn.ModuleList([e.requires_grad_(False).eval() for e in encoders if e is not None])
-        self._encoders = [e for e in encoders]  # positionally aligned with tokenizers (None: no T5)
+        self.aligned = list(encoders)  # position i belongs to tokenizers[i] (None: no T5)
         # CLIP contexts: the tokenizer's (77) bounded by the encoder's positions (some tokenizers say 1e30); T5 and
         # Gemma contexts: the pipelines' default max_sequence_length (SD3 256, FLUX 512, SANA 300)
         clips = {"sd": 1, "sdxl": 2, "sd3": 2, "flux": 1, "sana": 0}[family]
         self.lengths = [min(int(tok.model_max_length), int(enc.config.max_position_embeddings))
-                        for tok, enc in zip(self.tokenizers[:clips], self._encoders[:clips])]
+                        for tok, enc in zip(self.tokenizers[:clips], self.aligned[:clips])]
         long_context = t5_length or {"sd3": 256, "flux": 512, "sana": sana_length}.get(family)
         self.lengths += [long_context] * (len(self.tokenizers) - clips)
         self._cache: dict[str, torch.Tensor] = {}
@@ -74,7 +74,7 @@ class TextEncoder(nn.Module):
         """The pipeline components by their diffusers names: tokenizer, text_encoder, tokenizer_2, ... (None for an
         absent T5)."""
         out = {}
-        for k, tokenizer, encoder in zip(("", "_2", "_3"), self.tokenizers, self._encoders):
+        for k, tokenizer, encoder in zip(("", "_2", "_3"), self.tokenizers, self.aligned):
             out.update({f"tokenizer{k}": tokenizer if encoder is not None else None, f"text_encoder{k}": encoder})
         return out
 
@@ -84,7 +84,7 @@ class TextEncoder(nn.Module):
 
     @property
     def encoder(self) -> nn.Module:
-        return self._encoders[0]
+        return self.aligned[0]
 
     @property
     def max_length(self) -> int:
@@ -97,7 +97,7 @@ class TextEncoder(nn.Module):
         return sum(len(i) > self.max_length for i in ids)
 
     def _run(self, i: int, prompts: list[str]):
-        tok, enc = self.tokenizers[i], self._encoders[i]
+        tok, enc = self.tokenizers[i], self.aligned[i]
         ids = tok(prompts, padding="max_length", max_length=self.lengths[i], truncation=True,
                   return_tensors="pt").input_ids
         return enc(ids.to(enc.device), output_hidden_states=True)
@@ -130,7 +130,7 @@ class TextEncoder(nn.Module):
             return pack_pooled(tokens, clip[1].text_embeds)
         pooled = torch.cat([o.text_embeds for o in clip], dim=-1)
         tokens = nn.functional.pad(tokens, (0, self.width - tokens.shape[-1]))
-        t5 = (self._run(2, prompts).last_hidden_state if self._encoders[2] is not None
+        t5 = (self._run(2, prompts).last_hidden_state if self.aligned[2] is not None
               else tokens.new_zeros(len(prompts), self.lengths[2], self.width))
         return pack_pooled(torch.cat([tokens, t5.to(tokens.dtype)], dim=1), pooled)
 
