@@ -36,7 +36,9 @@ different protocol (backend, Inception weights, resize).""",
     "bench": """examples:
   stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (~11 min, CPU)
   stepdistill bench configs/bench/fashion.yaml --outdir runs/bench_fashion --report docs/benchmarks_fashion.md
-Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).""",
+Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).
+  stepdistill bench --speed configs/fashion/vsd_1step.yaml configs/fashion/sid_1step.yaml train.batch_size=32 \
+      --report docs/benchmarks_speed.md      (loop overhead: step time / isolated network passes; target <= 1.15)""",
     "export": """examples:
   stepdistill export --run runs/fashion_vsd --format diffusers --out exports/fashion_1step
   stepdistill export --run runs/fashion_vsd --format safetensors --out exports/fashion_1step.safetensors
@@ -104,10 +106,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="the .npz to write")
     inception_options(r)
 
-    b = add("bench", "train every recipe of a suite under one budget and write a side-by-side report")
-    b.add_argument("suite", help="suite YAML, e.g. configs/bench/gmm.yaml")
+    b = add("bench", "train every recipe of a suite under one budget and write a side-by-side report; with --speed, "
+                     "time the training loop's overhead over its network passes")
+    b.add_argument("suite", nargs="+", help="suite YAML, e.g. configs/bench/gmm.yaml; with --speed: recipes and "
+                   "key=value overrides applied to each")
+    b.add_argument("--speed", action="store_true", help="step time / isolated network passes time per recipe "
+                   "(stepdistill/speed.py); no training run, nothing saved but --report")
+    b.add_argument("--steps", type=int, default=10, help="with --speed: timed iterations (a multiple of the "
+                   "objective's cycle, e.g. VSD's update_ratio)")
+    b.add_argument("--warmup", type=int, default=3, help="with --speed: untimed iterations first")
     b.add_argument("--outdir", help="runs go here (default: runs/bench_<suite file name>)")
-    b.add_argument("--report", help="markdown report (default: OUTDIR/report.md); plots and grids beside it")
+    b.add_argument("--report", help="markdown report (default: OUTDIR/report.md; with --speed: printed only); plots "
+                   "and grids beside it")
     b.add_argument("--quiet", action="store_true", help="no progress bars from the training runs")
 
     x = add("export", "export the student's weights")
@@ -285,6 +295,19 @@ def cmd_eval_ref(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
 
+    if a.speed:
+        from .speed import run_speed
+
+        recipes = [x for x in a.suite if "=" not in x]
+        overrides = [x for x in a.suite if "=" in x]
+        command = "stepdistill bench --speed " + " ".join(a.suite) + f" --steps {a.steps} --warmup {a.warmup}"
+        print(run_speed(recipes, overrides, a.steps, a.warmup, a.report, command))
+        if a.report:
+            print(f"wrote {a.report}")
+        return 0
+    if len(a.suite) != 1:
+        raise SystemExit(f"stepdistill bench: give one suite YAML (or --speed with recipes), got {a.suite}")
+    a.suite = a.suite[0]
     outdir = a.outdir or f"runs/bench_{Path(a.suite).stem}"
     report = run_bench(a.suite, outdir, a.report, quiet=a.quiet)
     print(f"wrote {report}")

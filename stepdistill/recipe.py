@@ -53,7 +53,15 @@ class TrainConfig:
     warmup: int = 0  # linear learning-rate warm-up, in iterations
     grad_clip: float = 10.0  # max global grad norm per network (0 disables)
     ema: float = 0.0  # EMA decay of the generator (0 disables); sampling and eval use the EMA weights
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: torch.autocast around each loss, float32 master weights
+    # How the networks execute, not what they compute (stepdistill/kernels): attention kernel of diffusers networks
+    # (sdpa: PyTorch's fused kernels; xformers: when installed on a CUDA machine, else a warning and sdpa; math: the
+    # explicit reference), torch.compile of each network, activation recomputation in backward (less memory), and
+    # the frozen teacher's weights in bf16 (half its memory; with LoRA needs precision=bf16)
+    attention: Literal["sdpa", "xformers", "math"] = "sdpa"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    teacher_dtype: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

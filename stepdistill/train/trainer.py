@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from .. import recipe as recipe_mod
+from ..kernels import configure_networks
 from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
 from ..objectives.base import Batch, Nets, Objective
@@ -123,8 +124,12 @@ def real_data(recipe: Recipe, teacher: Teacher, purpose: str):
     return data
 
 
+# keys a resumed run may change: the budget, and how networks execute (same maths within bf16 tolerance)
+RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing")}
+
+
 def check_resumable(outdir: Path, recipe: Recipe) -> None:
-    """A rerun must use the same recipe as the run it resumes (train.steps and train.max_minutes may change)."""
+    """A rerun must use the same recipe as the run it resumes (budget and execution keys may change)."""
     saved_path = outdir / "recipe.yaml"
     if not saved_path.exists():
         return
@@ -133,7 +138,7 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
     diffs = []
     for section in new:
         for key in set(new[section]) | set(saved.get(section, {})):
-            if (section, key) in {("train", "steps"), ("train", "max_minutes")}:
+            if (section, key) in RESUME_MAY_CHANGE:
                 continue
             if new[section].get(key) != saved.get(section, {}).get(key):
                 diffs.append(f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {new[section].get(key)!r}")
@@ -159,6 +164,8 @@ class Trainer:
         self.nets, self.objective = self.built.nets, self.built.objective
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
+        # after the EMA copy: a copy of a compiled network would run the original (kernels/execution.py)
+        self.execution = configure_networks(self.nets, self.cfg, also=(self.ema.model,) if self.ema else ())
         self.step, self.nonfinite = 0, 0
         self.last_logs: dict[str, float] = {}  # latest value of every logged quantity (saved with checkpoints)
 

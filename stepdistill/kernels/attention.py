@@ -1,0 +1,83 @@
+"""Attention backends of diffusers networks: PyTorch SDPA (the default), xformers when it is installed and usable, or
+the explicit matmul-softmax reference ("math").
+
+- sdpa: diffusers' AttnProcessor2_0, i.e. `F.scaled_dot_product_attention`; PyTorch picks a flash / memory-efficient /
+  math kernel per call (sCM's forward-mode JVP narrows that to the math kernel for its duration).
+- xformers: `enable_xformers_memory_efficient_attention()`; needs the xformers package and a CUDA device. When either
+  is missing the run warns, names the reason, and uses sdpa: a recipe written for a GPU machine still runs elsewhere.
+- math: diffusers' AttnProcessor (baddbmm + softmax + bmm), no fused kernel: the slow, transparent reference.
+
+Networks that are not diffusers models (the Gaussian-mixture teacher's MLPs) have no attention; the setting does not
+apply to them and is reported as "n/a".
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+ATTENTION = ("sdpa", "xformers", "math")
+
+
+def diffusers_models(module: nn.Module) -> list[nn.Module]:
+    """The outermost diffusers models (ModelMixin) inside `module` (the module itself included)."""
+    from diffusers import ModelMixin
+
+    found: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        if isinstance(m, ModelMixin):
+            found.append(m)
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    return found
+
+
+def xformers_status(device: torch.device | str | None = None) -> str | None:
+    """None when xformers can run here, else the reason it cannot (a sentence)."""
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as e:
+        return f"xformers is not installed ({e})"
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return f"xformers' memory-efficient attention needs a CUDA device, and this network is on {device}"
+    if not torch.cuda.is_available():
+        return "xformers' memory-efficient attention needs a CUDA device, and none is available"
+    return None
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def set_attention(module: nn.Module, backend: str, role: str = "network") -> str:
+    """Set the attention of every diffusers model inside `module`; returns the backend in use ("n/a" when `module`
+    holds no diffusers model). An unusable xformers warns (naming the reason and the fallback) and uses sdpa."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend not in ATTENTION:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION)}")
+    models = diffusers_models(module)
+    if not models:
+        return "n/a"
+    if backend == "xformers":
+        reason = xformers_status(_device(module))
+        if reason is not None:
+            warnings.warn(f"train.attention=xformers for the {role}: {reason}; falling back to sdpa (PyTorch "
+                          "scaled_dot_product_attention). Install an xformers build matching your torch on a CUDA "
+                          "machine, or set train.attention=sdpa to silence this.", stacklevel=2)
+            backend = "sdpa"
+    for m in models:
+        if not getattr(m, "attn_processors", None):
+            continue  # a diffusers model without attention layers (e.g. a UNet2DModel without attention blocks)
+        if backend == "xformers":
+            m.enable_xformers_memory_efficient_attention()
+        else:
+            m.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+    return backend
