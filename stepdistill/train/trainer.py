@@ -306,7 +306,8 @@ class Trainer:
 
                 loss = regression_warm_start(self.nets.generator, self.built.teacher, g.warm_start_lr or self.cfg.lr,
                                              g.warm_start_steps, g.warm_start_pairs, g.warm_start_nfe,
-                                             self.cfg.batch_size, self.quiet, classes=self.classes)
+                                             self.cfg.batch_size, self.quiet, classes=self.classes,
+                                             guidance_scale=getattr(self.recipe.objective, "guidance_scale", 1.0))
                 self.last_logs["loss/warm_start"] = loss
             if self.ema is not None:
                 self.ema.model.load_state_dict(self.nets.generator.state_dict())

@@ -2,7 +2,9 @@
 
 Before distillation the generator is fitted to map noise z to the teacher's deterministic ODE output x0(z) for a
 fixed set of pairs, with a mean squared error (DMD2 uses LPIPS on SDXL; MSE needs no extra network and suits small
-images and vectors). A K-step generator is warm-started on its first step. Off unless `generator.warm_start_steps`.
+images and vectors). The ODE runs with the objective's teacher guidance (`objective.guidance_scale`), so the start
+is the guided teacher the objective distils. A K-step generator is warm-started on its first step. Off unless
+`generator.warm_start_steps`.
 """
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from tqdm import tqdm
 from ..diffusion.solvers import sample_ode
 
 
-def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256,
-                  classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
+                  guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(z, cond, x0): n noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
-    (Euler, `nfe` steps)."""
+    (Euler, `nfe` steps, classifier-free guided with `guidance_scale`)."""
     score = teacher.score
     z = torch.randn(n, *teacher.shape)
     cond = teacher.sample_cond(n, classes=classes)
@@ -23,17 +25,18 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256,
     with torch.no_grad():
         for i in range(0, n, batch_size):
             c = None if cond is None else cond[i:i + batch_size]
-            x, _ = sample_ode(lambda x, t, c=c: score(x, t, c), z[i:i + batch_size] * score.schedule.init_sigma,
+            x, _ = sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale),
+                              z[i:i + batch_size] * score.schedule.init_sigma,
                               score.schedule, nfe, heun=False)
             out.append(x)
     return z, cond, torch.cat(out)
 
 
 def regression_warm_start(generator, teacher, lr: float, steps: int, pairs: int, nfe: int, batch_size: int,
-                          quiet: bool = False, classes: list[int] | None = None) -> float:
+                          quiet: bool = False, classes: list[int] | None = None, guidance_scale: float = 1.0) -> float:
     """Fit the generator's first step to teacher ODE pairs for `steps` Adam iterations (its own optimiser, so
     distillation starts with fresh moments); returns the last loss. `classes`: an MSD student's labels."""
-    z, cond, target = teacher_pairs(teacher, pairs, nfe, classes=classes)
+    z, cond, target = teacher_pairs(teacher, pairs, nfe, classes=classes, guidance_scale=guidance_scale)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):

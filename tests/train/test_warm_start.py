@@ -39,3 +39,22 @@ def test_trainer_warm_starts_once_and_checkpoints_it(tmp_path):
     finally:
         ws.regression_warm_start = original
     assert calls == []
+
+
+def test_pairs_follow_the_objectives_guided_teacher(gmm_built, tmp_path, monkeypatch):
+    """The warm start regresses onto the teacher the objective distils: its ODE with objective.guidance_scale."""
+    b = gmm_built("teacher.conditional=true")
+    pairs = {}
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        pairs[scale] = teacher_pairs(b.teacher, 64, 8, guidance_scale=scale)
+    assert torch.equal(pairs[1.0][0], pairs[3.0][0]) and torch.equal(pairs[1.0][1], pairs[3.0][1])  # same z, labels
+    assert not torch.allclose(pairs[1.0][2], pairs[3.0][2])
+    import stepdistill.train.warm_start as ws
+    seen = []
+    monkeypatch.setattr(ws, "regression_warm_start", lambda *a, **k: seen.append(k["guidance_scale"]) or 0.0)
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "teacher.conditional=true", "train.steps=1",
+                                                 "objective.guidance_scale=2.5", "generator.warm_start_steps=5",
+                                                 "eval.at_end=false", "train.batch_size=16"])
+    Trainer(r, tmp_path / "run", quiet=True).run()
+    assert seen == [2.5]
