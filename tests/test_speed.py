@@ -1,6 +1,7 @@
 """The overhead benchmark (`stepdistill bench --speed`) at a tiny size: its ratio is reported, not asserted."""
 import math
 
+import torch
 import yaml
 
 from stepdistill.cli import main
@@ -8,6 +9,7 @@ from stepdistill.speed import measure_recipe
 
 
 def test_sid_step_is_five_forward_and_four_backward_passes_replayed_alone(tiny_unet_folder, tmp_path):
+    torch.set_num_threads(1)  # tiny networks: a second thread only adds contention on a shared CPU
     recipe = tmp_path / "sid.yaml"
     recipe.write_text(yaml.safe_dump({"teacher": {"name": "diffusers", "path": str(tiny_unet_folder)},
                                       "objective": {"name": "sid"}, "train": {"batch_size": 4}}))

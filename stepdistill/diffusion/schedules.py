@@ -13,7 +13,7 @@ import torch
 
 def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N, 1, 1, ...) to broadcast against a (N, ...) tensor."""
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
 
 
 class Schedule(ABC):

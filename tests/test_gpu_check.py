@@ -1,0 +1,50 @@
+"""scripts/gpu_check.py at test size on the CPU: the same code path as on a GPU, SD1.5- and SDXL-style layouts."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("gpu_check", Path("scripts/gpu_check.py"))
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+
+def test_tiny_run_appends_a_section_naming_the_card(tmp_path):
+    import torch
+
+    report = tmp_path / "gpu.md"
+    torch.set_num_threads(1)  # tiny networks: a second thread only adds contention on a shared CPU
+    try:
+        assert gpu_check.main(["--tiny", "--fp32", "--steps", "1", "--warmup", "1", "--report", str(report)]) == 0
+    finally:
+        torch.set_default_device("cpu")
+    text = report.read_text()
+    assert text.startswith("# GPU benchmarks") and "## CPU (no GPU)" in text
+    for size in ("tiny", "tiny-xl"):
+        for objective in ("vsd", "sid"):
+            row = next(line for line in text.splitlines() if line.startswith(f"| {size} | {objective} | sdpa |"))
+            images_per_s = float(row.split("|")[6])
+            assert images_per_s > 0
+    assert "| tiny | vsd | xformers | skipped: xformers" in text  # not installed here: a row that says so
+
+
+def test_card_peaks_match_device_names():
+    assert gpu_check.card_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_check.card_peak("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.card_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.card_peak("NVIDIA H200") == 989.0
+    assert gpu_check.card_peak("Some Future Card") is None
+
+
+@pytest.mark.parametrize("size", ["sd15", "sdxl"])
+def test_full_size_configs_are_the_real_models(size):
+    """Parameter counts of the real UNets (SD1.5: 859.5M, SDXL: 2567.5M), built on the meta device (no memory)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from stepdistill.teachers.synthetic import SIZES
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SIZES[size])
+    n = sum(p.numel() for p in unet.parameters()) / 1e6
+    assert n == pytest.approx({"sd15": 859.5, "sdxl": 2567.5}[size], abs=0.5)
