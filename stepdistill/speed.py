@@ -137,12 +137,12 @@ def replay(net: nn.Module, p: Pass, device_type: str) -> None:
     try:
         with amp:
             if p.jvp:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
+                from .objectives.scm import forward_ad_ready
 
                 def f(x_):
                     return _first_tensor(net(x_, *args[1:], **kwargs))
 
-                with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # as sCM's forward_ad_ready
+                with torch.no_grad(), forward_ad_ready(net):  # as sCM runs it
                     torch.func.jvp(f, (x,), (torch.randn_like(x),))
             elif p.backward:
                 x.requires_grad_(p.grad_input)
