@@ -78,6 +78,19 @@ def set_attention(module: nn.Module, backend: str, role: str = "network") -> str
             continue  # a diffusers model without attention layers (e.g. a UNet2DModel without attention blocks)
         if backend == "xformers":
             m.enable_xformers_memory_efficient_attention()
-        else:
+        elif _plain(m):
             m.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+        elif backend == "math":  # SD3 / FLUX / SANA blocks: their own processors, which call SDPA themselves
+            warnings.warn(f"train.attention=math for the {role}: {type(m).__name__} has its own attention "
+                          "processors (joint / rotary / linear attention) with no plain-matmul variant; keeping them "
+                          "(they use PyTorch's scaled_dot_product_attention)", stacklevel=2)
     return backend
+
+
+def _plain(model: nn.Module) -> bool:
+    """Whether every attention layer of `model` is diffusers' plain attention (UNets), whose processor can be swapped
+    between math, SDPA and xformers; transformers such as SD3's, FLUX's and SANA's keep their own processors."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    return all(isinstance(p, (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor))
+               for p in model.attn_processors.values())

@@ -132,3 +132,21 @@ def test_compiled_networks_train_like_eager_ones(tmp_path):
         losses.append([trainer.train_step()["loss/generator"] for _ in range(2)])
         assert set(trainer.nets.generator.state_dict()) == set(trainer.ema.model.state_dict())  # keys unchanged
     assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
+
+
+def test_transformers_keep_their_own_attention_processors():
+    """SD3 / FLUX / SANA blocks have their own processors (joint attention here): sdpa keeps them, math warns and
+    keeps them; replacing them with the UNets' plain processor would break the network."""
+    from diffusers import SD3Transformer2DModel
+
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
+    before = {type(p) for p in net.attn_processors.values()}
+    assert set_attention(net, "sdpa") == "sdpa" and {type(p) for p in net.attn_processors.values()} == before
+    with pytest.warns(UserWarning, match="has its own attention processors"):
+        set_attention(net, "math")
+    assert {type(p) for p in net.attn_processors.values()} == before
+    x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16)
+    assert net(x, encoder_hidden_states=text, pooled_projections=torch.randn(1, 8), timestep=torch.tensor([500.0])
+               ).sample.shape == x.shape
