@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from . import parallel
     from .recipe import dump, load_recipe
     from .train.trainer import build, train
 
@@ -157,6 +158,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     start = time.time()
     metrics = train(recipe, a.outdir, quiet=a.quiet)
+    if not parallel.is_main():  # several processes: process 0 reports
+        return 0
     holds = ("students/k/ (one run per student), samples/final.png, metrics.json" if recipe.generator.students > 1
              else "samples/final.png, metrics.json, stats.jsonl")
     print(f"\nrun folder: {a.outdir}  ({holds})")
@@ -209,6 +212,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from . import parallel
     from . import recipe as recipe_mod
     from .eval.harness import evaluate, format_table, write_metrics
     from .run import load_run
@@ -222,7 +226,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     flags = ([f"eval.fid_backend={a.backend}"] if a.backend else []) + \
         ([f"eval.inception={a.inception}"] if a.inception else [])
     recipe = recipe_mod.load_recipe(data=recipe_mod.to_dict(run.recipe), overrides=[*a.overrides, *flags])
-    metrics = evaluate(recipe, run.teacher, run.student, quiet=a.quiet, recompute_teacher=a.recompute_teacher)
+    parallel.init()  # under `accelerate launch` / `torchrun`, each process generates its share of the samples
+    metrics = evaluate(recipe, run.teacher, run.student, quiet=a.quiet or not parallel.is_main(),
+                       recompute_teacher=a.recompute_teacher)
+    if not parallel.is_main():
+        return 0
     path = write_metrics(run.path, metrics)
     print(format_table(metrics))
     print(f"wrote {path}")
@@ -338,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "eval-ref": cmd_eval_ref,
+        code = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "eval-ref": cmd_eval_ref,
                 "bench": cmd_bench, "export": cmd_export}[args.command](args)
+        from . import parallel
+
+        return parallel.finish(code)  # launched on several processes: leave together
     except (RecipeError, FileNotFoundError, ValueError, KeyError, ModuleNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stepdistill {args.command}: error: {msg}", file=sys.stderr)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import parallel
 from .parametrization import Prediction
 from .schedules import Schedule, bcast
 
@@ -36,6 +37,18 @@ def ode_times(steps: int, schedule: Schedule, rho: float = 7.0, ve_max: float = 
 
 
 @torch.no_grad()
+def finite_ve(schedule: Schedule, t: torch.Tensor) -> bool:
+    """Whether time t has a finite VE level sigma/alpha (not pure noise), so a Heun correction can start there."""
+    alpha, sigma = schedule.alpha_sigma(t.reshape(1))
+    return float(sigma[0] / alpha[0].clamp_min(1e-12)) < 1e4
+
+
+def ode_nfe(steps: int, schedule: Schedule, heun: bool = True) -> int:
+    """The number of evaluations sample_ode makes."""
+    times = ode_times(steps, schedule)
+    return steps + (sum(finite_ve(schedule, times[i]) for i in range(steps - 1)) if heun else 0)
+
+
 def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int = 18,
                heun: bool = True) -> tuple[torch.Tensor, int]:
     """Probability-flow ODE from the prior sample z (already scaled by init_sigma) to x0; returns (x0, NFE).
@@ -57,7 +70,7 @@ def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int
         if i == steps - 1:
             return pred.x0, nfe
         x_next = bcast(a_next, x) * pred.x0 + bcast(s_next, x) * pred.eps
-        if heun and float(s_cur[0] / a_cur[0].clamp_min(1e-12)) < 1e4:  # finite VE level (not pure noise)
+        if heun and finite_ve(schedule, times[i]):
             pred2 = denoise(x_next, t_next)
             nfe += 1
             y = x / bcast(a_cur, x)  # VE variable: dy / d(sigma/alpha) = eps
@@ -79,6 +92,6 @@ def rollout(denoise: Denoise, z: torch.Tensor, schedule: Schedule, times: list[f
     for i, t in enumerate(times):
         x0 = denoise(x, torch.full((n,), t, device=z.device)).x0
         if i + 1 < len(times):
-            eps = noise() if noise is not None else torch.randn_like(x0)
+            eps = noise() if noise is not None else parallel.randn_like(x0)
             x = schedule.add_noise(x0, eps, torch.full((n,), times[i + 1], device=z.device))
     return x0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import parallel
 from .schedules import Schedule
 
 
@@ -12,7 +13,7 @@ def uniform_t(n: int, t_min: float, t_max: float, schedule: Schedule,
     device None: torch's default device (scripts/gpu_check.py sets it to the GPU)."""
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    t = t_min + (t_max - t_min) * torch.rand(n, device=device)
+    t = t_min + (t_max - t_min) * parallel.rand(n, device=device)
     return schedule.snap(t)
 
 

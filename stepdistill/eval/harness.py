@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..diffusion.solvers import sample_ode
+from .. import parallel
+from ..diffusion.solvers import ode_nfe, sample_ode
 from ..hashing import file_sha256
 from ..models.generator import Generator
 from ..models.loading import resolve_path
@@ -34,41 +35,54 @@ def solver_for_nfe(nfe: int) -> tuple[str, int]:
     return ("heun", (nfe + 1) // 2) if nfe >= 3 and nfe % 2 == 1 else ("euler", nfe)
 
 
+def _batches(n: int, batch_size: int, shard: bool, desc: str, quiet: bool):
+    """(index, first row, rows) of each batch of n, with `mine`: whether this process generates it. With `shard`,
+    process r of R takes the r-th contiguous block of batches, so gathering in process order keeps the batch order;
+    the others still draw the batch's noise, so every process's seeded stream stays where one process's would be."""
+    starts = list(range(0, n, batch_size))
+    r, world = (parallel.rank(), parallel.world()) if shard else (0, 1)
+    lo, hi = len(starts) * r // world, len(starts) * (r + 1) // world
+    for b in tqdm(range(len(starts)), desc=desc, disable=quiet or r > 0, leave=False):
+        yield starts[b], min(batch_size, n - starts[b]), lo <= b < hi
+
+
 @torch.no_grad()
 def generate_student(student: Generator, teacher, n: int, seed: int, batch_size: int, steps: int | None = None,
-                     quiet: bool = True, classes: list[int] | None = None) -> torch.Tensor:
+                     quiet: bool = True, classes: list[int] | None = None, shard: bool = False) -> torch.Tensor:
     """n samples from the student (a Generator or a MultiStudent) with noise and fresh per-step noise drawn from one
-    seeded generator; conditions from `teacher.eval_cond`."""
+    seeded generator; conditions from `teacher.eval_cond`. `shard`: every process calls this and generates its share
+    of the batches; all of them get all n samples, the same as one process makes."""
     gen = torch.Generator().manual_seed(seed)
     cond = teacher.eval_cond(n, classes)
+    k = steps or student.steps
     out = []
-    for i in tqdm(range(0, n, batch_size), desc="student samples", disable=quiet, leave=False):
-        m = min(batch_size, n - i)
+    for i, m, mine in _batches(n, batch_size, shard, "student samples", quiet):
         z = torch.randn(m, *teacher.shape, generator=gen)
-        c = None if cond is None else cond[i:i + m]
-        out.append(student(z, c, steps=steps, noise=lambda m=m: torch.randn(m, *teacher.shape, generator=gen)))
-    return torch.cat(out)
+        fresh = iter([torch.randn(m, *teacher.shape, generator=gen) for _ in range(k - 1)])  # each later step's noise
+        if mine:
+            c = None if cond is None else cond[i:i + m]
+            out.append(student(z, c, steps=steps, noise=fresh.__next__))
+    return torch.cat(parallel.gather(out) if shard else out)
 
 
 @torch.no_grad()
 def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guidance_scale: float = 1.0,
-                     quiet: bool = True) -> tuple[torch.Tensor, int]:
+                     quiet: bool = True, shard: bool = False) -> tuple[torch.Tensor, int]:
     """(n samples, NFE actually used) of the teacher's probability-flow ODE asked to use `nfe` evaluations (guided
     if guidance_scale != 1). Where t = 1 is (nearly) pure noise — flow, cosine VP — the first Heun correction is
-    skipped, so 35 asked gives 34 used."""
+    skipped, so 35 asked gives 34 used. `shard` as for generate_student."""
     solver, steps = solver_for_nfe(nfe)
     gen = torch.Generator().manual_seed(seed)
     cond = teacher.eval_cond(n)
     score = teacher.score
     out = []
-    for i in tqdm(range(0, n, batch_size), desc=f"teacher samples ({nfe} NFE)", disable=quiet, leave=False):
-        m = min(batch_size, n - i)
+    for i, m, mine in _batches(n, batch_size, shard, f"teacher samples ({nfe} NFE)", quiet):
         z = torch.randn(m, *teacher.shape, generator=gen) * score.schedule.init_sigma
-        c = None if cond is None else cond[i:i + m]
-        x, nfe_done = sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale), z, score.schedule, steps,
-                                 heun=solver == "heun")
-        out.append(x)
-    return torch.cat(out), nfe_done
+        if mine:
+            c = None if cond is None else cond[i:i + m]
+            out.append(sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale), z, score.schedule, steps,
+                                  heun=solver == "heun")[0])
+    return torch.cat(parallel.gather(out) if shard else out), ode_nfe(steps, score.schedule, heun=solver == "heun")
 
 
 # ---- domain metrics ----------------------------------------------------------------------------------------------
@@ -169,10 +183,9 @@ def curve_score(e, teacher, student: Generator, classes: list[int] | None = None
     was_training = student.training
     student.eval()
     with torch.random.fork_rng():
-        xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes)
+        xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes, shard=True)
         cond = None if classes is None else teacher.eval_cond(e.curve_n, classes)
-        reference = domain_reference(teacher, e.curve_n, e.seed, cond)
-        score = domain_score(teacher, xs, reference)
+        score = parallel.on_main(lambda: domain_score(teacher, xs, domain_reference(teacher, e.curve_n, e.seed, cond)))
     student.train(was_training)
     return score
 
@@ -194,27 +207,29 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         raise ValueError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
                          "eval.metrics=[fid,kid] eval.reference=<stats .npz, image folder or dataset>")
     proto = protocol(recipe, teacher)
-    scorer = ImageScorer(e, teacher, quiet) if image_metrics(e) else None
+    # with several processes each generates its share of the samples; process 0 alone scores them (and computes or
+    # caches reference statistics), then hands the result to all
+    scorer = ImageScorer(e, teacher, quiet) if image_metrics(e) and parallel.is_main() else None
     if scorer is not None:
         proto["inception"] = scorer.protocol()
 
     def score(samples: torch.Tensor, who: str) -> dict:
-        out = domain_score(teacher, samples, reference) if "domain" in e.metrics else {}
+        out = domain_score(teacher, samples, domain_reference(teacher, e.n, e.seed)) if "domain" in e.metrics else {}
         return {**out, **(scorer(teacher.decode(samples), who) if scorer is not None else {})}
 
-    reference = domain_reference(teacher, e.n, e.seed)
     student.eval()
-    xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet)
-    result = {"student": {"nfe": student.steps, **score(xs, "student")}}
+    xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet, shard=True)
+    result = {"student": {"nfe": student.steps, **parallel.on_main(lambda: score(xs, "student"))}}
     if hasattr(student, "routing"):  # a multi-student ensemble: say how labels were routed
         result["student"]["routing"] = student.routing()
-    cached = None if recompute_teacher else _cached_teacher(teacher, proto)
+    cached = None if recompute_teacher else parallel.on_main(lambda: _cached_teacher(teacher, proto))
     if cached is not None:
         result["teacher"] = cached
     else:
-        xt, nfe = generate_teacher(teacher, e.n, e.seed, e.batch_size, e.teacher_nfe, e.guidance_scale, quiet=quiet)
-        result["teacher"] = {"nfe": nfe, **score(xt, "teacher")}
-    result["protocol"] = proto
+        xt, nfe = generate_teacher(teacher, e.n, e.seed, e.batch_size, e.teacher_nfe, e.guidance_scale, quiet=quiet,
+                                   shard=True)
+        result["teacher"] = {"nfe": nfe, **parallel.on_main(lambda: score(xt, "teacher"))}
+    result["protocol"] = parallel.on_main(lambda: proto)
     key = main_metric(result["student"])  # KID is unbiased and may be <= 0 for a near-perfect teacher: no ratio then
     result["ratio"] = result["student"][key] / result["teacher"][key] if result["teacher"][key] > 0 else None
     return result

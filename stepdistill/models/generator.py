@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import parallel
 from ..diffusion.solvers import rollout
 from ..diffusion.timesteps import step_times
 from .score import ScoreModel
@@ -53,5 +54,5 @@ class Generator(nn.Module):
         x = self.prior(z)
         for i in range(k):
             x0 = self.step(x, i, cond, steps)
-            x = self.schedule.add_noise(x0, torch.randn_like(x0), torch.full((len(z),), times[i + 1]))
+            x = self.schedule.add_noise(x0, parallel.randn_like(x0), torch.full((len(z),), times[i + 1]))
         return x

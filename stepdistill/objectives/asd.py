@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
 from ..registry import register
@@ -48,7 +49,7 @@ class ASD(VSD):
     def n_step(self, batch: Batch, n: int, grad: bool) -> torch.Tensor:
         """The student's n-step samples; with grad, only the last step carries gradients."""
         gen = self.nets.generator
-        z = torch.randn(batch.n, *self.shape)
+        z = parallel.randn(batch.n, *self.shape)
         x_in = gen.backward_simulate(z, batch.cond, n - 1, steps=n)
         with torch.set_grad_enabled(grad):
             return gen.step(x_in, n - 1, batch.cond, steps=n)
@@ -62,7 +63,8 @@ class ASD(VSD):
         x_n = self.n_step(batch, self.draw_n(), grad=True)
         t = uniform_t(batch.n, self.cfg.t_min, self.cfg.t_max, fake.schedule)
         with frozen(fake, head):
-            _, logits = discriminate(fake, head, fake.schedule.add_noise(x_n, torch.randn_like(x_n), t), t, batch.cond)
+            x_t = fake.schedule.add_noise(x_n, parallel.randn_like(x_n), t)
+            _, logits = discriminate(fake, head, x_t, t, batch.cond)
         adv = F.softplus(-logits).mean()
         loss = out.loss + self.cfg.asd_weight * adv
         return LossOutput(loss, {**out.logs, "loss/generator_asd": adv.item()}, samples=out.samples)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
 from .terms import frozen, sample_generator
@@ -26,8 +27,8 @@ from .terms import frozen, sample_generator
 def renoised(obj: Objective, x0: torch.Tensor, p_mean: float, p_std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, t): x0 noised on the teacher's schedule at log-SNR -2 N(p_mean, p_std), fresh noise per sample."""
     schedule = obj.nets.teacher.schedule
-    t = schedule.t_of_logsnr(-2 * (p_mean + p_std * torch.randn(len(x0)))).float().to(x0.device)
-    return schedule.add_noise(x0, torch.randn_like(x0), t), t
+    t = schedule.t_of_logsnr(-2 * (p_mean + p_std * parallel.randn(len(x0)))).float().to(x0.device)
+    return schedule.add_noise(x0, parallel.randn_like(x0), t), t
 
 
 def adversarial_loss(obj: Objective, x0: torch.Tensor, cond: torch.Tensor | None, p_mean: float,

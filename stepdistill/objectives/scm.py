@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import trigflow_noise, trigflow_velocity
 from ..models.mlp import TimeFeatures
@@ -155,7 +156,7 @@ class SCM(Objective):
     # ---- pieces --------------------------------------------------------------------------------------------------
     def sample_theta(self, n: int) -> torch.Tensor:
         c = self.cfg
-        return torch.atan(torch.exp(c.p_mean + c.p_std * torch.randn(n)) / c.sigma_data)
+        return torch.atan(torch.exp(c.p_mean + c.p_std * parallel.randn(n)) / c.sigma_data)
 
     def training_points(self, batch: Batch):
         """(x, theta, teacher dx/dtheta at (x, theta), conditions): real data noised at sampled angles (TBCM takes
@@ -163,7 +164,7 @@ class SCM(Objective):
         sd = self.cfg.sigma_data
         x0 = batch.x0.float()
         theta = self.sample_theta(batch.n)
-        x = trigflow_noise(x0, torch.randn_like(x0), theta, sd)
+        x = trigflow_noise(x0, parallel.randn_like(x0), theta, sd)
         with torch.no_grad():
             dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta, batch.cond, sd, self.cfg.guidance_scale)
         return x, theta, dxdt, batch.cond

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
 from ..registry import register
@@ -102,7 +103,7 @@ class SiD(Objective):
         teacher_s, fake_s, _ = self.scales()
         x_g = sample_generator(self, batch, grad=True).float()
         t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule)
-        x_t = nets.teacher.schedule.add_noise(x_g, torch.randn_like(x_g), t)
+        x_t = nets.teacher.schedule.add_noise(x_g, parallel.randn_like(x_g), t)
         with frozen(nets.fake_score, nets.discriminator):  # gradients reach x_g through both nets, not their weights
             y_r = nets.teacher.guided(x_t, t, batch.cond, teacher_s).x0
             y_f = nets.fake_score.guided(x_t, t, batch.cond, fake_s).x0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import trigflow_velocity
 from ..registry import register
@@ -37,7 +38,7 @@ class TBCMConfig(SCMConfig):
 def route(m: int, points: int, shift: float, sigma_d: float) -> torch.Tensor:
     """(m, points) decreasing TrigFlow angles, the first pi/2, the others jittered within equal intervals of u."""
     k = torch.arange(1, points, dtype=torch.float64)
-    u = 1 - (k + torch.rand(m, points - 1, dtype=torch.float64)) / points  # point k in [1 - (k+1)/P, 1 - k/P)
+    u = 1 - (k + parallel.rand(m, points - 1, dtype=torch.float64)) / points  # point k in [1 - (k+1)/P, 1 - k/P)
     u = torch.cat([torch.ones(m, 1, dtype=torch.float64), u], dim=1)
     s = shift * u / (1 + (shift - 1) * u)
     return torch.atan2(s, (1 - s) * sigma_d).float().clamp(max=THETA_MAX)
@@ -68,7 +69,7 @@ class TBCM(SCM):
         m = math.ceil(batch.n / keep)  # trajectories: their cond are the batch's first m
         cond = None if batch.cond is None else batch.cond[:m]
         theta = route(m, cfg.route_points, cfg.route_shift, sd)
-        x = sd * torch.randn(m, *self.shape)
+        x = sd * parallel.randn(m, *self.shape)
         xs, dxdts = [], []
         for i in range(pairs):
             dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta[:, i], cond, sd, cfg.guidance_scale)
@@ -77,7 +78,7 @@ class TBCM(SCM):
             d = theta[:, i] - theta[:, i + 1]
             x = bcast(d.cos(), x) * x - bcast(d.sin(), x) * dxdt
         # `keep` random points per trajectory, then n of those (point j lies on trajectory j // pairs)
-        kept = (torch.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
+        kept = (parallel.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
         pick = kept[torch.randperm(len(kept))[:batch.n]]
         flat = lambda ts: torch.stack(ts, dim=1).flatten(0, 1)[pick]  # noqa: E731
         pair_cond = None if cond is None else cond.repeat_interleave(pairs, dim=0)[pick]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
@@ -18,7 +19,7 @@ def sample_generator(obj: Objective, batch: Batch, grad: bool) -> torch.Tensor:
     """x0 from the generator. A K-step generator trains one random step k per iteration on inputs made by its own
     first k steps (DMD2's backward simulation; few-step SiD's uniform mixture); only step k carries gradients."""
     gen = obj.nets.generator
-    z = torch.randn(batch.n, *obj.shape)
+    z = parallel.randn(batch.n, *obj.shape)
     k = int(torch.randint(0, gen.steps, ())) if gen.steps > 1 else 0
     x_in = gen.backward_simulate(z, batch.cond, k) if k > 0 else gen.prior(z)
     with torch.set_grad_enabled(grad):
@@ -29,7 +30,7 @@ def drop_cond(score: ScoreModel, cond: torch.Tensor | None, p: float) -> torch.T
     """Replace each condition by the null condition with probability p (so a guided fake score learns both)."""
     if cond is None or p <= 0 or score.conditioning == "none":
         return cond
-    mask = torch.rand(len(cond)) < p
+    mask = parallel.rand(len(cond)) < p
     return torch.where(mask.reshape(-1, *[1] * (cond.ndim - 1)).to(cond.device), score.null(cond), cond)
 
 
@@ -41,7 +42,7 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
     fake = obj.nets.fake_score
     cond = drop_cond(fake, batch.cond, cond_dropout)
     t = uniform_t(len(x0), t_min, t_max, fake.schedule)
-    x_t = fake.schedule.add_noise(x0, torch.randn_like(x0), t)
+    x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
     alpha, sigma = fake.schedule.alpha_sigma(t)
     weight = bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
     loss = (weight * (fake.guided(x_t, t, cond, guidance_scale).x0 - x0) ** 2).mean()
@@ -73,7 +74,8 @@ def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real
     logits = []
     for x0 in (fake_x0, real_x0.to(fake_x0)):
         t = uniform_t(len(x0), t_min, t_max, fake.schedule)
-        logits.append(discriminate(fake, head, fake.schedule.add_noise(x0, torch.randn_like(x0), t), t, batch.cond)[1])
+        x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
+        logits.append(discriminate(fake, head, x_t, t, batch.cond)[1])
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
     acc = 0.5 * ((logits[0] < 0).float().mean() + (logits[1] > 0).float().mean())
     return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_accuracy": acc.item()})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
 from ..models.score import ScoreModel
@@ -88,7 +89,7 @@ class VSD(Objective):
         real_scale, fake_scale = self.scales
         x0 = sample_generator(self, batch, grad=True)
         t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule)
-        x_t = nets.teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
+        x_t = nets.teacher.schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits, x0_fake = None, None
         if nets.discriminator is not None:  # one fake-score pass gives both its prediction and D's logits
             with frozen(nets.fake_score, nets.discriminator):

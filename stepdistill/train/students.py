@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import parallel
 from .. import recipe as recipe_mod
 from ..models.multi_student import describe, partition
 from ..recipe import Recipe
@@ -28,12 +29,15 @@ def train_students(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> d
     from ..eval.harness import evaluate, write_metrics
     from ..eval.samples import write_samples
 
-    outdir = Path(outdir)
+    outdir, main = Path(outdir), parallel.is_main()
+    quiet = quiet or not main
     teacher = build_teacher(recipe.teacher)
     check_generator(recipe, teacher)
     outdir.mkdir(parents=True, exist_ok=True)
     check_resumable(outdir, recipe)
-    (outdir / "recipe.yaml").write_text(recipe_mod.dump(recipe))
+    parallel.barrier()
+    if main:
+        (outdir / "recipe.yaml").write_text(recipe_mod.dump(recipe))
     groups = partition(teacher.num_classes, recipe.generator.students)
     summaries = []
     for k, classes in enumerate(groups):
@@ -46,14 +50,16 @@ def train_students(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> d
             _say(f"{name} -> {folder}", quiet)
             Trainer(recipe, folder, quiet=quiet, classes=classes).run()
         summaries.append({"student": k, "classes": classes, **json.loads(done.read_text())})
-    (outdir / "train_summary.json").write_text(json.dumps({"students": summaries}, indent=2))
     run = load_run(outdir)
-    write_samples(run.teacher, run.student, outdir, recipe.train.seed, "final")
+    if main:
+        (outdir / "train_summary.json").write_text(json.dumps({"students": summaries}, indent=2))
+        write_samples(run.teacher, run.student, outdir, recipe.train.seed, "final")
     if not recipe.eval.at_end:
         return None
     _say(f"evaluating the {len(groups)} students, each sample routed to its class's student", quiet)
     metrics = evaluate(recipe, run.teacher, run.student, quiet=quiet)
-    write_metrics(outdir, metrics)
+    if main:
+        write_metrics(outdir, metrics)
     return metrics
 
 

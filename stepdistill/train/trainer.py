@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from .. import parallel
 from .. import recipe as recipe_mod
 from ..kernels import configure_networks
 from ..models.generator import Generator
@@ -45,9 +47,11 @@ class Built:
         return self.teacher.sample_cond(n, classes=self.classes)
 
     def batch(self, n: int) -> Batch:
-        """One iteration's conditions and, for objectives that need them, real samples with the same conditions."""
+        """One iteration's conditions and, for objectives that need them, real samples with the same conditions: this
+        process's rows of a global batch of n (parallel.py)."""
         cond = self.sample_cond(n)
-        return Batch(n=n, cond=cond, x0=self.data.sample(n, cond) if self.objective.uses_data else None)
+        x0 = self.data.sample(n, cond) if self.objective.uses_data else None
+        return Batch(n=parallel.local_batch(n), cond=parallel.rows(cond), x0=parallel.rows(x0))
 
 
 def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
@@ -152,22 +156,41 @@ class Trainer:
                  classes: list[int] | None = None) -> None:
         """`classes`: train one MSD student on these classes only (no evaluation at the end: the ensemble is
         evaluated by train_students)."""
-        self.recipe, self.cfg, self.outdir, self.quiet = recipe, recipe.train, Path(outdir), quiet
+        self.recipe, self.cfg, self.outdir = recipe, recipe.train, Path(outdir)
         self.classes = classes
         # bf16 is applied with torch.autocast below rather than Accelerator(mixed_precision=...): accelerate's state is
         # a process-wide singleton that refuses a second Trainer with another precision (notebooks, tests).
-        self.accelerator = Accelerator()
-        if self.accelerator.num_processes > 1:
-            raise RuntimeError("multi-process training is not supported yet (gradients would not be synchronised); "
-                               "run a single process. DDP/FSDP support is tracked in issue 6.")
+        parallel.init()
+        self.quiet = quiet or not parallel.is_main()  # one progress bar, from process 0
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.num_processes > 1 and self.accelerator.device.type != "cpu":
+            raise RuntimeError("multi-process training runs on CPU processes (gloo) for now: the trainer does not "
+                               "place networks on GPUs yet. Launch on a machine without CUDA, or hide the GPUs with "
+                               "CUDA_VISIBLE_DEVICES=''.")
+        parallel.local_batch(self.cfg.batch_size)  # a global batch that does not split is an error before building
         self.built = build(recipe, classes)
         self.nets, self.objective = self.built.nets, self.built.objective
+        if torch.cuda.is_available() and next(self.nets.generator.parameters()).device.type == "cpu":
+            warnings.warn("a GPU is present but this run trains on the CPU: the trainer does not place networks on "
+                          "GPUs yet (scripts/gpu_check.py does, with torch.set_default_device)", stacklevel=2)
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
         # after the EMA copy: a copy of a compiled network would run the original (kernels/execution.py)
         self.execution = configure_networks(self.nets, self.cfg, also=(self.ema.model,) if self.ema else ())
         self.step, self.nonfinite = 0, 0
         self.last_logs: dict[str, float] = {}  # latest value of every logged quantity (saved with checkpoints)
+        self._broadcast()  # every process starts from process 0's weights
+
+    def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors a checkpoint saves, by role (live: writing into them changes the run)."""
+        mods = {name: self.nets.get(name) for name in self.objective.trains}
+        mods.update({"ema": self.ema.model} if self.ema is not None else {})
+        tensors = {name: [*m.parameters(), *m.buffers()] for name, m in mods.items()}
+        return {**tensors, "objective": list(self.objective.state_dict().values())}
+
+    def _broadcast(self) -> None:
+        for tensors in self._state_tensors().values():
+            parallel.broadcast(tensors)
 
     def _parameters(self, name: str) -> list[torch.nn.Parameter]:
         """A trained network's parameters plus those the objective trains with it."""
@@ -190,11 +213,14 @@ class Trainer:
         return w
 
     def save(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        state = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                 "rng": torch.get_rng_state(), "nonfinite": self.nonfinite, "last_logs": self.last_logs}
-        save_checkpoint(self.outdir / "checkpoints", self.step, self._weights(), state, self.cfg.keep_checkpoints)
+        """Write a checkpoint (process 0; every process must call this: they check they are in sync first)."""
+        for name, tensors in self._state_tensors().items():
+            parallel.check_in_sync(tensors, name)
+        if parallel.is_main():
+            state = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                     "rng": torch.get_rng_state(), "nonfinite": self.nonfinite, "last_logs": self.last_logs}
+            save_checkpoint(self.outdir / "checkpoints", self.step, self._weights(), state, self.cfg.keep_checkpoints)
+        parallel.barrier()
 
     def restore(self) -> bool:
         found = load_latest(self.outdir / "checkpoints")
@@ -230,12 +256,13 @@ class Trainer:
                 out = phase.loss(batch, samples)
             samples = out.samples if out.samples is not None else samples
             logs.update(out.logs)
-            ok = bool(torch.isfinite(out.loss))
+            ok = parallel.all_true(bool(torch.isfinite(out.loss)))  # every process skips, or none does
             if ok:
                 self.accelerator.backward(out.loss)
                 max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
                 for name in names:
                     params = [p for p in self._parameters(name) if p.grad is not None]
+                    parallel.average_gradients(params)
                     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
                     ok = ok and bool(torch.isfinite(norm))
                     logs[f"grad_norm/{name}"] = float(norm)
@@ -281,16 +308,20 @@ class Trainer:
 
         t0 = time.time()
         score = curve_score(self.recipe.eval, self.built.teacher, self.student(), self.classes)
-        _append_jsonl(path, {"step": self.step, "time": round(train_seconds, 3), **score})
+        if parallel.is_main():
+            _append_jsonl(path, {"step": self.step, "time": round(train_seconds, 3), **score})
         self.paused += time.time() - t0
 
     def run(self) -> dict | None:
         from ..eval.harness import evaluate, write_metrics
         from ..eval.samples import save_samples
 
+        main = parallel.is_main()
         self.outdir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.outdir, self.recipe)
-        (self.outdir / "recipe.yaml").write_text(recipe_mod.dump(self.recipe))
+        parallel.barrier()  # every process has read the saved recipe before process 0 rewrites it
+        if main:
+            (self.outdir / "recipe.yaml").write_text(recipe_mod.dump(self.recipe))
         torch.manual_seed(self.cfg.seed)  # after building: only the loop's draws depend on this stream
         resumed = self.restore()
         start, self.paused = time.time(), 0.0  # train.max_minutes budgets the warm start too, not curve points
@@ -311,19 +342,24 @@ class Trainer:
                 self.last_logs["loss/warm_start"] = loss
             if self.ema is not None:
                 self.ema.model.load_state_dict(self.nets.generator.state_dict())
+            self._broadcast()  # every process ran the same warm start: keep them bitwise equal all the same
             self.save()
         stats_path, curve_path = self.outdir / "stats.jsonl", self.outdir / "curve.jsonl"
-        _truncate_stats(stats_path, self.step)
-        _truncate_stats(curve_path, self.step)
+        if main:
+            _truncate_stats(stats_path, self.step)
+            _truncate_stats(curve_path, self.step)
         curve_every = self.recipe.eval.curve_every if self.built.teacher.domain != "none" else 0
         if curve_every and not resumed:
             self.curve_point(curve_path, clock())
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.outdir / "tb")) if self.accelerator.is_main_process else None
+        writer = SummaryWriter(str(self.outdir / "tb")) if main else None
         last = self.last_logs
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="distilling", unit="it", disable=self.quiet,
                    dynamic_ncols=True)
+        if parallel.world() > 1 and not self.quiet:
+            tqdm.write(f"{parallel.world()} processes, {parallel.local_batch(self.cfg.batch_size)} of the "
+                       f"train.batch_size={self.cfg.batch_size} samples each")
         if resumed and not self.quiet:
             tqdm.write(f"resumed from iteration {self.step} in {self.outdir / 'checkpoints'}")
         try:
@@ -334,19 +370,22 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")})
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    record = {"step": self.step, "time": round(clock(), 3), **last}
-                    _append_jsonl(stats_path, record)
+                    values = parallel.mean_values(last)  # each process logged its own rows' losses
+                    if main:
+                        _append_jsonl(stats_path, {"step": self.step, "time": round(clock(), 3), **values})
                     if writer is not None:
-                        for k, v in last.items():
+                        for k, v in values.items():
                             writer.add_scalar(k, v, self.step)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
-                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
+                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0 and main:
                     save_samples(self, f"step_{self.step:07d}")
                 if curve_every and self.step % curve_every == 0:
                     self.curve_point(curve_path, clock())
-                if self.cfg.max_minutes and clock() > self.cfg.max_minutes * 60:
-                    tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} reached")
+                if self.cfg.max_minutes and not parallel.all_true(clock() <= self.cfg.max_minutes * 60):
+                    if main:
+                        tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} "
+                                   "reached")
                     break
         except KeyboardInterrupt:
             self.save()  # nothing lost: rerunning the command resumes here
@@ -358,13 +397,17 @@ class Trainer:
         self.save()
         if curve_every and self.step % curve_every:
             self.curve_point(curve_path, clock())
-        save_samples(self, "final")
-        summary = {"iterations": self.step, "train_seconds": round(clock(), 1), **last}
-        (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        values = parallel.mean_values(last)
+        if main:
+            save_samples(self, "final")
+            summary = {"iterations": self.step, "train_seconds": round(clock(), 1), **values}
+            (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        parallel.barrier()  # the run's files are complete for every process once run() returns
         if not self.recipe.eval.at_end or self.classes is not None:
             return None
         metrics = evaluate(self.recipe, self.built.teacher, self.student(), quiet=self.quiet)
-        write_metrics(self.outdir, metrics)
+        if main:
+            write_metrics(self.outdir, metrics)
         return metrics
 
 
@@ -385,6 +428,7 @@ def train(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | Non
     """Train (or resume) a run in `outdir`; returns the metrics written to metrics.json (None if eval.at_end is off).
     With generator.students = K > 1, K ordinary runs in outdir/students/k/ and the routed ensemble's metrics
     (train/students.py)."""
+    parallel.init()
     if recipe.generator.students != 1:
         from .students import train_students
 

@@ -1,0 +1,196 @@
+"""Data parallelism across processes (`accelerate launch` or `torchrun`): one global batch, split by rows.
+
+Every process holds the same networks and draws from the same random stream. Each per-sample random tensor is
+drawn at the size of the *global* batch on every process, and each process keeps its own rows (`randn`, `rand`,
+`randn_like`, `rows`). Therefore:
+- choices one iteration shares (a few-step generator's step index, a coin flip, a scalar time) agree on every process
+  without communication, while every process trains on distinct samples;
+- n processes compute exactly what one process computes with the same global batch, up to the order in which the
+  gradient average sums; and the random state a checkpoint saves is the same whichever process saved it, so a run
+  resumes with any number of processes;
+- one process is the ordinary code path, bit for bit (every helper here is then the plain torch call).
+
+Gradients are averaged by `average_gradients` (bucketed all-reduces, after the backward pass) rather than by wrapping
+networks in DistributedDataParallel: an objective's phases call the same network several times, with and without
+gradients, which DDP's per-forward bookkeeping does not allow.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+T = TypeVar("T")
+BUCKET = 1 << 24  # elements per gradient all-reduce (64 MB in fp32)
+
+
+def init() -> None:
+    """Join the process group a launcher set up (no-op for a single process). On a machine without CUDA the processes
+    talk over gloo: accelerate only picks its multi-CPU mode when told the run is on the CPU."""
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    if world() > 1 and not _leaving:
+        _leaving.append(atexit.register(_leave))
+
+
+_leaving: list = []
+
+
+def finish(code: int) -> int:
+    """The end of a successful command: with several processes, leave the process group together and exit at once.
+    Python's interpreter teardown can otherwise abort a process in gloo's threads ("terminate called without an
+    active exception", about one run in ten here, after all work is done; pytorch/pytorch#179291)."""
+    if world() == 1:
+        return code
+    dist.barrier()
+    _leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_batch(n: int, what: str = "train.batch_size") -> int:
+    """This process's share of a global batch of n; an error naming the fix when n does not split evenly."""
+    if n % world():
+        raise ValueError(f"{what}={n} is the global batch, split evenly over {world()} processes: use a multiple of "
+                         f"{world()} (e.g. {what}={(n // world() + 1) * world()})")
+    return n // world()
+
+
+def rows(x: T) -> T:
+    """This process's rows of a tensor that holds the global batch (None stays None)."""
+    if x is None or world() == 1:
+        return x
+    n = local_batch(len(x), "the batch")
+    return x[rank() * n:(rank() + 1) * n]
+
+
+def randn(n: int, *shape: int, **kwargs) -> torch.Tensor:
+    """torch.randn(n, *shape) for this process's n rows, drawn as the global batch's rows (see the module doc)."""
+    return rows(torch.randn(n * world(), *shape, **kwargs))
+
+
+def rand(n: int, *shape: int, **kwargs) -> torch.Tensor:
+    return rows(torch.rand(n * world(), *shape, **kwargs))
+
+
+def randn_like(x: torch.Tensor) -> torch.Tensor:
+    if world() == 1:
+        return torch.randn_like(x)
+    return randn(len(x), *x.shape[1:], dtype=x.dtype, device=x.device)
+
+
+def all_true(flag: bool) -> bool:
+    """True only if `flag` holds on every process (so all of them take the same branch)."""
+    if world() == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=_device())
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Replace each gradient by its mean over processes. Every process must hold gradients for the same parameters
+    (they run the same phases on batches of equal size); a mismatch is an error, not a hang."""
+    if world() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    count = torch.tensor([len(grads), -len(grads)], device=_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if count[0] != -count[1]:
+        raise RuntimeError(f"processes hold gradients for different numbers of tensors ({-count[1]}..{count[0]}): "
+                           "the phase ran differently on some process")
+    bucket: list[torch.Tensor] = []
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        if i + 1 == len(grads) or sum(b.numel() for b in bucket) + grads[i + 1].numel() > BUCKET:
+            flat = torch.cat([b.reshape(-1).float() for b in bucket])
+            dist.all_reduce(flat)
+            flat /= world()
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket = []
+
+
+def mean_values(values: dict[str, float]) -> dict[str, float]:
+    """Each logged value averaged over processes (same keys on every process)."""
+    if world() == 1 or not values:
+        return values
+    keys = sorted(values)  # the same order on every process
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    mean = {k: v / world() for k, v in zip(keys, t.tolist())}
+    return {k: mean[k] for k in values}
+
+
+def broadcast(tensors: list[torch.Tensor]) -> None:
+    """Copy process 0's values of these tensors (in place) to every process."""
+    if world() == 1:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
+def check_in_sync(tensors: list[torch.Tensor], what: str) -> None:
+    """An error if the processes' copies of these tensors have drifted apart (a checksum, taken at checkpoints)."""
+    if world() == 1 or not tensors:
+        return
+    with torch.no_grad():
+        s = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1).to(_device())
+    both = torch.cat([s, -s])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.isclose(both[0], -both[1], rtol=1e-9, atol=1e-6):
+        raise RuntimeError(f"the processes' copies of the {what} differ (checksums {-both[1].item()} .. "
+                           f"{both[0].item()}); the run cannot continue data-parallel")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() computed by process 0 alone and its result handed to every process (for metrics, file caches)."""
+    if world() == 1:
+        return fn()
+    box = [fn() if is_main() else None]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def gather(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every process's list of tensors, concatenated in process order, on every process (moved to the CPU)."""
+    if world() == 1:
+        return parts
+    out: list = [None] * world()
+    dist.all_gather_object(out, [p.cpu() for p in parts])
+    return [p for ps in out for p in ps]
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
