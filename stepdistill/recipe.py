@@ -44,7 +44,8 @@ class GeneratorConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000  # iterations of the loop (each runs the objective's phases)
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: split over processes, then into grad_accum micro-batches
+    grad_accum: int = 1  # micro-batches per phase, their gradients summed before one update (less memory)
     seed: int = 0
     lr: float = 1e-4  # generator learning rate
     fake_lr: float | None = None  # auxiliary networks (fake score); defaults to lr

@@ -21,6 +21,12 @@ class Batch:
     cond: torch.Tensor | None = None
     x0: torch.Tensor | None = None
 
+    def split(self, k: int) -> list[Batch]:
+        """k micro-batches of consecutive rows (k divides n)."""
+        m = self.n // k
+        part = lambda t, i: None if t is None else t[i * m:(i + 1) * m]  # noqa: E731
+        return [Batch(m, part(self.cond, i), part(self.x0, i)) for i in range(k)]
+
 
 @dataclass
 class LossOutput:

@@ -47,11 +47,15 @@ class Built:
         return self.teacher.sample_cond(n, classes=self.classes)
 
     def batch(self, n: int) -> Batch:
-        """One iteration's conditions and, for objectives that need them, real samples with the same conditions: this
-        process's rows of a global batch of n (parallel.py)."""
+        """One iteration's conditions and, for objectives that need them, real samples with the same conditions."""
         cond = self.sample_cond(n)
-        x0 = self.data.sample(n, cond) if self.objective.uses_data else None
-        return Batch(n=parallel.local_batch(n), cond=parallel.rows(cond), x0=parallel.rows(x0))
+        return Batch(n=n, cond=cond, x0=self.data.sample(n, cond) if self.objective.uses_data else None)
+
+    def micro_batches(self, n: int, k: int) -> list[Batch]:
+        """A global batch of n in k micro-batches, each cut into the processes' rows (parallel.py): micro-batch j
+        holds the same rows whatever the number of processes."""
+        return [Batch(parallel.local_batch(b.n), parallel.rows(b.cond), parallel.rows(b.x0))
+                for b in self.batch(n).split(k)]
 
 
 def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
@@ -167,7 +171,12 @@ class Trainer:
             raise RuntimeError("multi-process training runs on CPU processes (gloo) for now: the trainer does not "
                                "place networks on GPUs yet. Launch on a machine without CUDA, or hide the GPUs with "
                                "CUDA_VISIBLE_DEVICES=''.")
-        parallel.local_batch(self.cfg.batch_size)  # a global batch that does not split is an error before building
+        parallel.local_batch(self.cfg.batch_size)  # a batch that does not split is an error before building
+        k = self.cfg.grad_accum
+        if k < 1 or self.cfg.batch_size % (k * parallel.world()):
+            raise RecipeError(f"train.grad_accum={k} must be >= 1 and split train.batch_size={self.cfg.batch_size} "
+                              f"into micro-batches of equal rows on each of the {parallel.world()} processes: "
+                              f"train.batch_size must be a multiple of {k} x {parallel.world()}")
         self.built = build(recipe, classes)
         self.nets, self.objective = self.built.nets, self.built.objective
         if torch.cuda.is_available() and next(self.nets.generator.parameters()).device.type == "cpu":
@@ -243,22 +252,28 @@ class Trainer:
         return min(1.0, (self.step + 1) / self.cfg.warmup) if self.cfg.warmup > 0 else 1.0
 
     def train_step(self) -> dict[str, float]:
-        batch = self.built.batch(self.cfg.batch_size)
+        micro = self.built.micro_batches(self.cfg.batch_size, self.cfg.grad_accum)
         logs: dict[str, float] = {}
-        samples = None
+        samples: list = [None] * len(micro)  # each micro-batch's samples, handed from phase to phase
         for phase in self.objective.phases(self.step):
             names = phase.networks
             for name in names:
                 for group in self.optimizers[name].param_groups:
                     group.setdefault("base_lr", group["lr"])
                     group["lr"] = group["base_lr"] * self._lr_scale()
-            with torch.autocast(self.accelerator.device.type, torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-                out = phase.loss(batch, samples)
-            samples = out.samples if out.samples is not None else samples
-            logs.update(out.logs)
-            ok = parallel.all_true(bool(torch.isfinite(out.loss)))  # every process skips, or none does
+            ok = True
+            for j, batch in enumerate(micro):  # gradients of the mean loss over the micro-batches
+                with torch.autocast(self.accelerator.device.type, torch.bfloat16,
+                                    enabled=self.cfg.precision == "bf16"):
+                    out = phase.loss(batch, samples[j])
+                samples[j] = out.samples if out.samples is not None else samples[j]
+                for k, v in out.logs.items():
+                    logs[k] = (logs.get(k, 0.0) if j else 0.0) + v / len(micro)
+                ok = parallel.all_true(bool(torch.isfinite(out.loss)))  # every process skips, or none does
+                if not ok:
+                    break
+                self.accelerator.backward(out.loss / len(micro))
             if ok:
-                self.accelerator.backward(out.loss)
                 max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
                 for name in names:
                     params = [p for p in self._parameters(name) if p.grad is not None]

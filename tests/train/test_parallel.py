@@ -17,8 +17,10 @@ from stepdistill import parallel
 
 COMMON = ["train.steps=12", "train.checkpoint_every=6", "train.log_every=3", "train.batch_size=128",
           "train.sample_every=0", "eval.n=512", "eval.batch_size=100", "eval.curve_every=6", "eval.curve_n=300"]
-RECIPES = {  # a conditional few-step student (the shared step index, per-row labels); sCM (JVP, data rows, state)
-    "vsd_2step_conditional": ["configs/toy/gmm_vsd_2step.yaml", "teacher.conditional=true"],
+RECIPES = {  # a conditional few-step student (the shared step index, per-row labels) in micro-batches; sCM (JVP,
+    #          data rows, an objective's own state)
+    "vsd_2step_conditional_accum": ["configs/toy/gmm_vsd_2step.yaml", "teacher.conditional=true",
+                                    "train.grad_accum=2"],
     "scm": ["configs/toy/gmm_scm.yaml"],
 }
 
