@@ -25,7 +25,7 @@ def reference_from_images(images: torch.Tensor, features: InceptionFeatures, sou
     proto = reference_protocol(features, source, images)
     mu, sigma = stats_or_none(f)
     if out is not None:
-        save_reference(out, f, proto)
+        save_reference(out, f, proto, stats=(mu, sigma))
     return {"mu": mu, "sigma": sigma, "features": f, "protocol": proto}
 
 

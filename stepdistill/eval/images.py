@@ -66,9 +66,11 @@ def stats_or_none(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray |
     return gaussian_stats(features) if len(features) > features.shape[1] else (None, None)
 
 
-def save_reference(path: str | Path, features: np.ndarray, protocol: dict) -> Path:
-    """The features (float32, for KID), mu and sigma (when N > D) and the protocol as JSON, written atomically."""
-    mu, sigma = stats_or_none(features)
+def save_reference(path: str | Path, features: np.ndarray, protocol: dict,
+                   stats: tuple[np.ndarray | None, np.ndarray | None] | None = None) -> Path:
+    """The features (float32, for KID), mu and sigma (when N > D; `stats` if already computed) and the protocol as
+    JSON, written atomically."""
+    mu, sigma = stats if stats is not None else stats_or_none(features)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")

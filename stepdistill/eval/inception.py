@@ -19,6 +19,7 @@ import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -129,10 +130,17 @@ class Weights:
 
 def weights(path: str | os.PathLike | None = None) -> Weights:
     src = source_weights(path)
-    sha = file_sha256(src)
+    stat = Path(src).stat()
+    sha = _sha256(str(Path(src).resolve()), stat.st_size, stat.st_mtime_ns)
     folder = cache_dir() / "inception" / sha[:16]
     folder.mkdir(parents=True, exist_ok=True)
     return Weights(src, sha, folder)
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The weights file's hash, computed once per process for an unchanged file (it is about 90 MB)."""
+    return file_sha256(path)
 
 
 def _need(module: str, extra: str) -> None:
