@@ -193,7 +193,8 @@ class Trainer:
     def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The tensors a checkpoint saves, by role (live: writing into them changes the run)."""
         mods = {name: self.nets.get(name) for name in self.objective.trains}
-        mods.update({"ema": self.ema.model} if self.ema is not None else {})
+        if self.ema is not None:
+            mods["ema"] = self.ema.model
         tensors = {name: [*m.parameters(), *m.buffers()] for name, m in mods.items()}
         return {**tensors, "objective": list(self.objective.state_dict().values())}
 
