@@ -10,7 +10,8 @@ theta = atan(s / ((1 - s) sigma_d)). The loss is sCM's (objectives/scm.py) uncha
 TBCM's black-image filter for latent trajectories is not implemented.
 
 `route_spacing: scm` changes two things that keep TBCM from converging on the Gaussian mixture (measured there:
-energy distance 0.15-0.42 with the TBCM route, 0.046 with both changes; sCM on real samples 0.042-0.086):
+energy distance 0.15-0.42 with the TBCM route, 0.043-0.060 with both changes, 0.043-0.046 of it with one point per
+trajectory; sCM on real samples 0.042-0.086):
 
 - the start at theta = pi/2 is not a training point. Its weight 1/(sigma_d tan theta) is ~1e-7 there (and its
   tangent ~0), so all it adds to the loss is + logvar(pi/2), which drags the learned adaptive weight down and with
