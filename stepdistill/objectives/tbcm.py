@@ -8,6 +8,20 @@ The route is uniform in u in [0, 1] (the first point fixed at u = 1, i.e. theta 
 within its interval), mapped through the flow-matching shift s = shift u / (1 + (shift - 1) u) and
 theta = atan(s / ((1 - s) sigma_d)). The loss is sCM's (objectives/scm.py) unchanged, so no dataset is needed.
 TBCM's black-image filter for latent trajectories is not implemented.
+
+`route_spacing: scm` changes two things that keep TBCM from converging on the Gaussian mixture (measured there:
+energy distance 0.15-0.42 with the TBCM route, 0.043-0.060 with both changes, 0.043-0.046 of it with one point per
+trajectory; sCM on real samples 0.042-0.086):
+
+- the start at theta = pi/2 is not a training point. Its weight 1/(sigma_d tan theta) is ~1e-7 there (and its
+  tangent ~0), so all it adds to the loss is + logvar(pi/2), which drags the learned adaptive weight down and with
+  it the scale of every other point's loss; training on it alone, with sCM's angles otherwise, ended at 0.14-0.25.
+- the other route_points - 1 points are stratified draws of sCM's own proposal theta = atan(exp(p_mean + p_std
+  Phi^-1(u)) / sigma_d), u jittered within route_points - 1 equal intervals of (0, 1], so the training angles have
+  exactly sCM's distribution, one per stratum and trajectory (the teacher's velocity at the last point costs one
+  extra evaluation). The shifted route puts no angle below theta(u = 1/route_points) (0.13 at shift 1, where sCM
+  puts 13% of its angles) and a quarter of them above 1.41 (sCM: 6%); sCM on real samples at the route's angles ends
+  at 0.18-0.20, so this is the angles', not the trajectories', doing.
 """
 from __future__ import annotations
 
@@ -33,6 +47,8 @@ class TBCMConfig(SCMConfig):
     route_shift: float = 2.5  # flow-matching shift of the route (TBCM's 1024-px latents: 2.5; 1 spaces it evenly)
     route_pairs: int | None = None  # training points kept per trajectory, drawn at random (None: all of them);
     #                                 fewer means more trajectories per batch, so less correlated points
+    route_spacing: str = "shift"  # shift: TBCM's route, trained from its start at pi/2; scm: stratified draws of
+    #                               sCM's proposal (p_mean, p_std) after the start, which is not trained on
 
 
 def route(m: int, points: int, shift: float, sigma_d: float) -> torch.Tensor:
@@ -42,6 +58,15 @@ def route(m: int, points: int, shift: float, sigma_d: float) -> torch.Tensor:
     u = torch.cat([torch.ones(m, 1, dtype=torch.float64), u], dim=1)
     s = shift * u / (1 + (shift - 1) * u)
     return torch.atan2(s, (1 - s) * sigma_d).float().clamp(max=THETA_MAX)
+
+
+def scm_route(m: int, points: int, p_mean: float, p_std: float, sigma_d: float) -> torch.Tensor:
+    """(m, points) decreasing TrigFlow angles, the first pi/2, the other points - 1 one draw each of sCM's proposal
+    theta = atan(exp(p_mean + p_std Phi^-1(u)) / sigma_d) within equal strata of u in (0, 1]."""
+    k = torch.arange(points - 1, dtype=torch.float64)
+    u = 1 - (k + parallel.rand(m, points - 1, dtype=torch.float64)) / (points - 1)  # point k + 1: stratum k
+    theta = torch.atan2(torch.exp(p_mean + p_std * torch.special.ndtri(u)), torch.tensor(sigma_d, dtype=torch.float64))
+    return torch.cat([torch.full((m, 1), math.pi / 2, dtype=torch.float64), theta], dim=1).float().clamp(max=THETA_MAX)
 
 
 @register("objective", "tbcm")
@@ -56,6 +81,8 @@ class TBCM(SCM):
         if cfg.route_pairs is not None and not 1 <= cfg.route_pairs < cfg.route_points:
             raise ValueError(f"objective.route_pairs must be between 1 and route_points - 1 = {cfg.route_points - 1} "
                              f"(or null for all), got {cfg.route_pairs}")
+        if cfg.route_spacing not in ("shift", "scm"):
+            raise ValueError(f"unknown objective.route_spacing {cfg.route_spacing!r}; choose shift or scm")
         if cfg.adv_weight > 0:
             raise ValueError("objective tbcm is image-free and LADD needs real images: set objective.adv_weight=0 "
                              f"(got {cfg.adv_weight}) or use objective scm for sCM + LADD")
@@ -68,18 +95,24 @@ class TBCM(SCM):
         keep = cfg.route_pairs or pairs
         m = math.ceil(batch.n / keep)  # trajectories: their cond are the batch's first m
         cond = None if batch.cond is None else batch.cond[:m]
-        theta = route(m, cfg.route_points, cfg.route_shift, sd)
+        if cfg.route_spacing == "scm":  # train on the points after the start
+            theta, first = scm_route(m, cfg.route_points, cfg.p_mean, cfg.p_std, sd), 1
+        else:
+            theta, first = route(m, cfg.route_points, cfg.route_shift, sd), 0
         x = sd * parallel.randn(m, *self.shape)
         xs, dxdts = [], []
-        for i in range(pairs):
+        for i in range(first + pairs):
             dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta[:, i], cond, sd, cfg.guidance_scale)
-            xs.append(x)
-            dxdts.append(dxdt)
-            d = theta[:, i] - theta[:, i + 1]
-            x = bcast(d.cos(), x) * x - bcast(d.sin(), x) * dxdt
+            if i >= first:
+                xs.append(x)
+                dxdts.append(dxdt)
+            if i + 1 < cfg.route_points:
+                d = theta[:, i] - theta[:, i + 1]
+                x = bcast(d.cos(), x) * x - bcast(d.sin(), x) * dxdt
+        theta = theta[:, first:first + pairs]
         # `keep` random points per trajectory, then n of those (point j lies on trajectory j // pairs)
         kept = (parallel.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
         pick = kept[torch.randperm(len(kept))[:batch.n]]
         flat = lambda ts: torch.stack(ts, dim=1).flatten(0, 1)[pick]  # noqa: E731
         pair_cond = None if cond is None else cond.repeat_interleave(pairs, dim=0)[pick]
-        return flat(xs), theta[:, :-1].flatten()[pick], flat(dxdts), pair_cond
+        return flat(xs), theta.flatten()[pick], flat(dxdts), pair_cond

@@ -8,7 +8,7 @@ from torch import nn
 
 from stepdistill.diffusion.trigflow import trigflow_velocity
 from stepdistill.models.discriminator import TeacherFeatureDiscriminator, feature_levels
-from stepdistill.objectives.tbcm import route
+from stepdistill.objectives.tbcm import route, scm_route
 from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.teachers import build_teacher
 from stepdistill.train.trainer import build
@@ -66,6 +66,25 @@ def test_tbcm_route_starts_at_pure_noise_and_decreases():
     assert theta[:, 1].std() > 0  # jittered within its interval
 
 
+def test_tbcm_scm_route_draws_one_angle_per_stratum_of_the_scm_proposal():
+    torch.manual_seed(0)
+    theta = scm_route(4000, 16, -1.0, 1.4, 0.5)
+    assert theta.shape == (4000, 16) and torch.allclose(theta[:, 0], torch.full((4000,), math.pi / 2))
+    assert (theta[:, 1:] < theta[:, :-1]).all() and (theta > 0).all()
+    # the 15 points after the start are, together, distributed as sCM's atan(exp(N(-1, 1.4)) / 0.5): same quartiles
+    want = torch.atan(torch.exp(-1.0 + 1.4 * torch.randn(60000)) / 0.5)
+    q = torch.tensor([0.25, 0.5, 0.75])
+    torch.testing.assert_close(theta[:, 1:].flatten().quantile(q), want.quantile(q), atol=0.02, rtol=0)
+
+
+def test_tbcm_scm_spacing_trains_after_the_pure_noise_start(gmm_built):
+    b = gmm_built("objective.name=tbcm", "objective.route_spacing=scm")
+    torch.manual_seed(0)
+    x, theta, dxdt, _ = b.objective.training_points(b.batch(15 * 64))
+    torch.testing.assert_close(dxdt, 0.5 * trigflow_velocity(b.nets.teacher, x, theta, None, 0.5))
+    assert theta.max() < 1.5707 and theta.min() < 0.1  # no point at pi/2; the last stratum's lies near the data
+
+
 def test_tbcm_points_lie_on_the_teacher_trajectory_with_its_velocity(gmm_built):
     """Every training point carries the teacher's own velocity there, and the trajectories start as pure noise
     (std sigma_d) and end close to the mixture (the 15-step TrigFlow DDIM run of the exact teacher)."""
@@ -103,6 +122,7 @@ def test_asd_discriminator_sees_n_step_outputs_as_fake_and_n_plus_1_as_real(gmm_
     (["objective.name=asd", "generator.steps=2", "objective.gan_weight=0.1"], "objective.gan_weight=0"),
     (["objective.name=tbcm", "objective.adv_weight=0.5"], "objective.adv_weight=0"),
     (["objective.name=tbcm", "objective.route_points=1"], "route_points must be >= 2"),
+    (["objective.name=tbcm", "objective.route_spacing=log"], "choose shift or scm"),
 ])
 def test_misconfigured_objectives_say_what_to_change(gmm_built, overrides, match):
     with pytest.raises((ValueError, RecipeError), match=match):
