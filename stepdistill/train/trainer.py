@@ -182,6 +182,7 @@ class Trainer:
         if torch.cuda.is_available() and next(self.nets.generator.parameters()).device.type == "cpu":
             warnings.warn("a GPU is present but this run trains on the CPU: the trainer does not place networks on "
                           "GPUs yet (scripts/gpu_check.py does, with torch.set_default_device)", stacklevel=2)
+        self._param_lists: dict[str, list[torch.nn.Parameter]] = {}
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
         # after the EMA copy: a copy of a compiled network would run the original (kernels/execution.py)
@@ -203,14 +204,19 @@ class Trainer:
             parallel.broadcast(tensors)
 
     def _parameters(self, name: str) -> list[torch.nn.Parameter]:
-        """A trained network's parameters plus those the objective trains with it."""
-        return [*self.nets.get(name).parameters(), *self.objective.parameters(name)]
+        """A trained network's parameters plus those the objective trains with it (listed once: walking a UNet's
+        modules every phase costs milliseconds)."""
+        if name not in self._param_lists:
+            self._param_lists[name] = [*self.nets.get(name).parameters(), *self.objective.parameters(name)]
+        return self._param_lists[name]
 
     def _optimizer(self, name: str) -> torch.optim.Optimizer:
         lr = self.cfg.lr if name == "generator" else (self.cfg.fake_lr or self.cfg.lr)
         params = [p for p in self._parameters(name) if p.requires_grad]
+        # foreach: one fused update over all tensors (torch picks it on GPUs, not on the CPU, where the per-tensor loop
+        # was ~5% of a Fashion-MNIST step)
         return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in self.cfg.betas),
-                                 weight_decay=self.cfg.weight_decay)
+                                 weight_decay=self.cfg.weight_decay, foreach=True)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
