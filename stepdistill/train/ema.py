@@ -17,9 +17,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        pairs = [(p_ema, p.detach().to(p_ema.dtype)) for p_ema, p in zip(self.model.parameters(), model.parameters())
-                 if p.requires_grad]
-        if pairs:  # one fused call rather than one per tensor (the loop's overhead on small networks)
-            torch._foreach_lerp_([a for a, _ in pairs], [b for _, b in pairs], 1.0 - self.decay)
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            if p.requires_grad:
+                p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
