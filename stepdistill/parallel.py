@@ -125,15 +125,17 @@ def average_gradients(params: list[nn.Parameter]) -> None:
         raise RuntimeError(f"processes hold gradients for different numbers of tensors ({-count[1]}..{count[0]}): "
                            "the phase ran differently on some process")
     bucket: list[torch.Tensor] = []
+    size = 0  # elements in the bucket
     for i, g in enumerate(grads):
         bucket.append(g)
-        if i + 1 == len(grads) or sum(b.numel() for b in bucket) + grads[i + 1].numel() > BUCKET:
+        size += g.numel()
+        if i + 1 == len(grads) or size + grads[i + 1].numel() > BUCKET:
             flat = torch.cat([b.reshape(-1).float() for b in bucket])
             dist.all_reduce(flat)
             flat /= world()
             for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
                 b.copy_(part.view_as(b))
-            bucket = []
+            bucket, size = [], 0
 
 
 def mean_values(values: dict[str, float]) -> dict[str, float]:
