@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 
+from . import parallel
 from .recipe import RecipeError, build_dataclass
 
 UNCAPPED = 10**7
@@ -96,7 +97,7 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
     from .eval.harness import domain_reference, domain_score, generate_student, main_metric
     from .run import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, parallel.compute_device())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = json.loads((run_dir / "train_summary.json").read_text())
     e, k = run.recipe.eval, run.recipe.generator.steps

@@ -181,10 +181,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
             raise SystemExit("--steps applies to --run; an exported folder samples its trained steps")
         x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size), True, "exported"
     else:
+        from . import parallel
         from .eval.harness import generate_student
         from .run import load_run
 
-        run = load_run(a.run)
+        run = load_run(a.run, parallel.compute_device())
         x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
         is_image, steps = run.teacher.is_image, run.student.steps if a.steps is None else a.steps
         x = run.teacher.decode(x) if is_image else x  # latent teachers: VAE-decoded images
@@ -222,7 +223,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     bad = [o for o in a.overrides if not o.startswith("eval.")]
     if bad:
         raise SystemExit(f"stepdistill eval only takes eval.* overrides, got {bad}")
-    run = load_run(a.run)
+    run = load_run(a.run, parallel.compute_device())
     flags = ([f"eval.fid_backend={a.backend}"] if a.backend else []) + \
         ([f"eval.inception={a.inception}"] if a.inception else [])
     recipe = recipe_mod.load_recipe(data=recipe_mod.to_dict(run.recipe), overrides=[*a.overrides, *flags])

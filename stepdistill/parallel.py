@@ -61,6 +61,14 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def compute_device() -> torch.device:
+    """This process's device: its GPU (cuda:LOCAL_RANK) where CUDA is present, else the CPU. Hide the GPUs with
+    CUDA_VISIBLE_DEVICES='' to compute on the CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
+
+
 def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -89,18 +97,20 @@ def rows(x: T) -> T:
     return x[rank() * n:(rank() + 1) * n]
 
 
-def randn(n: int, *shape: int, **kwargs) -> torch.Tensor:
-    """torch.randn(n, *shape) for this process's n rows, drawn as the global batch's rows (see the module doc)."""
-    return rows(torch.randn(n * world(), *shape, **kwargs))
+def randn(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+          ) -> torch.Tensor:
+    """torch.randn(n, *shape) for this process's n rows, drawn as the global batch's rows (see the module doc), from
+    the CPU's stream and then moved to `device`: the same numbers on any device, and a checkpoint's CPU random state
+    resumes them exactly."""
+    return rows(torch.randn(n * world(), *shape, dtype=dtype, device="cpu")).to(device)
 
 
-def rand(n: int, *shape: int, **kwargs) -> torch.Tensor:
-    return rows(torch.rand(n * world(), *shape, **kwargs))
+def rand(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+         ) -> torch.Tensor:
+    return rows(torch.rand(n * world(), *shape, dtype=dtype, device="cpu")).to(device)
 
 
 def randn_like(x: torch.Tensor) -> torch.Tensor:
-    if world() == 1:
-        return torch.randn_like(x)
     return randn(len(x), *x.shape[1:], dtype=x.dtype, device=x.device)
 
 
@@ -163,7 +173,7 @@ def check_in_sync(tensors: list[torch.Tensor], what: str) -> None:
     if world() == 1 or not tensors:
         return
     with torch.no_grad():
-        s = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1).to(_device())
+        s = torch.stack([t.detach().double().sum().to(_device()) for t in tensors]).sum().reshape(1)
     both = torch.cat([s, -s])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     if not torch.isclose(both[0], -both[1], rtol=1e-9, atol=1e-6):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .models.generator import Generator
 from .models.lora import load_saved_state
 from .models.multi_student import MultiStudent
@@ -45,8 +47,18 @@ def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Gener
     return student.eval().requires_grad_(False), step
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, device: torch.device | str | None = None) -> Run:
+    """A trained run's recipe, teacher and student (EMA weights when kept), on `device` (default the CPU; sampling and
+    evaluation pass parallel.compute_device())."""
     path = Path(path)
+    run = _load_run(path)
+    if device is not None:
+        run.teacher.to(device)
+        run.student.to(device)
+    return run
+
+
+def _load_run(path: Path) -> Run:
     if not (path / "recipe.yaml").exists():
         raise FileNotFoundError(f"{path} is not a training run: no recipe.yaml (train one with `stepdistill train`)")
     recipe = load_recipe(path / "recipe.yaml")

@@ -64,6 +64,12 @@ class VPDiscrete(Schedule):
         self.alphas_cumprod = ac
         self.log_snr = torch.log(ac) - torch.log1p(-ac)
         self.num_steps = len(ac)
+        self._tables = {self.log_snr.device: self.log_snr}  # the log-SNR table on each device times were seen on
+
+    def _log_snr(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = self.log_snr.to(device)
+        return self._tables[device]
 
     @classmethod
     def from_diffusers(cls, scheduler) -> VPDiscrete:
@@ -80,12 +86,13 @@ class VPDiscrete(Schedule):
         tau = self.native(t).clamp(0, self.num_steps - 1)
         lo = tau.floor().long().clamp(max=self.num_steps - 2)
         w = tau - lo
-        log_snr = torch.lerp(self.log_snr[lo], self.log_snr[lo + 1], w)
+        table = self._log_snr(t.device)
+        log_snr = torch.lerp(table[lo], table[lo + 1], w)
         alpha2 = torch.sigmoid(log_snr)
         return alpha2.sqrt().float(), (1 - alpha2).sqrt().float()
 
     def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
-        table = self.log_snr.flip(0)  # increasing in log-SNR; position p is timestep T - 1 - p
+        table = self._log_snr(log_snr.device).flip(0)  # increasing in log-SNR; position p is timestep T - 1 - p
         lam = log_snr.double().clamp(float(table[0]), float(table[-1]))
         hi = torch.searchsorted(table, lam.detach()).clamp(1, self.num_steps - 1)
         w = (lam - table[hi - 1]) / (table[hi] - table[hi - 1])  # linear in log-SNR, as alpha_sigma interpolates

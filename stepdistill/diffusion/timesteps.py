@@ -10,7 +10,7 @@ from .schedules import Schedule
 def uniform_t(n: int, t_min: float, t_max: float, schedule: Schedule,
               device: torch.device | str | None = None) -> torch.Tensor:
     """(n,) times uniform in [t_min, t_max], snapped onto the schedule's grid (0.02..0.98 -> integers 20..980).
-    device None: torch's default device (scripts/gpu_check.py sets it to the GPU)."""
+    Drawn from the CPU stream; returned on `device` (the samples' device, where the times will meet them)."""
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
     t = t_min + (t_max - t_min) * parallel.rand(n, device=device)

@@ -19,6 +19,7 @@ from ..diffusion.solvers import ode_nfe, sample_ode
 from ..hashing import file_sha256
 from ..models.generator import Generator
 from ..models.loading import resolve_path
+from ..models.score import device_of
 from .metrics import energy_distance, frechet_distance, gaussian_stats
 
 CLASSIFIER_DIR = "checkpoints/fashion-classifier"
@@ -51,17 +52,18 @@ def generate_student(student: Generator, teacher, n: int, seed: int, batch_size:
                      quiet: bool = True, classes: list[int] | None = None, shard: bool = False) -> torch.Tensor:
     """n samples from the student (a Generator or a MultiStudent) with noise and fresh per-step noise drawn from one
     seeded generator; conditions from `teacher.eval_cond`. `shard`: every process calls this and generates its share
-    of the batches; all of them get all n samples, the same as one process makes."""
-    gen = torch.Generator().manual_seed(seed)
+    of the batches; all of them get all n samples, the same as one process makes. Noise comes from the CPU's
+    stream (the same samples on any device); the samples are returned on the CPU."""
+    gen, device = torch.Generator().manual_seed(seed), device_of(student)
     cond = teacher.eval_cond(n, classes)
     k = steps or student.steps
     out = []
     for i, m, mine in _batches(n, batch_size, shard, "student samples", quiet):
         z = torch.randn(m, *teacher.shape, generator=gen)
-        fresh = iter([torch.randn(m, *teacher.shape, generator=gen) for _ in range(k - 1)])  # each later step's noise
+        fresh = iter([torch.randn(m, *teacher.shape, generator=gen).to(device) for _ in range(k - 1)])  # later steps'
         if mine:
-            c = None if cond is None else cond[i:i + m]
-            out.append(student(z, c, steps=steps, noise=fresh.__next__))
+            c = None if cond is None else cond[i:i + m].to(device)
+            out.append(student(z.to(device), c, steps=steps, noise=fresh.__next__).cpu())
     return torch.cat(parallel.gather(out) if shard else out)
 
 
@@ -75,13 +77,14 @@ def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guid
     gen = torch.Generator().manual_seed(seed)
     cond = teacher.eval_cond(n)
     score = teacher.score
+    device = device_of(score)
     out = []
     for i, m, mine in _batches(n, batch_size, shard, f"teacher samples ({nfe} NFE)", quiet):
         z = torch.randn(m, *teacher.shape, generator=gen) * score.schedule.init_sigma
         if mine:
-            c = None if cond is None else cond[i:i + m]
-            out.append(sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale), z, score.schedule, steps,
-                                  heun=solver == "heun")[0])
+            c = None if cond is None else cond[i:i + m].to(device)
+            out.append(sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale), z.to(device),
+                                  score.schedule, steps, heun=solver == "heun")[0].cpu())
     return torch.cat(parallel.gather(out) if shard else out), ode_nfe(steps, score.schedule, heun=solver == "heun")
 
 

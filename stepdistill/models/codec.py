@@ -23,14 +23,15 @@ class VAECodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        out = self.vae.encode(images.to(dtype))
+        """Computed on the VAE's device; returned on the images' device (as decode)."""
+        p = next(self.vae.parameters())
+        out = self.vae.encode(images.to(p.device, p.dtype))
         mean = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
-        return ((mean.float() - self.shift) * self.scale)
+        return ((mean.float() - self.shift) * self.scale).to(images.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        out = [self.vae.decode((z.float() / self.scale + self.shift).to(dtype)).sample.float().clamp(-1, 1)
+        p = next(self.vae.parameters())
+        out = [self.vae.decode((z.float() / self.scale + self.shift).to(p.device, p.dtype)).sample.float().clamp(-1, 1)
                for z in latents.split(batch_size)]
-        return torch.cat(out)
+        return torch.cat(out).to(latents.device)

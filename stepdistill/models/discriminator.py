@@ -108,6 +108,13 @@ class TeacherFeatureDiscriminator(nn.Module):
         self._backbone, self._taps = [backbone], [m for m, _, _ in levels]  # plain lists: not submodules
         self.heads = nn.ModuleList(DiscriminatorHead(ch, spatial) for _, ch, spatial in levels)
 
+    def to(self, *args, **kwargs) -> TeacherFeatureDiscriminator:
+        """Moving the heads moves the backbone too (to the same device only: its dtype is the teacher's choice)."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self._backbone[0].to(device)
+        return super().to(*args, **kwargs)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         with captured(*self._taps) as feats:
             self._backbone[0](x_t, t, cond)

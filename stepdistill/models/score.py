@@ -17,6 +17,13 @@ from ..diffusion.schedules import Schedule
 Conditioning = Literal["none", "class", "text"]
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device a module computes on: its first parameter's or buffer's (the CPU when it has none)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 class ScoreModel(nn.Module):
     """Wraps `net` (diffusers UNet2DModel / UNet2DConditionModel, or an MLPDenoiser).
 

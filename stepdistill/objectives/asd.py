@@ -49,7 +49,7 @@ class ASD(VSD):
     def n_step(self, batch: Batch, n: int, grad: bool) -> torch.Tensor:
         """The student's n-step samples; with grad, only the last step carries gradients."""
         gen = self.nets.generator
-        z = parallel.randn(batch.n, *self.shape)
+        z = parallel.randn(batch.n, *self.shape, device=self.device)
         x_in = gen.backward_simulate(z, batch.cond, n - 1, steps=n)
         with torch.set_grad_enabled(grad):
             return gen.step(x_in, n - 1, batch.cond, steps=n)
@@ -61,7 +61,7 @@ class ASD(VSD):
         out = super().generator_loss(batch, samples)
         fake, head = self.nets.fake_score, self.nets.discriminator
         x_n = self.n_step(batch, self.draw_n(), grad=True)
-        t = uniform_t(batch.n, self.cfg.t_min, self.cfg.t_max, fake.schedule)
+        t = uniform_t(batch.n, self.cfg.t_min, self.cfg.t_max, fake.schedule, x_n.device)
         with frozen(fake, head):
             x_t = fake.schedule.add_noise(x_n, parallel.randn_like(x_n), t)
             _, logits = discriminate(fake, head, x_t, t, batch.cond)

@@ -87,6 +87,18 @@ class Objective(ABC):
         self.uses_data = "data" in needs
         self.trains = tuple(n for n in TRAINABLE if n == "generator" or n in needs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the networks compute: noise is drawn there (parallel.randn), times stay on the CPU."""
+        return next(self.nets.generator.parameters()).device
+
+    def to(self, device: torch.device) -> Objective:
+        """Move the modules the objective owns (sCM's adaptive weight, DisBack's target copy) to `device`."""
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        return self
+
     def parameters(self, network: str) -> list[torch.nn.Parameter]:
         """Trainable parameters the objective owns that `network`'s optimiser updates with it (sCM's adaptive
         weight trains with the generator); save them through state_dict."""

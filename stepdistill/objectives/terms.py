@@ -19,7 +19,7 @@ def sample_generator(obj: Objective, batch: Batch, grad: bool) -> torch.Tensor:
     """x0 from the generator. A K-step generator trains one random step k per iteration on inputs made by its own
     first k steps (DMD2's backward simulation; few-step SiD's uniform mixture); only step k carries gradients."""
     gen = obj.nets.generator
-    z = parallel.randn(batch.n, *obj.shape)
+    z = parallel.randn(batch.n, *obj.shape, device=obj.device)
     k = int(torch.randint(0, gen.steps, ())) if gen.steps > 1 else 0
     x_in = gen.backward_simulate(z, batch.cond, k) if k > 0 else gen.prior(z)
     with torch.set_grad_enabled(grad):
@@ -41,7 +41,7 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
     scale other than 1 the guided prediction is what is fitted (SiD-LSG's kappa_1)."""
     fake = obj.nets.fake_score
     cond = drop_cond(fake, batch.cond, cond_dropout)
-    t = uniform_t(len(x0), t_min, t_max, fake.schedule)
+    t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
     x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
     alpha, sigma = fake.schedule.alpha_sigma(t)
     weight = bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
@@ -73,7 +73,7 @@ def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real
     fake, head = obj.nets.fake_score, obj.nets.discriminator
     logits = []
     for x0 in (fake_x0, real_x0.to(fake_x0)):
-        t = uniform_t(len(x0), t_min, t_max, fake.schedule)
+        t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
         x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits.append(discriminate(fake, head, x_t, t, batch.cond)[1])
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()

@@ -88,7 +88,7 @@ class VSD(Objective):
         cfg, nets = self.cfg, self.nets
         real_scale, fake_scale = self.scales
         x0 = sample_generator(self, batch, grad=True)
-        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule)
+        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule, x0.device)
         x_t = nets.teacher.schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits, x0_fake = None, None
         if nets.discriminator is not None:  # one fake-score pass gives both its prediction and D's logits

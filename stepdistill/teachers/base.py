@@ -53,6 +53,14 @@ class Teacher(ABC):
         labels = torch.arange(self.num_classes) if classes is None else torch.tensor(classes)
         return labels[torch.arange(n) % len(labels)]
 
+    def to(self, device: torch.device) -> Teacher:
+        """Move the teacher's networks (score, VAE, text encoders) to `device`; conditions and decoded images then
+        come from there. Draws of conditions stay on the CPU's random stream."""
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        return self
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples in the teacher's space -> images in [-1, 1] (latent teachers decode with their VAE)."""
         return x

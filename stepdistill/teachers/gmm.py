@@ -74,11 +74,13 @@ class GMMDenoiser(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                cond: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, D) exact samples; with (n,) labels cond, sample i from component cond[i] (the null label: any)."""
-        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        """(n, D) exact samples, on the CPU (the draws use CPU generators); with (n,) labels cond, sample i from
+        component cond[i] (the null label: any)."""
+        means = self.means.cpu()
+        k = torch.multinomial(self.log_w.exp().cpu(), n, replacement=True, generator=generator)
         if cond is not None:
-            k = torch.where(cond < len(self.means), cond.long(), k)
-        return self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator)
+            k = torch.where(cond.cpu() < len(means), cond.cpu().long(), k)
+        return means[k] + self.std * torch.randn(n, means.shape[1], generator=generator)
 
 
 class _Residual(ScoreModel):
@@ -92,7 +94,7 @@ class _Residual(ScoreModel):
     def forward(self, x_t, t, cond=None):  # noqa: D102
         alpha, sigma = self.schedule.alpha_sigma(t)
         base = from_prediction(self.prediction, self._exact[0](x_t, t, cond), alpha, sigma)
-        t = t.float()  # canonical t in [0, 1]: smooth time features
+        t = t.float().to(x_t.device)  # canonical t in [0, 1]: smooth time features
         out = base + (self.net(x_t, t) if self.conditioning == "none" else self.net(x_t, t, cond))
         return to_prediction(self.prediction, out, x_t, alpha, sigma)
 

@@ -72,7 +72,7 @@ def load_latest(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] | Non
             warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
             continue
         step = json.loads((path / "manifest.json").read_text())["step"]
-        return step, load_file(path / FILES[0]), torch.load(path / FILES[1], weights_only=True)
+        return step, load_file(path / FILES[0]), torch.load(path / FILES[1], weights_only=True, map_location="cpu")
     return None
 
 

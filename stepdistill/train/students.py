@@ -50,7 +50,7 @@ def train_students(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> d
             _say(f"{name} -> {folder}", quiet)
             Trainer(recipe, folder, quiet=quiet, classes=classes).run()
         summaries.append({"student": k, "classes": classes, **json.loads(done.read_text())})
-    run = load_run(outdir)
+    run = load_run(outdir, parallel.compute_device())
     if main:
         (outdir / "train_summary.json").write_text(json.dumps({"students": summaries}, indent=2))
         write_samples(run.teacher, run.student, outdir, recipe.train.seed, "final")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,19 @@ class Built:
     objective: Objective
     data: object | None = None  # real samples (`sample(n, cond)`) when the objective needs them
     classes: list[int] | None = None  # an MSD student's classes: conditions are drawn uniformly from these only
+    device: torch.device = torch.device("cpu")  # where the networks compute (`to`)
+
+    def to(self, device: torch.device) -> Built:
+        """Move every network (teacher, trained networks, the objective's own) to `device`; batches then arrive
+        there. Conditions and real samples are still drawn on the CPU, so a run draws the same numbers anywhere."""
+        self.teacher.to(device)
+        for name in ("generator", "fake_score", "discriminator"):
+            net = getattr(self.nets, name)
+            if net is not None:
+                net.to(device)
+        self.objective.to(device)
+        self.device = torch.device(device)
+        return self
 
     def sample_cond(self, n: int) -> torch.Tensor | None:
         return self.teacher.sample_cond(n, classes=self.classes)
@@ -49,7 +61,9 @@ class Built:
     def batch(self, n: int) -> Batch:
         """One iteration's conditions and, for objectives that need them, real samples with the same conditions."""
         cond = self.sample_cond(n)
-        return Batch(n=n, cond=cond, x0=self.data.sample(n, cond) if self.objective.uses_data else None)
+        x0 = self.data.sample(n, cond) if self.objective.uses_data else None
+        to = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        return Batch(n=n, cond=to(cond), x0=to(x0))
 
     def micro_batches(self, n: int, k: int) -> list[Batch]:
         """A global batch of n in k micro-batches, each cut into the processes' rows (parallel.py): micro-batch j
@@ -166,22 +180,17 @@ class Trainer:
         # a process-wide singleton that refuses a second Trainer with another precision (notebooks, tests).
         parallel.init()
         self.quiet = quiet or not parallel.is_main()  # one progress bar, from process 0
+        # one GPU per process where CUDA is present (accelerate picks cuda:LOCAL_RANK), else the CPU; hide GPUs with
+        # CUDA_VISIBLE_DEVICES='' to train on the CPU
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if self.accelerator.num_processes > 1 and self.accelerator.device.type != "cpu":
-            raise RuntimeError("multi-process training runs on CPU processes (gloo) for now: the trainer does not "
-                               "place networks on GPUs yet. Launch on a machine without CUDA, or hide the GPUs with "
-                               "CUDA_VISIBLE_DEVICES=''.")
         parallel.local_batch(self.cfg.batch_size)  # a batch that does not split is an error before building
         k = self.cfg.grad_accum
         if k < 1 or self.cfg.batch_size % (k * parallel.world()):
             raise RecipeError(f"train.grad_accum={k} must be >= 1 and split train.batch_size={self.cfg.batch_size} "
                               f"into micro-batches of equal rows on each of the {parallel.world()} processes: "
                               f"train.batch_size must be a multiple of {k} x {parallel.world()}")
-        self.built = build(recipe, classes)
+        self.built = build(recipe, classes).to(self.accelerator.device)
         self.nets, self.objective = self.built.nets, self.built.objective
-        if torch.cuda.is_available() and next(self.nets.generator.parameters()).device.type == "cpu":
-            warnings.warn("a GPU is present but this run trains on the CPU: the trainer does not place networks on "
-                          "GPUs yet (scripts/gpu_check.py does, with torch.set_default_device)", stacklevel=2)
         self._param_lists: dict[str, list[torch.nn.Parameter]] = {}
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None

@@ -13,15 +13,16 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
-from ..models.score import ScoreModel
+from ..models.score import ScoreModel, device_of
 
 
 def tsm_loss(student: ScoreModel, teacher: ScoreModel, x0: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """Weighted MSE between student and teacher x0 predictions at one random noising of x0 (N, ...)."""
-    t = uniform_t(len(x0), 0.0, 1.0, teacher.schedule)
-    x_t = teacher.schedule.add_noise(x0, torch.randn_like(x0), t)
+    t = uniform_t(len(x0), 0.0, 1.0, teacher.schedule, x0.device)
+    x_t = teacher.schedule.add_noise(x0, parallel.randn_like(x0), t)
     with torch.no_grad():  # the teacher is the target, not a network being trained
         target = teacher(x_t, t, cond).x0
     alpha, sigma = teacher.schedule.alpha_sigma(t)
@@ -34,10 +35,12 @@ def teacher_score_matching(student: ScoreModel, teacher: ScoreModel, data, sampl
     """Fit `student` to `teacher` for `steps` Adam iterations (its own optimiser, as the regression warm start) on
     real samples `data.sample(n, cond)` with labels from `sample_cond(n)`; returns the last loss."""
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    device = device_of(student)
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="teacher score matching", disable=quiet, leave=False):
         cond = sample_cond(batch_size)
-        x0 = data.sample(batch_size, cond).float()
+        x0 = data.sample(batch_size, cond).float().to(device)
+        cond = None if cond is None else cond.to(device)
         loss = tsm_loss(student, teacher, x0, cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

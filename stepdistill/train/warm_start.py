@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..diffusion.solvers import sample_ode
+from ..models.score import device_of
 
 
 def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
@@ -19,8 +20,10 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
     """(z, cond, x0): n noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
     (Euler, `nfe` steps, classifier-free guided with `guidance_scale`)."""
     score = teacher.score
-    z = torch.randn(n, *teacher.shape)
+    device = device_of(score)
+    z = torch.randn(n, *teacher.shape).to(device)
     cond = teacher.sample_cond(n, classes=classes)
+    cond = None if cond is None else cond.to(device)
     out = []
     with torch.no_grad():
         for i in range(0, n, batch_size):
