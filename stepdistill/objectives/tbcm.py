@@ -1,27 +1,25 @@
 """TBCM: image-free sCM on the teacher's own sampling trajectories (hustvl/TBCM, `train_tbcm.py`; METHODS.md 4b).
 
 Each iteration runs the teacher's probability-flow ODE from pure noise along a `route_points`-point route of TrigFlow
-angles, with first-order steps x <- cos(d) x - sin(d) dx/dtheta (DDIM in TrigFlow, with the teacher's guidance), and
-every point it passes through, with the velocity the teacher computed there, is an sCM training point (route_points
-- 1 per trajectory, or a random `route_pairs` of them, so that a batch holds more and less correlated trajectories).
-The route is uniform in u in [0, 1] (the first point fixed at u = 1, i.e. theta = pi/2, every other point jittered
-within its interval), mapped through the flow-matching shift s = shift u / (1 + (shift - 1) u) and
-theta = atan(s / ((1 - s) sigma_d)). The loss is sCM's (objectives/scm.py) unchanged, so no dataset is needed.
-TBCM's black-image filter for latent trajectories is not implemented.
+angles, with first-order steps x <- cos(d) x - sin(d) dx/dtheta (DDIM in TrigFlow, with the teacher's guidance). The
+teacher is evaluated at every point; every point after the start (pi/2, pure noise), with the velocity the teacher
+computed there, is an sCM training point (route_points - 1 per trajectory, or a random `route_pairs` of them, so that
+a batch holds more and less correlated trajectories). The loss is sCM's (objectives/scm.py) unchanged, so no dataset
+is needed. TBCM's black-image filter for latent trajectories and its late "calm-down" of the tangent warm-up r
+(to 0.75 after step 15000) are not implemented.
 
-`route_spacing: scm` changes two things that keep TBCM from converging on the Gaussian mixture (measured there:
-energy distance 0.15-0.42 with the TBCM route, 0.043-0.060 with both changes, 0.043-0.046 of it with one point per
-trajectory; sCM on real samples 0.042-0.086):
+`route_spacing: shift` is TBCM's route as hustvl/TBCM draws it (`compute_refer_route`,
+`sample_ordered_timesteps_from_ref`): reference points evenly spaced in u from 1 down to the shifted 1/1000, mapped
+through the flow-matching shift s = shift u / (1 + (shift - 1) u) (the reference shifts the end points and then the
+grid again; so do we) and theta = atan(s / ((1 - s) sigma_d)); point k >= 1 uniform in angle between reference
+points k and k - 1. Our route is drawn per trajectory, the reference's once per batch.
 
-- the start at theta = pi/2 is not a training point. Its weight 1/(sigma_d tan theta) is ~1e-7 there (and its
-  tangent ~0), so all it adds to the loss is + logvar(pi/2), which drags the learned adaptive weight down and with
-  it the scale of every other point's loss; training on it alone, with sCM's angles otherwise, ended at 0.14-0.25.
-- the other route_points - 1 points are stratified draws of sCM's own proposal theta = atan(exp(p_mean + p_std
-  Phi^-1(u)) / sigma_d), u jittered within route_points - 1 equal intervals of (0, 1], so the training angles have
-  exactly sCM's distribution, one per stratum and trajectory (the teacher's velocity at the last point costs one
-  extra evaluation). The shifted route puts no angle below theta(u = 1/route_points) (0.13 at shift 1, where sCM
-  puts 13% of its angles) and a quarter of them above 1.41 (sCM: 6%); sCM on real samples at the route's angles ends
-  at 0.18-0.20, so this is the angles', not the trajectories', doing.
+`route_spacing: scm` replaces the route's angles by stratified draws of sCM's own proposal theta = atan(exp(p_mean +
+p_std Phi^-1(u)) / sigma_d), u jittered within route_points - 1 equal intervals of (0, 1], so the training angles
+have exactly sCM's distribution, one per stratum and trajectory. On the Gaussian mixture (configs/toy/gmm_tbcm.yaml,
+one point per trajectory, 3000 iterations) this converges (energy distance 0.043-0.046) and TBCM's route at shift 1
+does not (0.30-0.78, seeds 0-2): half of the route's angles lie above 1.05 rad, where sCM's proposal puts 27% of its
+angles.
 """
 from __future__ import annotations
 
@@ -47,17 +45,22 @@ class TBCMConfig(SCMConfig):
     route_shift: float = 2.5  # flow-matching shift of the route (TBCM's 1024-px latents: 2.5; 1 spaces it evenly)
     route_pairs: int | None = None  # training points kept per trajectory, drawn at random (None: all of them);
     #                                 fewer means more trajectories per batch, so less correlated points
-    route_spacing: str = "shift"  # shift: TBCM's route, trained from its start at pi/2; scm: stratified draws of
-    #                               sCM's proposal (p_mean, p_std) after the start, which is not trained on
+    route_spacing: str = "shift"  # shift: TBCM's route; scm: stratified draws of sCM's proposal (p_mean, p_std);
+    #                               either way the start at pi/2 is not a training point
 
 
 def route(m: int, points: int, shift: float, sigma_d: float) -> torch.Tensor:
-    """(m, points) decreasing TrigFlow angles, the first pi/2, the others jittered within equal intervals of u."""
-    k = torch.arange(1, points, dtype=torch.float64)
-    u = 1 - (k + parallel.rand(m, points - 1, dtype=torch.float64)) / points  # point k in [1 - (k+1)/P, 1 - k/P)
-    u = torch.cat([torch.ones(m, 1, dtype=torch.float64), u], dim=1)
-    s = shift * u / (1 + (shift - 1) * u)
-    return torch.atan2(s, (1 - s) * sigma_d).float().clamp(max=THETA_MAX)
+    """(m, points) decreasing TrigFlow angles of TBCM's route (its compute_refer_route and
+    sample_ordered_timesteps_from_ref): reference points evenly spaced in u from 1 down to the shifted 1/1000,
+    through the flow shift (applied to the end points and again to the grid, as the reference does); the first point
+    pi/2, point k >= 1 uniform in angle between reference points k and k - 1."""
+    def shifted(u):
+        return shift * u / (1 + (shift - 1) * u)
+
+    s = shifted(torch.linspace(1.0, shifted(1e-3), points, dtype=torch.float64))
+    ref = torch.atan2(s, (1 - s) * sigma_d)
+    theta = ref[1:] + parallel.rand(m, points - 1, dtype=torch.float64) * (ref[:-1] - ref[1:])
+    return torch.cat([torch.full((m, 1), math.pi / 2, dtype=torch.float64), theta], dim=1).float().clamp(max=THETA_MAX)
 
 
 def scm_route(m: int, points: int, p_mean: float, p_std: float, sigma_d: float) -> torch.Tensor:
@@ -95,21 +98,21 @@ class TBCM(SCM):
         keep = cfg.route_pairs or pairs
         m = math.ceil(batch.n / keep)  # trajectories: their cond are the batch's first m
         cond = None if batch.cond is None else batch.cond[:m]
-        if cfg.route_spacing == "scm":  # train on the points after the start
-            theta, first = scm_route(m, cfg.route_points, cfg.p_mean, cfg.p_std, sd), 1
+        if cfg.route_spacing == "scm":
+            theta = scm_route(m, cfg.route_points, cfg.p_mean, cfg.p_std, sd)
         else:
-            theta, first = route(m, cfg.route_points, cfg.route_shift, sd), 0
-        x = sd * parallel.randn(m, *self.shape)
+            theta = route(m, cfg.route_points, cfg.route_shift, sd)
+        x = sd * parallel.randn(m, *self.shape, device=self.device)
         xs, dxdts = [], []
-        for i in range(first + pairs):
+        for i in range(cfg.route_points):  # the teacher at every point; training on all but the start (pi/2)
             dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta[:, i], cond, sd, cfg.guidance_scale)
-            if i >= first:
+            if i > 0:
                 xs.append(x)
                 dxdts.append(dxdt)
             if i + 1 < cfg.route_points:
                 d = theta[:, i] - theta[:, i + 1]
                 x = bcast(d.cos(), x) * x - bcast(d.sin(), x) * dxdt
-        theta = theta[:, first:first + pairs]
+        theta = theta[:, 1:]
         # `keep` random points per trajectory, then n of those (point j lies on trajectory j // pairs)
         kept = (parallel.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
         pick = kept[torch.randperm(len(kept))[:batch.n]]

@@ -58,12 +58,21 @@ def test_scm_with_adv_weight_alternates_generator_and_discriminator(gmm_built):
     assert [p.networks for p in gmm_built("objective.name=scm").objective.phases(0)] == [("generator",)]
 
 
-def test_tbcm_route_starts_at_pure_noise_and_decreases():
-    theta = route(64, 16, 2.5, 0.5)
-    assert theta.shape == (64, 16)
-    assert torch.allclose(theta[:, 0], torch.full((64,), math.pi / 2)) and (theta[:, 0] <= math.pi / 2).all()
+def test_tbcm_route_is_the_references():
+    """hustvl/TBCM's route at shift 2.5: reference points from u = 1 to the shifted 1/1000 (in its own convention
+    theta = atan(s / (1 - s)), with data scaled by 1 / sigma_d: ours with sigma_d = 1), point k drawn between
+    reference points k and k - 1."""
+    theta = route(4000, 16, 2.5, 1.0)
+    assert theta.shape == (4000, 16)
+    assert torch.allclose(theta[:, 0], torch.full((4000,), math.pi / 2)) and (theta[:, 0] <= math.pi / 2).all()
     assert (theta[:, 1:] < theta[:, :-1]).all() and (theta > 0).all()
-    assert theta[:, 1].std() > 0  # jittered within its interval
+    sig = torch.linspace(1000.0, 1000 * 2.5 * 1e-3 / (1 + 1.5e-3), 16, dtype=torch.float64) / 1000
+    sig = 2.5 * sig / (1 + 1.5 * sig)
+    ref = torch.atan(sig[1:] / (1 - sig[1:]))  # the reference's compute_refer_route, after its first point
+    lo, hi = theta[:, 1:].min(0).values.double(), theta[:, 1:].max(0).values.double()
+    torch.testing.assert_close(lo, ref, atol=2e-3, rtol=0)  # each point fills its interval
+    torch.testing.assert_close(hi, torch.cat([torch.tensor([math.pi / 2], dtype=torch.float64), ref[:-1]]),
+                               atol=2e-3, rtol=0)
 
 
 def test_tbcm_scm_route_draws_one_angle_per_stratum_of_the_scm_proposal():
@@ -94,7 +103,8 @@ def test_tbcm_points_lie_on_the_teacher_trajectory_with_its_velocity(gmm_built):
     assert x.shape == (15 * 64, 2) and cond is None
     again = 0.5 * trigflow_velocity(b.nets.teacher, x, theta, None, 0.5)
     torch.testing.assert_close(dxdt, again)
-    start = theta > 1.57
+    assert theta.max() < 1.5707  # the start, pure noise, is not a training point
+    start = theta > 1.53  # the first interval below it: nearly pure noise
     assert 0.4 < x[start].std() < 0.6
     last = theta < theta.min() + 0.05  # the lowest-noise points sit near the four modes at radius 2
     assert (x[last].norm(dim=1) - 2.0).abs().mean() < 0.5
