@@ -57,8 +57,8 @@ def test_a_gpu_run_trains_what_a_cpu_run_does(name, tmp_path):
         assert first_gpu[k] == pytest.approx(first_cpu[k], rel=2e-2, abs=1e-4), k
     w_gpu, w_cpu = (load_file(r / "checkpoints" / "step_0000004" / "weights.safetensors") for r in (gpu, cpu))
     assert w_gpu.keys() == w_cpu.keys()
-    for k in w_gpu:  # four Adam steps apart by at most a few learning rates
-        torch.testing.assert_close(w_gpu[k], w_cpu[k], atol=2e-3, rtol=2e-2, msg=k)
+    for k in w_gpu:  # four Adam steps: a near-zero gradient's sign may differ by rounding, so up to 2 x 4 x lr apart
+        torch.testing.assert_close(w_gpu[k], w_cpu[k], atol=1e-2, rtol=2e-2, msg=k)
     m_gpu, m_cpu = (json.loads((r / "metrics.json").read_text()) for r in (gpu, cpu))
     assert m_gpu["protocol"] == m_cpu["protocol"]
 
