@@ -60,10 +60,10 @@ def generate_student(student: Generator, teacher, n: int, seed: int, batch_size:
     out = []
     for i, m, mine in _batches(n, batch_size, shard, "student samples", quiet):
         z = torch.randn(m, *teacher.shape, generator=gen)
-        fresh = iter([torch.randn(m, *teacher.shape, generator=gen).to(device) for _ in range(k - 1)])  # later steps'
+        fresh = iter([torch.randn(m, *teacher.shape, generator=gen) for _ in range(k - 1)])  # each later step's noise
         if mine:
             c = None if cond is None else cond[i:i + m].to(device)
-            out.append(student(z.to(device), c, steps=steps, noise=fresh.__next__).cpu())
+            out.append(student(z.to(device), c, steps=steps, noise=lambda fresh=fresh: next(fresh).to(device)).cpu())
     return torch.cat(parallel.gather(out) if shard else out)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..diffusion.parametrization import Prediction
 from .mlp import MLPDenoiser
-from .score import ScoreModel
+from .score import ScoreModel, device_of
 
 
 def feature_module(score: ScoreModel) -> tuple[nn.Module, int, bool]:
@@ -109,11 +109,10 @@ class TeacherFeatureDiscriminator(nn.Module):
         self.heads = nn.ModuleList(DiscriminatorHead(ch, spatial) for _, ch, spatial in levels)
 
     def to(self, *args, **kwargs) -> TeacherFeatureDiscriminator:
-        """Moving the heads moves the backbone too (to the same device only: its dtype is the teacher's choice)."""
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            self._backbone[0].to(device)
-        return super().to(*args, **kwargs)
+        """Moving the heads moves the backbone to their device too (not their dtype: that is the teacher's choice)."""
+        super().to(*args, **kwargs)
+        self._backbone[0].to(device_of(self.heads))
+        return self
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         with captured(*self._taps) as feats:

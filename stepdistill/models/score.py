@@ -24,6 +24,13 @@ def device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def move_modules(owner: object, device: torch.device) -> None:
+    """Move every nn.Module attribute of a plain object (a teacher, an objective) to `device`."""
+    for value in vars(owner).values():
+        if isinstance(value, nn.Module):
+            value.to(device)
+
+
 class ScoreModel(nn.Module):
     """Wraps `net` (diffusers UNet2DModel / UNet2DConditionModel, or an MLPDenoiser).
 

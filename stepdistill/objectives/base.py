@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..models.generator import Generator
-from ..models.score import ScoreModel
+from ..models.score import ScoreModel, device_of, move_modules
 
 
 @dataclass
@@ -89,14 +89,12 @@ class Objective(ABC):
 
     @property
     def device(self) -> torch.device:
-        """Where the networks compute: noise is drawn there (parallel.randn), times stay on the CPU."""
-        return next(self.nets.generator.parameters()).device
+        """Where the networks compute: noise and per-sample times are drawn for there (parallel.randn, uniform_t)."""
+        return device_of(self.nets.generator)
 
     def to(self, device: torch.device) -> Objective:
         """Move the modules the objective owns (sCM's adaptive weight, DisBack's target copy) to `device`."""
-        for value in vars(self).values():
-            if isinstance(value, torch.nn.Module):
-                value.to(device)
+        move_modules(self, device)
         return self
 
     def parameters(self, network: str) -> list[torch.nn.Parameter]:

@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..models.score import ScoreModel
+from ..models.score import ScoreModel, move_modules
 
 
 class Teacher(ABC):
@@ -56,9 +56,7 @@ class Teacher(ABC):
     def to(self, device: torch.device) -> Teacher:
         """Move the teacher's networks (score, VAE, text encoders) to `device`; conditions and decoded images then
         come from there. Draws of conditions stay on the CPU's random stream."""
-        for value in vars(self).values():
-            if isinstance(value, torch.nn.Module):
-                value.to(device)
+        move_modules(self, device)
         return self
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

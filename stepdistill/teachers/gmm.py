@@ -79,7 +79,8 @@ class GMMDenoiser(nn.Module):
         means = self.means.cpu()
         k = torch.multinomial(self.log_w.exp().cpu(), n, replacement=True, generator=generator)
         if cond is not None:
-            k = torch.where(cond.cpu() < len(means), cond.cpu().long(), k)
+            cond = cond.cpu()
+            k = torch.where(cond < len(means), cond.long(), k)
         return means[k] + self.std * torch.randn(n, means.shape[1], generator=generator)
 
 
