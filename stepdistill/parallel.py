@@ -13,18 +13,26 @@ drawn at the size of the *global* batch on every process, and each process keeps
 Gradients are averaged by `average_gradients` (bucketed all-reduces, after the backward pass) rather than by wrapping
 networks in DistributedDataParallel: an objective's phases call the same network several times, with and without
 gradients, which DDP's per-forward bookkeeping does not allow.
+
+With `train.fsdp`, networks are instead sharded (`shard`, torch's FSDP2): each process holds a slice of every weight,
+gradient and optimizer moment, a block's weights are gathered for its forward and backward, and FSDP averages the
+gradients itself (reduce-scatter). Checkpoints hold whole tensors (`full`, `shard_like`), so a sharded run resumes
+with any process count, sharded or not.
 """
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 T = TypeVar("T")
 BUCKET = 1 << 24  # elements per gradient all-reduce (64 MB in fp32)
@@ -128,7 +136,7 @@ def average_gradients(params: list[nn.Parameter]) -> None:
     (they run the same phases on batches of equal size); a mismatch is an error, not a hang."""
     if world() == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]  # FSDP averaged the sharded
     count = torch.tensor([len(grads), -len(grads)], device=_device())
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     if count[0] != -count[1]:
@@ -165,11 +173,13 @@ def broadcast(tensors: list[torch.Tensor]) -> None:
         return
     with torch.no_grad():
         for t in tensors:
-            dist.broadcast(t.data, 0)
+            if not is_sharded(t):  # a shard is each process's own slice
+                dist.broadcast(t.data, 0)
 
 
 def check_in_sync(tensors: list[torch.Tensor], what: str) -> None:
     """An error if the processes' copies of these tensors have drifted apart (a checksum, taken at checkpoints)."""
+    tensors = [t for t in tensors if not is_sharded(t)]  # each process holds its own slice of a sharded one
     if world() == 1 or not tensors:
         return
     with torch.no_grad():
@@ -202,6 +212,112 @@ def gather(parts: list[torch.Tensor]) -> list[torch.Tensor]:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
+
+
+# ---- sharding (train.fsdp) ---------------------------------------------------------------------------------------
+def shard(module: nn.Module) -> None:
+    """Shard a network over the processes with FSDP2 (torch's fully_shard): every block (each element of an outermost
+    ModuleList: a UNet's down/up blocks, a transformer's blocks) is a unit whose weights are gathered for its forward
+    and backward and freed after; the rest belongs to the network's own unit. Call the network itself (its forward),
+    not its submodules, and on every process alike: each gather is a collective."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(module):
+        fully_shard(block)
+    fully_shard(module)
+
+
+def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            yield from child
+        else:
+            yield from _blocks(child)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def full(obj: T) -> T:
+    """obj with every sharded tensor replaced by the whole tensor, through dicts, lists and tuples (a state dict, an
+    optimizer's state). A collective: every process calls it with the same structure."""
+    if isinstance(obj, DTensor):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return type(obj)((k, full(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full(v) for v in obj)
+    return obj
+
+
+def shard_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A whole tensor cut into this process's slice the way `ref` is sharded (unchanged when ref is not sharded)."""
+    return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements) if is_sharded(ref) \
+        else value
+
+
+def sharded_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole-tensor state dict (a checkpoint's) made loadable into a sharded module: each entry sliced like the
+    module's own (keys the module lacks are kept, so load_state_dict names them)."""
+    own = module.state_dict()
+    return {k: shard_like(v, own[k]) if k in own else v for k, v in state.items()}
+
+
+def sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state dict of whole tensors (a checkpoint's) with each parameter's moments sliced like the
+    parameter, ready for optimizer.load_state_dict."""
+    params = {i: p for saved, group in zip(state["param_groups"], optimizer.param_groups)
+              for i, p in zip(saved["params"], group["params"])}
+    return {**state, "state": {i: {k: shard_like(v, params[i]) if v.dim() else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ for parameters of which some may be sharded: the norm is the whole gradient's."""
+    sharded = [p.grad for p in params if is_sharded(p)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p.grad for p in params if not is_sharded(p)]
+    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()]
+    if plain:
+        norms.append(torch.nn.utils.get_total_norm(plain).to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if math.isfinite(total.item()) and total > max_norm:
+        scale = max_norm / (total.item() + 1e-6)
+        for g in sharded + plain:
+            g.mul_(scale)
+    return total
+
+
+@contextmanager
+def gathered(*modules: nn.Module | None) -> Iterator[None]:
+    """Within this block every sharded module's weights stay whole on every process, so its forwards are local and
+    the processes may do different work (sample grids on process 0, evaluation batches that do not split evenly).
+    Entering and leaving are collectives. Without sharded modules, nothing happens."""
+    units = [u for m in modules if m is not None for u in _units(m)]
+    for u, inner in units:
+        u.unshard()
+        if inner:  # a network's own (outermost) unit keeps its weights after forward anyway: FSDP's choice for roots
+            u.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u, inner in units:
+            u.reshard()
+            if inner:
+                u.set_reshard_after_forward(True, recurse=False)
+
+
+def _units(module: nn.Module, inner: bool = False) -> Iterator[tuple[nn.Module, bool]]:
+    """A module's FSDP units, each with whether it lies inside another unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        yield module, inner
+        inner = True
+    for child in module.children():
+        yield from _units(child, inner)
 
 
 def _device() -> torch.device:

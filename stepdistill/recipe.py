@@ -63,6 +63,9 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     teacher_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Under a launcher with several processes: shard the generator, fake score, EMA and the frozen teacher over the
+    # processes (FSDP2), each holding 1/N of every weight, gradient and optimizer moment; one process: no effect
+    fsdp: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

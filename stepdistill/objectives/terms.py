@@ -51,8 +51,12 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
 
 @contextmanager
 def frozen(*modules: nn.Module | None):
-    """Build the graph without parameter gradients for these modules (gradients still flow through their inputs)."""
-    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    """Build the graph without parameter gradients for these modules (gradients still flow through their inputs).
+    Sharded parameters (train.fsdp) are left alone: FSDP keeps a gathered copy whose requires_grad it sets only when
+    it gathers, so a toggle could outlive the block; their gradients are computed and then dropped by the trainer, which
+    clears every network's gradients after each phase."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad
+              and not parallel.is_sharded(p)]
     for p in params:
         p.requires_grad_(False)
     try:

@@ -92,7 +92,9 @@ class VSD(Objective):
         x_t = nets.teacher.schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits, x0_fake = None, None
         if nets.discriminator is not None:  # one fake-score pass gives both its prediction and D's logits
-            with frozen(nets.fake_score, nets.discriminator):
+            # differentiated only for the GAN term (a graph no backward uses would also leave a sharded network
+            # waiting for its backward)
+            with frozen(nets.fake_score, nets.discriminator), torch.set_grad_enabled(cfg.gan_weight > 0):
                 pred, logits = discriminate(nets.fake_score, nets.discriminator, x_t, t, batch.cond)
             x0_fake = pred.x0.detach() if fake_scale == 1.0 else None
         with torch.no_grad():  # stop-gradient: the update direction is computed, not differentiated (DMD2 eq. 2)

@@ -17,8 +17,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            if p.requires_grad:
-                p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - self.decay)
+        pairs = [(p_ema, p.detach().to(p_ema.dtype)) for p_ema, p in zip(self.model.parameters(), model.parameters())
+                 if p.requires_grad]
+        if pairs:  # one lerp over the list: the same per-element update as a loop of lerp_, without its overhead
+            torch._foreach_lerp_(*map(list, zip(*pairs)), 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)

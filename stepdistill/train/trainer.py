@@ -102,6 +102,19 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
     return Built(teacher, nets, obj_cls(recipe.objective, nets, teacher.shape), data, classes)
 
 
+def check_fsdp(recipe: Recipe) -> None:
+    """train.fsdp against the combinations it does not support; a RecipeError naming the fix."""
+    if not recipe.train.fsdp:
+        return
+    if recipe.generator.lora_rank:
+        raise RecipeError(f"train.fsdp shards fully fine-tuned networks, but generator.lora_rank="
+                          f"{recipe.generator.lora_rank}: a LoRA generator and fake score share the teacher's frozen "
+                          "base, which sharding each network would copy. Set train.fsdp=false (a LoRA run's trained "
+                          "state is small; train.teacher_dtype=bf16 and train.gradient_checkpointing save memory)")
+    if recipe.train.compile:
+        raise RecipeError("train.fsdp together with train.compile is not supported: set one of them to false")
+
+
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:
     """generator.students / width / tsm_steps against the teacher; a RecipeError naming the fix."""
     g = recipe.generator
@@ -147,7 +160,8 @@ def real_data(recipe: Recipe, teacher: Teacher, purpose: str):
 
 
 # keys a resumed run may change: the budget, and how networks execute (same maths within bf16 tolerance)
-RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing")}
+RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing",
+                                               "fsdp")}
 
 
 def check_resumable(outdir: Path, recipe: Recipe) -> None:
@@ -189,16 +203,39 @@ class Trainer:
             raise RecipeError(f"train.grad_accum={k} must be >= 1 and split train.batch_size={self.cfg.batch_size} "
                               f"into micro-batches of equal rows on each of the {parallel.world()} processes: "
                               f"train.batch_size must be a multiple of {k} x {parallel.world()}")
+        check_fsdp(recipe)
+        # build-time random initialisations (discriminator heads) from train.seed: torch seeds its default stream
+        # differently in every process, so without this no two runs, nor two processes, would start alike
+        torch.manual_seed(self.cfg.seed)
         self.built = build(recipe, classes).to(self.accelerator.device)
         self.nets, self.objective = self.built.nets, self.built.objective
-        self._param_lists: dict[str, list[torch.nn.Parameter]] = {}
-        self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
         # after the EMA copy: a copy of a compiled network would run the original (kernels/execution.py)
         self.execution = configure_networks(self.nets, self.cfg, also=(self.ema.model,) if self.ema else ())
         self.step, self.nonfinite = 0, 0
         self.last_logs: dict[str, float] = {}  # latest value of every logged quantity (saved with checkpoints)
         self._broadcast()  # every process starts from process 0's weights
+        self.sharded = self.cfg.fsdp and parallel.world() > 1
+        if self.sharded:  # before the optimizers: they hold the sharded parameters
+            for net in self._sharded_networks():
+                parallel.shard(net)
+        self._param_lists: dict[str, list[torch.nn.Parameter]] = {}
+        self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
+
+    def _sharded_networks(self) -> list[torch.nn.Module]:
+        """What train.fsdp shards: the networks' callable parts (a Generator's network, not its wrapper), with the
+        EMA copy sliced like the generator. Discriminator heads and an objective's own modules are small: each
+        process holds them whole and their gradients are averaged as without FSDP."""
+        nets = [self.nets.teacher, self.nets.generator.net, self.nets.fake_score,
+                self.ema.model.net if self.ema is not None else None]
+        return [n for n in nets if n is not None]
+
+    def _sharding_note(self) -> str:
+        if not self.sharded:
+            return ""
+        params = [p for net in self._sharded_networks() for p in net.parameters()]
+        held = sum(p.to_local().numel() for p in params if parallel.is_sharded(p))
+        return f"; FSDP: each holds {held:,} of the {sum(p.numel() for p in params):,} sharded networks' weights"
 
     def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The tensors a checkpoint saves, by role (live: writing into them changes the run)."""
@@ -222,8 +259,12 @@ class Trainer:
     def _optimizer(self, name: str) -> torch.optim.Optimizer:
         lr = self.cfg.lr if name == "generator" else (self.cfg.fake_lr or self.cfg.lr)
         params = [p for p in self._parameters(name) if p.requires_grad]
+        # foreach: one update over the tensor list, torch's default on GPUs; on the CPU torch would update one tensor
+        # at a time (about 5% of a Fashion-MNIST step) to the same numbers, bit for bit in torch 2.14. It cannot mix
+        # sharded and whole tensors (FSDP with an objective's own module, sCM's weighting): those go one at a time
+        mixed = len({parallel.is_sharded(p) for p in params}) > 1
         return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in self.cfg.betas),
-                                 weight_decay=self.cfg.weight_decay)
+                                 weight_decay=self.cfg.weight_decay, foreach=not mixed)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -236,13 +277,15 @@ class Trainer:
         return w
 
     def save(self) -> None:
-        """Write a checkpoint (process 0; every process must call this: they check they are in sync first)."""
+        """Write a checkpoint (process 0; every process must call this: they check they are in sync first and
+        gather sharded tensors whole, so a checkpoint is the same with or without train.fsdp)."""
         for name, tensors in self._state_tensors().items():
             parallel.check_in_sync(tensors, name)
+        weights, optimizers = parallel.full((self._weights(), {k: o.state_dict() for k, o in self.optimizers.items()}))
         if parallel.is_main():
-            state = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                     "rng": torch.get_rng_state(), "nonfinite": self.nonfinite, "last_logs": self.last_logs}
-            save_checkpoint(self.outdir / "checkpoints", self.step, self._weights(), state, self.cfg.keep_checkpoints)
+            state = {"optimizers": optimizers, "rng": torch.get_rng_state(), "nonfinite": self.nonfinite,
+                     "last_logs": self.last_logs}
+            save_checkpoint(self.outdir / "checkpoints", self.step, weights, state, self.cfg.keep_checkpoints)
         parallel.barrier()
 
     def restore(self) -> bool:
@@ -251,10 +294,11 @@ class Trainer:
             return False
         step, weights, state = found
         for name in self.objective.trains:
-            load_saved_state(self.nets.get(name), unprefixed(name, weights))
-            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            net, optimizer = self.nets.get(name), self.optimizers[name]
+            load_saved_state(net, parallel.sharded_state(net, unprefixed(name, weights)))
+            optimizer.load_state_dict(parallel.sharded_optimizer_state(optimizer, state["optimizers"][name]))
         if self.ema is not None:
-            load_saved_state(self.ema.model, unprefixed("ema", weights))
+            load_saved_state(self.ema.model, parallel.sharded_state(self.ema.model, unprefixed("ema", weights)))
         self.objective.load_state_dict(unprefixed("objective", weights))
         torch.set_rng_state(state["rng"])
         self.step, self.nonfinite = step, int(state["nonfinite"])
@@ -292,7 +336,7 @@ class Trainer:
                 for name in names:
                     params = [p for p in self._parameters(name) if p.grad is not None]
                     parallel.average_gradients(params)
-                    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+                    norm = parallel.clip_grad_norm(params, max_norm) if params else torch.tensor(0.0)
                     ok = ok and bool(torch.isfinite(norm))
                     logs[f"grad_norm/{name}"] = float(norm)
             if ok:
@@ -331,12 +375,18 @@ class Trainer:
     def student(self) -> Generator:
         return self.ema.model if self.ema is not None else self.nets.generator
 
+    def gathered(self):
+        """A block in which the student and the teacher are whole on every process, even when sharded, so evaluation
+        and sample grids need not run in step on every process (every process must enter it)."""
+        return parallel.gathered(self.student(), self.nets.teacher)
+
     def curve_point(self, path: Path, train_seconds: float) -> None:
         """Append {step, time (training seconds), metric} to curve.jsonl; the evaluation's own time is not charged."""
         from ..eval.harness import curve_score
 
         t0 = time.time()
-        score = curve_score(self.recipe.eval, self.built.teacher, self.student(), self.classes)
+        with self.gathered():
+            score = curve_score(self.recipe.eval, self.built.teacher, self.student(), self.classes)
         if parallel.is_main():
             _append_jsonl(path, {"step": self.step, "time": round(train_seconds, 3), **score})
         self.paused += time.time() - t0
@@ -388,7 +438,7 @@ class Trainer:
                    dynamic_ncols=True)
         if parallel.world() > 1 and not self.quiet:
             tqdm.write(f"{parallel.world()} processes, {parallel.local_batch(self.cfg.batch_size)} of the "
-                       f"train.batch_size={self.cfg.batch_size} samples each")
+                       f"train.batch_size={self.cfg.batch_size} samples each{self._sharding_note()}")
         if resumed and not self.quiet:
             tqdm.write(f"resumed from iteration {self.step} in {self.outdir / 'checkpoints'}")
         try:
@@ -407,8 +457,10 @@ class Trainer:
                             writer.add_scalar(k, v, self.step)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
-                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0 and main:
-                    save_samples(self, f"step_{self.step:07d}")
+                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
+                    with self.gathered():
+                        if main:
+                            save_samples(self, f"step_{self.step:07d}")
                 if curve_every and self.step % curve_every == 0:
                     self.curve_point(curve_path, clock())
                 if self.cfg.max_minutes and not parallel.all_true(clock() <= self.cfg.max_minutes * 60):
@@ -427,14 +479,17 @@ class Trainer:
         if curve_every and self.step % curve_every:
             self.curve_point(curve_path, clock())
         values = parallel.mean_values(last)
+        with self.gathered():
+            if main:
+                save_samples(self, "final")
         if main:
-            save_samples(self, "final")
             summary = {"iterations": self.step, "train_seconds": round(clock(), 1), **values}
             (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         parallel.barrier()  # the run's files are complete for every process once run() returns
         if not self.recipe.eval.at_end or self.classes is not None:
             return None
-        metrics = evaluate(self.recipe, self.built.teacher, self.student(), quiet=self.quiet)
+        with self.gathered():
+            metrics = evaluate(self.recipe, self.built.teacher, self.student(), quiet=self.quiet)
         if main:
             write_metrics(self.outdir, metrics)
         return metrics

@@ -6,6 +6,7 @@ stream is the same on every process, a checkpoint resumes with either process co
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,11 +23,16 @@ RECIPES = {  # a conditional few-step student (the shared step index, per-row la
     "vsd_2step_conditional_accum": ["configs/toy/gmm_vsd_2step.yaml", "teacher.conditional=true",
                                     "train.grad_accum=2"],
     "scm": ["configs/toy/gmm_scm.yaml"],
+    # a discriminator on the fake score whose logits only weight the generator's loss (the fake score is frozen in
+    # the generator phase, trained in its own)
+    "fdiv": ["configs/toy/gmm_fdiv_js.yaml"],
 }
+FSDP = "train.fsdp=true"
 
 
-def _train(outdir, recipe, processes, *extra):
-    cmd = [sys.executable, "-m", "stepdistill", "train", *recipe, "--outdir", str(outdir), "--quiet", *COMMON, *extra]
+def _train(outdir, recipe, processes, *extra, quiet=True):
+    cmd = [sys.executable, "-m", "stepdistill", "train", *recipe, "--outdir", str(outdir), *COMMON, *extra]
+    cmd += ["--quiet"] if quiet else []
     if processes > 1:
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
                     "stepdistill"]
@@ -56,12 +62,16 @@ def one_and_two(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     _train(root / "one", recipe, 1)
     out = _train(root / "two", recipe, 2)
-    return recipe, root, out
+    sharded = _train(root / "fsdp", recipe, 2, FSDP, quiet=False)
+    return recipe, root, out, sharded
 
 
-def test_two_processes_compute_what_one_does(one_and_two):
-    recipe, root, out = one_and_two
-    one, two = root / "one", root / "two"
+@pytest.mark.parametrize("two", ["two", "fsdp"])
+def test_two_processes_compute_what_one_does(one_and_two, two):
+    """Data-parallel, and with train.fsdp sharded (gradients averaged by FSDP's reduce-scatter, checkpoints gathered
+    whole, curve points and the final evaluation from gathered networks)."""
+    recipe, root, out, _ = one_and_two
+    one, two = root / "one", root / two
     _assert_close(_weights(one, 12), _weights(two, 12))  # every trained network, the EMA, the objective's state
     for name in ("stats.jsonl", "curve.jsonl"):  # losses averaged over processes; curve points from sharded samples
         for a, b in zip(_records(one / name), _records(two / name), strict=True):
@@ -75,13 +85,21 @@ def test_two_processes_compute_what_one_does(one_and_two):
     assert out.count("run folder:") == 1  # one report, from process 0
 
 
-def test_a_two_process_checkpoint_resumes_with_one_process_and_back(one_and_two, tmp_path):
-    recipe, root, _ = one_and_two
-    _train(tmp_path / "a", recipe, 2, "train.steps=6")
+def test_fsdp_holds_half_of_the_weights_on_each_process(one_and_two):
+    *_, sharded = one_and_two
+    held, total = (int(n.replace(",", "")) for n in
+                   re.search(r"FSDP: each holds ([\d,]+) of the ([\d,]+) sharded", sharded).groups())
+    assert total / 2 <= held < total / 2 + 1000  # a slice of each tensor, rounded up
+
+
+@pytest.mark.parametrize("sharded", [(), (FSDP,)], ids=["data-parallel", "fsdp"])
+def test_a_two_process_checkpoint_resumes_with_one_process_and_back(one_and_two, tmp_path, sharded):
+    recipe, root, *_ = one_and_two
+    _train(tmp_path / "a", recipe, 2, "train.steps=6", *sharded)
     _train(tmp_path / "a", recipe, 1)  # 6 -> 12 in one process
     _assert_close(_weights(tmp_path / "a", 12), _weights(root / "one", 12))
     _train(tmp_path / "b", recipe, 1, "train.steps=6")
-    _train(tmp_path / "b", recipe, 2)  # 6 -> 12 in two processes
+    _train(tmp_path / "b", recipe, 2, *sharded)  # 6 -> 12 in two processes
     _assert_close(_weights(tmp_path / "b", 12), _weights(root / "one", 12))
 
 
@@ -102,3 +120,14 @@ def test_one_process_draws_exactly_what_torch_draws():
         a = ours()
         torch.manual_seed(3)
         assert torch.equal(a, theirs())
+
+
+def test_fsdp_refuses_what_it_cannot_shard_naming_the_fix():
+    from stepdistill.recipe import RecipeError, load_recipe
+    from stepdistill.train.trainer import check_fsdp
+
+    with pytest.raises(RecipeError, match=r"generator.lora_rank=4.*Set train.fsdp=false"):
+        check_fsdp(load_recipe("configs/toy/gmm_vsd.yaml", [FSDP, "generator.lora_rank=4"]))
+    with pytest.raises(RecipeError, match="train.fsdp together with train.compile"):
+        check_fsdp(load_recipe("configs/toy/gmm_vsd.yaml", [FSDP, "train.compile=true"]))
+    check_fsdp(load_recipe("configs/toy/gmm_vsd.yaml", [FSDP]))
