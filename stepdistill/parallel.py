@@ -266,11 +266,15 @@ def sharded_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 
 def sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """An optimizer state dict of whole tensors (a checkpoint's) with each parameter's moments sliced like the
-    parameter, ready for optimizer.load_state_dict."""
+    parameter, ready for optimizer.load_state_dict. The optimizer keeps its own `foreach`: whether it may update a
+    list at once depends on this run's sharding, not the saved run's."""
     params = {i: p for saved, group in zip(state["param_groups"], optimizer.param_groups)
               for i, p in zip(saved["params"], group["params"])}
-    return {**state, "state": {i: {k: shard_like(v, params[i]) if v.dim() else v for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+    groups = [{**saved, "foreach": group["foreach"]} for saved, group in zip(state["param_groups"],
+                                                                               optimizer.param_groups)]
+    return {**state, "param_groups": groups,
+            "state": {i: {k: shard_like(v, params[i]) if v.dim() else v for k, v in s.items()}
+                      for i, s in state["state"].items()}}
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
