@@ -287,8 +287,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if plain:
         norms.append(torch.nn.utils.get_total_norm(plain).to(norms[0].device))
     total = torch.linalg.vector_norm(torch.stack(norms))
-    if math.isfinite(total.item()) and total > max_norm:
-        scale = max_norm / (total.item() + 1e-6)
+    value = total.item()
+    if math.isfinite(value) and value > max_norm:
+        scale = max_norm / (value + 1e-6)
         for g in sharded + plain:
             g.mul_(scale)
     return total

@@ -375,6 +375,14 @@ class Trainer:
     def student(self) -> Generator:
         return self.ema.model if self.ema is not None else self.nets.generator
 
+    def sample_grid(self, tag: str) -> None:
+        """samples/<tag>.png from process 0 (every process must call this: sharded networks are gathered first)."""
+        from ..eval.samples import save_samples
+
+        with self.gathered():
+            if parallel.is_main():
+                save_samples(self, tag)
+
     def gathered(self):
         """A block in which the student and the teacher are whole on every process, even when sharded, so evaluation
         and sample grids need not run in step on every process (every process must enter it)."""
@@ -393,7 +401,6 @@ class Trainer:
 
     def run(self) -> dict | None:
         from ..eval.harness import evaluate, write_metrics
-        from ..eval.samples import save_samples
 
         main = parallel.is_main()
         self.outdir.mkdir(parents=True, exist_ok=True)
@@ -458,9 +465,7 @@ class Trainer:
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
                 if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
-                    with self.gathered():
-                        if main:
-                            save_samples(self, f"step_{self.step:07d}")
+                    self.sample_grid(f"step_{self.step:07d}")
                 if curve_every and self.step % curve_every == 0:
                     self.curve_point(curve_path, clock())
                 if self.cfg.max_minutes and not parallel.all_true(clock() <= self.cfg.max_minutes * 60):
@@ -479,9 +484,7 @@ class Trainer:
         if curve_every and self.step % curve_every:
             self.curve_point(curve_path, clock())
         values = parallel.mean_values(last)
-        with self.gathered():
-            if main:
-                save_samples(self, "final")
+        self.sample_grid("final")
         if main:
             summary = {"iterations": self.step, "train_seconds": round(clock(), 1), **values}
             (self.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -56,6 +56,14 @@ def _records(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
 
 
+def _assert_same_records(one, two):
+    """Every logged value of two runs' jsonl files (losses, gradient norms, curve points) at the same steps."""
+    for a, b in zip(_records(one), _records(two), strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (one.name, a["step"], k)
+
+
 @pytest.fixture(scope="module", params=list(RECIPES))
 def one_and_two(request, tmp_path_factory):
     recipe = RECIPES[request.param]
@@ -74,10 +82,7 @@ def test_two_processes_compute_what_one_does(one_and_two, two):
     one, two = root / "one", root / two
     _assert_close(_weights(one, 12), _weights(two, 12))  # every trained network, the EMA, the objective's state
     for name in ("stats.jsonl", "curve.jsonl"):  # losses averaged over processes; curve points from sharded samples
-        for a, b in zip(_records(one / name), _records(two / name), strict=True):
-            assert a.keys() == b.keys() and a["step"] == b["step"]
-            for k in a:
-                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (name, a["step"], k)
+        _assert_same_records(one / name, two / name)
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     for who in ("student", "teacher"):  # both sample sets were generated half by each process
         assert m1[who]["energy_distance"] == pytest.approx(m2[who]["energy_distance"], rel=1e-4)
@@ -148,11 +153,8 @@ def test_fsdp_on_a_unet_matches_one_process(objective, tmp_path):
              "train.log_every=1"]
     _train(tmp_path / "one", [str(recipe)], 1, *short)
     _train(tmp_path / "fsdp", [str(recipe)], 2, FSDP, *short)
-    for a, b in zip(_records(tmp_path / "one" / "stats.jsonl"), _records(tmp_path / "fsdp" / "stats.jsonl"),
-                    strict=True):  # every loss and gradient norm of the 4 iterations
-        assert a.keys() == b.keys()
-        for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    # every loss and gradient norm of the 4 iterations
+    _assert_same_records(tmp_path / "one" / "stats.jsonl", tmp_path / "fsdp" / "stats.jsonl")
     # Adam moves a weight by up to about lr (1e-4) per step whatever the gradient's size, so a near-zero gradient
     # rounded differently (the sums run in another order) can move a weight by up to 4 x lr after 4 steps
     _assert_close(_weights(tmp_path / "one", 4), _weights(tmp_path / "fsdp", 4), tol=4e-4)
