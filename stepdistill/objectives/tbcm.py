@@ -59,7 +59,7 @@ def route(m: int, points: int, shift: float, sigma_d: float) -> torch.Tensor:
 
     s = shifted(torch.linspace(1.0, shifted(1e-3), points, dtype=torch.float64))
     ref = torch.atan2(s, (1 - s) * sigma_d)
-    theta = ref[1:] + parallel.rand(m, points - 1, dtype=torch.float64) * (ref[:-1] - ref[1:])
+    theta = ref[1:] + torch.rand(m, points - 1, dtype=torch.float64) * (ref[:-1] - ref[1:])
     return torch.cat([torch.full((m, 1), math.pi / 2, dtype=torch.float64), theta], dim=1).float().clamp(max=THETA_MAX)
 
 
@@ -67,7 +67,7 @@ def scm_route(m: int, points: int, p_mean: float, p_std: float, sigma_d: float) 
     """(m, points) decreasing TrigFlow angles, the first pi/2, the other points - 1 one draw each of sCM's proposal
     theta = atan(exp(p_mean + p_std Phi^-1(u)) / sigma_d) within equal strata of u in (0, 1]."""
     k = torch.arange(points - 1, dtype=torch.float64)
-    u = 1 - (k + parallel.rand(m, points - 1, dtype=torch.float64)) / (points - 1)  # point k + 1: stratum k
+    u = 1 - (k + torch.rand(m, points - 1, dtype=torch.float64)) / (points - 1)  # point k + 1: stratum k
     theta = torch.atan2(torch.exp(p_mean + p_std * torch.special.ndtri(u)), torch.tensor(sigma_d, dtype=torch.float64))
     return torch.cat([torch.full((m, 1), math.pi / 2, dtype=torch.float64), theta], dim=1).float().clamp(max=THETA_MAX)
 
@@ -93,16 +93,26 @@ class TBCM(SCM):
 
     @torch.no_grad()
     def training_points(self, batch: Batch):
+        """The global batch's trajectories and training points are drawn alike on every process; each process then
+        runs only the trajectories its rows of the points lie on (points sorted by trajectory, so about 1/world of
+        them). Any number of processes therefore trains on the points one process would."""
         cfg, sd = self.cfg, self.cfg.sigma_data
         pairs = cfg.route_points - 1
         keep = cfg.route_pairs or pairs
-        m = math.ceil(batch.n / keep)  # trajectories: their cond are the batch's first m
-        cond = None if batch.cond is None else batch.cond[:m]
+        n = batch.n * parallel.world()  # the global batch
+        m = math.ceil(n / keep)  # trajectories: their cond are the global batch's first m
         if cfg.route_spacing == "scm":
             theta = scm_route(m, cfg.route_points, cfg.p_mean, cfg.p_std, sd)
         else:
             theta = route(m, cfg.route_points, cfg.route_shift, sd)
-        x = sd * parallel.randn(m, *self.shape, device=self.device)
+        noise = torch.randn(m, *self.shape)
+        # `keep` random points per trajectory, then n of those (point j lies on trajectory j // pairs), in order
+        kept = (torch.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
+        pick = parallel.rows(kept[torch.randperm(len(kept))[:n]].sort().values)
+        first, last = int(pick[0]) // pairs, int(pick[-1]) // pairs + 1  # this process's trajectories
+        theta, pick = theta[first:last], pick - first * pairs
+        cond = None if batch.cond is None else torch.cat(parallel.gather([batch.cond]))[first:last].to(self.device)
+        x = sd * noise[first:last].to(self.device)
         xs, dxdts = [], []
         for i in range(cfg.route_points):  # the teacher at every point; training on all but the start (pi/2)
             dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta[:, i], cond, sd, cfg.guidance_scale)
@@ -112,10 +122,6 @@ class TBCM(SCM):
             if i + 1 < cfg.route_points:
                 d = theta[:, i] - theta[:, i + 1]
                 x = bcast(d.cos(), x) * x - bcast(d.sin(), x) * dxdt
-        theta = theta[:, 1:]
-        # `keep` random points per trajectory, then n of those (point j lies on trajectory j // pairs)
-        kept = (parallel.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
-        pick = kept[torch.randperm(len(kept))[:batch.n]]
         flat = lambda ts: torch.stack(ts, dim=1).flatten(0, 1)[pick]  # noqa: E731
         pair_cond = None if cond is None else cond.repeat_interleave(pairs, dim=0)[pick]
-        return flat(xs), theta.flatten()[pick], flat(dxdts), pair_cond
+        return flat(xs), theta[:, 1:].flatten()[pick], flat(dxdts), pair_cond

@@ -26,6 +26,8 @@ RECIPES = {  # a conditional few-step student (the shared step index, per-row la
     # a discriminator on the fake score whose logits only weight the generator's loss (the fake score is frozen in
     # the generator phase, trained in its own)
     "fdiv": ["configs/toy/gmm_fdiv_js.yaml"],
+    # trajectories of the global batch's first conditions, 3 points each, some of them on both processes' rows
+    "tbcm_conditional": ["configs/toy/gmm_tbcm.yaml", "teacher.conditional=true", "objective.route_pairs=3"],
 }
 FSDP = "train.fsdp=true"
 
