@@ -448,11 +448,16 @@ class Trainer:
                        f"train.batch_size={self.cfg.batch_size} samples each{self._sharding_note()}")
         if resumed and not self.quiet:
             tqdm.write(f"resumed from iteration {self.step} in {self.outdir / 'checkpoints'}")
+        loop_start, first = clock(), self.step
         try:
             while self.step < self.cfg.steps:
                 logs = self.train_step()
                 self.step += 1
                 last.update(logs)  # keep each value's latest reading: generator losses only occur every few steps
+                if self.cfg.max_minutes:  # the bar ends where the run will: at train.steps, or where the budget
+                    rate = (self.step - first) / max(clock() - loop_start, 1e-9)  # runs out at the rate so far
+                    left = max(self.cfg.max_minutes * 60 - clock(), 0.0)
+                    bar.total = min(self.cfg.steps, self.step + int(rate * left))
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")})
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:

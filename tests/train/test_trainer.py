@@ -1,5 +1,6 @@
-"""Resume exactness, damaged checkpoints, the non-finite guard."""
+"""Resume exactness, damaged checkpoints, the non-finite guard, the wall-time budget."""
 import json
+import re
 
 import pytest
 import torch
@@ -124,3 +125,15 @@ def test_gradient_accumulation_gives_the_full_batch_gradient():
 def test_gradient_accumulation_must_divide_the_batch():
     with pytest.raises(Exception, match=r"train.grad_accum=3 must be >= 1 and split train.batch_size=64"):
         Trainer(_recipe("train.grad_accum=3"), "unused", quiet=True)
+
+
+def test_a_wall_time_budget_stops_the_run_and_ends_the_progress_bar_there(tmp_path, capfd):
+    """train.max_minutes ends the run before train.steps; the bar's total follows the budget, so its ETA is the
+    budget's and it closes full, rather than counting towards a million iterations."""
+    Trainer(_recipe("train.steps=1000000", "train.max_minutes=0.02"), tmp_path / "r").run()
+    out, err = capfd.readouterr()
+    iterations = json.loads((tmp_path / "r" / "train_summary.json").read_text())["iterations"]
+    assert 0 < iterations < 1000000
+    assert f"stopping at iteration {iterations}: train.max_minutes=0.02 reached" in out
+    done, total = re.findall(r"distilling: +\d+%\|[^|]*\| *(\d+)/(\d+)", err)[-1]
+    assert int(done) == int(total) == iterations
