@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-fid demo test lint clean
+.PHONY: setup setup-fid demo test lint clean device-wheels
 
 $(BIN)/stepdistill: setup.py
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: setup-fid
 
 lint: setup
 	$(BIN)/ruff check stepdistill tests scripts
+
+# The GPU machines have CUDA torch, accelerate, peft, ... but no diffusers and no internet: its wheel (pure Python) goes
+# into .whl/ for scripts/device_check.sh, which installs it there.
+device-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl "diffusers==0.42.1"
 
 clean:
 	rm -rf runs/demo_fashion_vsd_1step

@@ -31,6 +31,7 @@ import datetime
 import gc
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -78,8 +79,8 @@ def check(size: str, objective: str, backend: str, a, flops_cache: dict) -> dict
     if backend == "xformers" and xformers_status(a.device) is not None:
         return {**row, "note": f"skipped: {xformers_status(a.device)}"}
     batch = a.batch or BATCH[size]
-    recipe = recipe_for(size, objective, backend, batch, a.gradient_checkpointing, not a.fp32)
     try:
+        recipe = recipe_for(size, objective, backend, batch, a.gradient_checkpointing, not a.fp32)
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             with torch.device(a.device):  # build the random networks on the GPU (the CPU takes minutes for SDXL);
@@ -93,6 +94,9 @@ def check(size: str, objective: str, backend: str, a, flops_cache: dict) -> dict
                    tflops=flops / step_s / 1e12 if flops else None)
     except torch.cuda.OutOfMemoryError:
         row["note"] = f"out of memory at batch {batch}"
+    except Exception as e:  # one failing configuration (a compile error, say) must not lose the others' rows
+        traceback.print_exc()
+        row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
     finally:
         trainer = None  # noqa: F841  (free the networks before the next configuration)
         gc.collect()

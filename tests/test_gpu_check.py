@@ -14,7 +14,8 @@ def test_tiny_run_appends_a_section_naming_the_card(tmp_path):
 
     report = tmp_path / "gpu.md"
     torch.set_num_threads(1)  # tiny networks: a second thread only adds contention on a shared CPU
-    assert gpu_check.main(["--tiny", "--fp32", "--steps", "1", "--warmup", "1", "--report", str(report)]) == 0
+    assert gpu_check.main(["--tiny", "--fp32", "--steps", "1", "--warmup", "1", "--report", str(report),
+                           "--objectives", "vsd", "sid", "nosuch"]) == 0
     text = report.read_text()
     assert text.startswith("# GPU benchmarks") and "## CPU (no GPU)" in text
     for size in ("tiny", "tiny-xl"):
@@ -23,6 +24,9 @@ def test_tiny_run_appends_a_section_naming_the_card(tmp_path):
             images_per_s = float(row.split("|")[6])
             assert images_per_s > 0
     assert "| tiny | vsd | xformers | skipped: xformers" in text  # not installed here: a row that says so
+    # a configuration that fails is a row saying why, after which the others still run
+    assert "| tiny | nosuch | sdpa | failed: RecipeError: objective.name: unknown objective 'nosuch'" in text
+    assert "| tiny-xl | sid | sdpa |" in text
 
 
 def test_card_peaks_match_device_names():
