@@ -18,7 +18,7 @@ from .. import parallel
 from ..diffusion.solvers import ode_nfe, sample_ode
 from ..hashing import file_sha256
 from ..models.generator import Generator
-from ..models.loading import resolve_path
+from ..models.loading import bundled_path
 from ..models.score import device_of
 from .metrics import energy_distance, frechet_distance, gaussian_stats
 
@@ -102,7 +102,7 @@ def fashion_fd(images: torch.Tensor, classifier_dir: str = CLASSIFIER_DIR) -> fl
     """FD between (N, 1, 16, 16) images in [-1, 1] and the Fashion-MNIST test set, in classifier feature space."""
     from .features import extract
 
-    folder = resolve_path(classifier_dir)
+    folder = bundled_path(classifier_dir)
     model, mu_ref, sigma_ref, _ = _fashion_reference(str(folder))
     mu, sigma = gaussian_stats(extract(model, images))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
@@ -117,7 +117,7 @@ def protocol(recipe, teacher) -> dict:
         p["reference"] = f"{e.n} exact mixture samples (seed {e.seed + 1})"
         p["metric"] = "energy distance (V-statistic)"
     elif teacher.domain == "fashion-mnist":
-        folder = resolve_path(CLASSIFIER_DIR)
+        folder = bundled_path(CLASSIFIER_DIR)
         p["reference"] = "fashion-mnist test set (10,000 images), 16x16"
         p["metric"] = "Frechet distance, fashion-classifier 128-d penultimate features"
         p["features_sha256"] = _file_sha(folder / "model.safetensors")

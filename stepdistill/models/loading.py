@@ -1,4 +1,5 @@
-"""Build ScoreModels from diffusers folders or hub ids (local_files_only when HF_HUB_OFFLINE=1)."""
+"""Build ScoreModels from diffusers folders or hub ids (fetched into the Hugging Face cache; offline when
+HF_HUB_OFFLINE=1)."""
 from __future__ import annotations
 
 import json
@@ -14,17 +15,49 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def resolve_path(path: str) -> Path | str:
-    """A local folder (as given, or relative to the stepdistill checkout for bundled `checkpoints/...`), else the
-    string itself, treated as a hub id."""
-    for candidate in (Path(path), REPO_ROOT / path):
-        if candidate.is_dir():
-            return candidate
+def bundled_path(path: str) -> Path:
+    """A file or folder as given, else relative to the stepdistill checkout (the bundled `checkpoints/...`)."""
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+
+
+def resolve_path(path: str) -> Path:
+    """A local folder (as given, or relative to the stepdistill checkout for bundled `checkpoints/...`), or a hub id
+    (org/name) fetched by diffusers into the Hugging Face cache: only the pipeline's own components, in safetensors,
+    and from the cache alone when HF_HUB_OFFLINE=1. Either way the rest of the code reads one local folder, so every
+    supported family loads the same by folder or by hub id."""
+    if bundled_path(path).is_dir():
+        return bundled_path(path)
     if path.count("/") == 1 and not path.startswith((".", "/")) and not path.startswith("checkpoints/"):
-        return path  # looks like a hub id: org/name
+        return _hub_snapshot(path)
     raise FileNotFoundError(f"teacher folder {path!r} not found; looked in {Path(path).resolve()} and "
-                            f"{(REPO_ROOT / path).resolve()}. Give a diffusers folder (with unet/ and scheduler/) "
-                            "or a hub id such as org/name.")
+                            f"{(REPO_ROOT / path).resolve()}. Give a diffusers folder (with model_index.json, or unet/ "
+                            "and scheduler/) or a hub id such as org/name.")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a diffusers pipeline on the hub, downloaded by diffusers unless offline."""
+    from diffusers import DiffusionPipeline
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        folder = Path(DiffusionPipeline.download(repo_id, local_files_only=offline))
+    except Exception as e:  # hub errors come in many classes (offline, 404, gated, network): say what to do
+        how = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it where the hub is reachable "
+               f"(`hf download {repo_id}`) or give a local folder") if offline else (
+               "check the id, your network and, for gated models, `hf auth login`; or give a local folder")
+        raise FileNotFoundError(f"could not fetch the diffusers pipeline {repo_id!r}: {how} ({type(e).__name__}: "
+                                f"{e})") from None
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"{repo_id} has no model_index.json: a full diffusers pipeline is needed")
+    return folder
+
+
+def _from_pretrained(cls, where: Path, subfolder: str, **kw):
+    try:  # `where` is always a local folder (resolve_path fetched hub ids): never go online here
+        return cls.from_pretrained(str(where), subfolder=subfolder, local_files_only=True, **kw)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load {subfolder}/ of {where}: {e}") from None
 
 
 def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
@@ -41,16 +74,8 @@ def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
                      "FlowMatchEulerDiscreteScheduler")
 
 
-def _from_pretrained(cls, where: Path | str, subfolder: str, **kw):
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or isinstance(where, Path)
-    try:
-        return cls.from_pretrained(str(where), subfolder=subfolder, local_files_only=offline, **kw)
-    except OSError as e:
-        raise FileNotFoundError(f"could not load {subfolder}/ of {where}: {e}") from None
-
-
 def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype = torch.float32) -> ScoreModel:
-    """ScoreModel from a diffusers folder or hub id with `<subfolder>/` and `scheduler/`.
+    """ScoreModel from a diffusers folder (or hub id, see `resolve_path`) with `<subfolder>/` and `scheduler/`.
 
     Conditioning is read from `stepdistill.json` when present (bundled teachers); otherwise UNet2DModel with
     `num_class_embeds` is class-conditional with the last label as null, UNet2DConditionModel is text-conditional.
@@ -58,16 +83,15 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     import diffusers
 
     where = resolve_path(path)
-    meta = {}
-    if isinstance(where, Path) and (where / "stepdistill.json").exists():
-        meta = json.loads((where / "stepdistill.json").read_text())
-    if isinstance(where, Path):
-        cfg = json.loads((where / subfolder / "config.json").read_text())
-        model_cls = getattr(diffusers, cfg["_class_name"])
-        sched_cfg = json.loads((where / "scheduler" / "scheduler_config.json").read_text())
-        sched_cls = getattr(diffusers, sched_cfg["_class_name"])
-    else:
-        model_cls, sched_cls = diffusers.UNet2DConditionModel, diffusers.DDPMScheduler
+    meta = json.loads((where / "stepdistill.json").read_text()) if (where / "stepdistill.json").exists() else {}
+    for part in (subfolder, "scheduler"):
+        if not (where / part).is_dir():
+            raise FileNotFoundError(f"{where} has no {part}/ folder: give a diffusers folder saved with "
+                                    "save_pretrained (a pipeline folder, or unet/ and scheduler/)")
+    cfg = json.loads((where / subfolder / "config.json").read_text())
+    model_cls = getattr(diffusers, cfg["_class_name"])
+    sched_cfg = json.loads((where / "scheduler" / "scheduler_config.json").read_text())
+    sched_cls = getattr(diffusers, sched_cfg["_class_name"])
     net = _from_pretrained(model_cls, where, subfolder, torch_dtype=dtype)
     scheduler = _from_pretrained(sched_cls, where, "scheduler")
     schedule, kind = schedule_from_scheduler(scheduler)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -31,9 +30,8 @@ class DiffusersTeacher(Teacher):
         if not cfg.path:
             raise ValueError("teacher.path is empty: give a diffusers folder (with unet/ and scheduler/) or a hub id")
         self.cfg = cfg
-        score = load_diffusers_score(cfg.path, cfg.subfolder)
-        where = resolve_path(cfg.path)
-        self.folder = where if isinstance(where, Path) else None  # local folder (holds quality.json), or None
+        self.folder = resolve_path(cfg.path)  # a local folder (a hub id's cached snapshot); may hold quality.json
+        score = load_diffusers_score(str(self.folder), cfg.subfolder)
         self._init_net = score  # trainable copies start from these weights
         self.score = copy.deepcopy(score).requires_grad_(False).eval()
         c = score.net.config

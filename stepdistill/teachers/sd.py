@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..models.loading import REPO_ROOT, _from_pretrained, load_diffusers_score, resolve_path
+from ..models.loading import _from_pretrained, bundled_path, load_diffusers_score, resolve_path
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
@@ -42,16 +42,8 @@ class SDConfig:
     #                                 guidance_scale); ignored by networks without a guidance embedding
 
 
-def _bundled(path: str) -> Path:
-    """A file as given, else relative to the stepdistill checkout (the bundled teachers' `checkpoints/...`)."""
-    p = Path(path)
-    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
-
-
-def pipeline_index(where: Path | str) -> dict:
+def pipeline_index(where: Path) -> dict:
     """A local folder's model_index.json, checked to be a supported family; an error naming the supported ones."""
-    if not isinstance(where, Path):
-        return {"_class_name": "StableDiffusionPipeline"}  # a hub id: its loading will say if it is not one
     index = where / "model_index.json"
     if not index.exists():
         raise FileNotFoundError(f"{where} has no model_index.json: teacher sd needs a full diffusers pipeline folder "
@@ -65,7 +57,7 @@ def pipeline_index(where: Path | str) -> dict:
     return meta
 
 
-def _text_encoder(where: Path | str, index: dict, family: str, null: str, width: int | None):
+def _text_encoder(where: Path, index: dict, family: str, null: str, width: int | None):
     """The family's tokenizers and text encoders from the folder (SD3's T5 may be absent: text_encoder_3 null)."""
     import transformers
 
@@ -115,14 +107,14 @@ class SDTeacher(Teacher):
         self.cfg, self.pipeline = cfg, index["_class_name"]
         self.family = FAMILY[self.pipeline]
         self.denoiser = "unet" if self.family in ("sd", "sdxl") else "transformer"  # the pipeline's component name
-        self.folder = where if isinstance(where, Path) else None
-        score = load_diffusers_score(cfg.path, self.denoiser)
+        self.folder = where  # a local folder (a hub id's cached snapshot): LoRA exports fingerprint its weights
+        score = load_diffusers_score(str(where), self.denoiser)
         null = cfg.null if cfg.null != "auto" else (
             "zeros" if self.family == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty")
         width = score.net.config.joint_attention_dim if self.family == "sd3" else None
         self.text = _text_encoder(where, index, self.family, null, width)
-        self.prompts = read_prompts(_bundled(cfg.prompts))
-        self.eval_prompts = read_prompts(_bundled(cfg.eval_prompts)) if cfg.eval_prompts else self.prompts
+        self.prompts = read_prompts(bundled_path(cfg.prompts))
+        self.eval_prompts = read_prompts(bundled_path(cfg.eval_prompts)) if cfg.eval_prompts else self.prompts
         warn_truncated(self.text, self.prompts, "teacher.prompts")
         if cfg.eval_prompts:
             warn_truncated(self.text, self.eval_prompts, "teacher.eval_prompts")
