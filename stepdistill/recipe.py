@@ -80,6 +80,9 @@ class EvalConfig:
     seed: int = 0
     teacher_nfe: int = 35  # teacher's network evaluations: odd -> Heun ((nfe+1)/2 intervals), even -> Euler
     guidance_scale: float = 1.0  # classifier-free guidance of the teacher's samples
+    # samples per generation batch (a few-step student's later noise is drawn batch by batch, so its samples depend on
+    # it); SD-size latent teachers need far fewer on a GPU: 1000 rows (2000 with CFG) of an SDXL UNet in fp32 run out
+    # of memory even on a 141 GB card
     batch_size: int = 1000
     at_end: bool = True  # evaluate when training finishes (writes metrics.json)
     # domain: the teacher's own metric (FD in the bundled classifier's space, or energy distance on gmm);

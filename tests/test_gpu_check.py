@@ -49,3 +49,30 @@ def test_full_size_configs_are_the_real_models(size):
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SIZES[size])
     n = sum(p.numel() for p in unet.parameters()) / 1e6
     assert n == pytest.approx({"sd15": 859.5, "sdxl": 2567.5}[size], abs=0.5)
+
+
+def test_a_stopped_run_still_writes_its_rows_and_flop_counts(tmp_path, monkeypatch):
+    """scripts/device_check.sh runs each part under `timeout`: a part stopped mid-way must still append the rows it
+    has (and say it stopped), and the FLOP counts it made must reach the next part through --flops-cache."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(1)
+    real, done = gpu_check.check, []
+
+    def check(*args):
+        if done:
+            raise KeyboardInterrupt  # stands for the SystemExit that SIGTERM raises in the middle of a configuration
+        done.append(real(*args))
+        return done[-1]
+
+    monkeypatch.setattr(gpu_check, "check", check)
+    report, cache = tmp_path / "gpu.md", tmp_path / "flops.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--tiny", "--fp32", "--steps", "1", "--warmup", "1", "--sizes", "tiny", "--objectives", "vsd",
+                        "--backends", "sdpa", "xformers", "--report", str(report), "--flops-cache", str(cache)])
+    text = report.read_text()
+    assert "| tiny | vsd | sdpa |" in text and "Stopped (time limit or interrupt) after 1 of 2 configurations." in text
+    flops = done[0]["tflops"] * 1e12 * done[0]["step_ms"] / 1e3
+    assert json.loads(cache.read_text())["tiny/vsd"] == pytest.approx(flops, rel=1e-9) and flops > 0

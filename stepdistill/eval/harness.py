@@ -185,7 +185,7 @@ def curve_score(e, teacher, student: Generator, classes: list[int] | None = None
     enough to take during training without moving its random stream."""
     was_training = student.training
     student.eval()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes, shard=True)
         cond = None if classes is None else teacher.eval_cond(e.curve_n, classes)
         score = parallel.on_main(lambda: domain_score(teacher, xs, domain_reference(teacher, e.curve_n, e.seed, cond)))

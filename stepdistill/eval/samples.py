@@ -25,7 +25,7 @@ def write_samples(teacher, student, outdir: Path, seed: int, tag: str, classes: 
     path = Path(outdir) / "samples" / f"{tag}.png"
     was_training = student.training
     student.eval()
-    with torch.random.fork_rng():  # sampling must not move the training run's random stream
+    with torch.random.fork_rng(devices=[]):  # sampling must not move the training run's random stream
         if teacher.is_image:
             nrow = 10 if classes is None else len(classes)
             xs = generate_student(student, teacher, 10 * nrow, seed + 1000, 100, classes=classes)

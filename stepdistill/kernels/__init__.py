@@ -1,7 +1,8 @@
 """How a run's networks execute, never what they compute: attention kernel, torch.compile, gradient checkpointing and
 the frozen teacher's dtype (recipe keys train.attention, train.compile, train.gradient_checkpointing,
 train.teacher_dtype). Every choice gives the same outputs within bf16 tolerance (tests/kernels)."""
-from .attention import ATTENTION, diffusers_models, set_attention, xformers_status
+from .attention import ATTENTION, diffusers_models, set_attention, without_xformers, xformers_status
 from .execution import configure_networks
 
-__all__ = ["ATTENTION", "configure_networks", "diffusers_models", "set_attention", "xformers_status"]
+__all__ = ["ATTENTION", "configure_networks", "diffusers_models", "set_attention", "without_xformers",
+           "xformers_status"]

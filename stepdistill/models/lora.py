@@ -54,7 +54,7 @@ def with_lora(score: ScoreModel, rank: int, alpha: float | None = None,
     shared = {id(t): t for t in [*net.parameters(), *net.buffers()]}
     copied = copy.deepcopy(net, shared)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
-    with torch.random.fork_rng():  # the adapters' random init must not shift the run's random stream
+    with torch.random.fork_rng(devices=[]):  # the adapters' random init must not shift the run's random stream
         torch.manual_seed(seed)
         inject_adapter_in_model(config, copied, adapter_name="default")
     return score.like(copied).train()

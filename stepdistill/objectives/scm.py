@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import trigflow_noise, trigflow_velocity
+from ..kernels import without_xformers
 from ..models.mlp import TimeFeatures
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
@@ -87,15 +88,16 @@ def normalized_tangent(g: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.T
 
 @contextmanager
 def forward_ad_ready(module: nn.Module):
-    """Work around two gaps in PyTorch's forward-mode AD for the duration: fused attention kernels have no JVP rule
-    (use the math backend, as SANA-Sprint's `jvp=True` attention does), and group norm rejects a tangent whose strides
-    differ from its input's (as after diffusers' attention reshapes), so its inputs are made contiguous first."""
+    """Work around two gaps in PyTorch's forward-mode AD for the duration: fused attention kernels (SDPA's and
+    xformers') have no JVP rule (use SDPA's math backend, as SANA-Sprint's `jvp=True` attention does), and group norm
+    rejects a tangent whose strides differ from its input's (as after diffusers' attention reshapes), so its inputs
+    are made contiguous first."""
     def contiguous(_, args):
         return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
 
     hooks = [m.register_forward_pre_hook(contiguous) for m in module.modules() if isinstance(m, nn.GroupNorm)]
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with without_xformers(module), sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         for h in hooks:
@@ -106,9 +108,10 @@ def central_difference(f, x: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor
                        eps: float) -> torch.Tensor:
     """(f(x + eps dx, theta + eps dtheta) - f(x - eps dx, theta - eps dtheta)) / (2 eps), same random stream for
     both sides (networks with dropout see the same mask)."""
-    with torch.random.fork_rng():
+    devices = [x.device] if x.is_cuda else []  # dropout draws from the GPU's stream there
+    with torch.random.fork_rng(devices=devices):
         plus = f(x + eps * dx, theta + eps * dtheta)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=devices):
         minus = f(x - eps * dx, theta - eps * dtheta)
     return (plus - minus) / (2 * eps)
 
@@ -204,9 +207,12 @@ class SCM(Objective):
         g = -cos ** 2 * (sd * f_minus - dxdt) - self.r * (cos * sin * x + sd * df)
         g, g_norm = normalized_tangent(g, cfg.tangent_norm)
         f = self.student_velocity(x, theta, cond)
+        # F^- is F without gradient. Under bf16 autocast f carries bf16 rounding that the float32 JVP primal f_minus
+        # does not, and on latent-size inputs their difference is as large as g: take F^- from this same pass then
+        f_stop = f.detach() if torch.is_autocast_enabled(x.device.type) else f_minus
         weight = 1.0 / (sd * torch.tan(theta))
         logvar = self.logvar(theta) if self.logvar is not None else torch.zeros_like(theta)
-        per_element = bcast(weight / logvar.exp(), f) * (f - f_minus - g.detach()) ** 2 + bcast(logvar, f)
+        per_element = bcast(weight / logvar.exp(), f) * (f - f_stop - g.detach()) ** 2 + bcast(logvar, f)
         loss = per_element.mean()
         logs = {"loss/generator": loss.item(), "scm/tangent_norm": g_norm.mean().item(), "scm/r": self.r,
                 "scm/logvar": logvar.mean().item()}

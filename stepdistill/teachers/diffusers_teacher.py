@@ -49,7 +49,7 @@ class DiffusersTeacher(Teacher):
         if not isinstance(t.net, UNet2DModel):
             raise ValueError(f"generator.width < 1 supports UNet2DModel teachers, not {type(t.net).__name__}")
         config = {**t.net.config, "block_out_channels": scaled_channels(t.net.config, width)}
-        with torch.random.fork_rng():  # building a student must not shift the training run's random stream
+        with torch.random.fork_rng(devices=[]):  # building a student must not shift the training run's random stream
             torch.manual_seed(0)
             net = UNet2DModel.from_config(config)
         return t.like(net).train()

@@ -159,7 +159,7 @@ class GMMTeacher(Teacher):
         width < 1: the MLP has round(hidden * width) units and keeps its random output layer, so the student starts
         away from the teacher and teacher score matching (generator.tsm_steps) has something to fit."""
         hidden = self.cfg.hidden if width == 1.0 else max(1, round(self.cfg.hidden * width))
-        with torch.random.fork_rng():  # building a student must not shift the training run's random stream
+        with torch.random.fork_rng(devices=[]):  # building a student must not shift the training run's random stream
             torch.manual_seed(self.cfg.init_seed)
             mlp = MLPDenoiser(self.shape[0], hidden, max_freq=self.cfg.time_freq, num_classes=self.num_classes)
         if width == 1.0:

@@ -196,7 +196,9 @@ class Trainer:
         self.quiet = quiet or not parallel.is_main()  # one progress bar, from process 0
         # one GPU per process where CUDA is present (accelerate picks cuda:LOCAL_RANK), else the CPU; hide GPUs with
         # CUDA_VISIBLE_DEVICES='' to train on the CPU
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # mixed_precision="no": `accelerate launch` exports the user's accelerate config, and with fp16 on a GPU
+        # accelerator.backward would scale every loss by a GradScaler that nothing here unscales (train.precision rules)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         parallel.local_batch(self.cfg.batch_size)  # a batch that does not split is an error before building
         k = self.cfg.grad_accum
         if k < 1 or self.cfg.batch_size % (k * parallel.world()):
@@ -321,8 +323,10 @@ class Trainer:
                     group["lr"] = group["base_lr"] * self._lr_scale()
             ok = True
             for j, batch in enumerate(micro):  # gradients of the mean loss over the micro-batches
+                # no weight-cast cache: torch before pytorch#165068 reused casts made under no_grad (a few-step
+                # generator's backward simulation) in the graded pass, and those weights got no gradient
                 with torch.autocast(self.accelerator.device.type, torch.bfloat16,
-                                    enabled=self.cfg.precision == "bf16"):
+                                    enabled=self.cfg.precision == "bf16", cache_enabled=False):
                     out = phase.loss(batch, samples[j])
                 samples[j] = out.samples if out.samples is not None else samples[j]
                 for k, v in out.logs.items():

@@ -145,8 +145,27 @@ def test_transformers_keep_their_own_attention_processors():
     before = {type(p) for p in net.attn_processors.values()}
     assert set_attention(net, "sdpa") == "sdpa" and {type(p) for p in net.attn_processors.values()} == before
     with pytest.warns(UserWarning, match="has its own attention processors"):
-        set_attention(net, "math")
+        assert set_attention(net, "math") == "sdpa"
     assert {type(p) for p in net.attn_processors.values()} == before
     x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16)
     assert net(x, encoder_hidden_states=text, pooled_projections=torch.randn(1, 8), timestep=torch.tensor([500.0])
                ).sample.shape == x.shape
+
+
+def test_xformers_leaves_sanas_linear_attention_alone(monkeypatch):
+    """diffusers' enable_xformers_memory_efficient_attention would replace SANA's ReLU linear attention by softmax
+    attention: with xformers usable (pretended here, as this machine has no CUDA) a SANA transformer keeps its own
+    processors, warns, and reports sdpa."""
+    from diffusers import SanaTransformer2DModel
+
+    from stepdistill.kernels import attention
+
+    net = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                 num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                 cross_attention_dim=16, caption_channels=8, sample_size=8, patch_size=1)
+    before = {name: type(p) for name, p in net.attn_processors.items()}
+    assert any("Linear" in t.__name__ for t in before.values())
+    monkeypatch.setattr(attention, "xformers_status", lambda device=None: None)
+    with pytest.warns(UserWarning, match="train.attention=xformers for the network: SanaTransformer2DModel has its"):
+        assert set_attention(net, "xformers") == "sdpa"
+    assert {name: type(p) for name, p in net.attn_processors.items()} == before

@@ -47,6 +47,13 @@ def _losses(run):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_a_gpu_run_trains_what_a_cpu_run_does(name, tmp_path):
     recipe, *overrides = RECIPES[name]
+    if name == "fashion_scm_ladd":  # sCM trains on real images; a GPU machine without the dataset can't say anything
+        from stepdistill.data import fashion
+
+        try:
+            fashion.load_raw("train")
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
     for where in ("gpu", "cpu"):
         _stepdistill("train", recipe, "--outdir", str(tmp_path / where), "--quiet", *COMMON, *overrides,
                      cpu=where == "cpu")

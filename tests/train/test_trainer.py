@@ -137,3 +137,31 @@ def test_a_wall_time_budget_stops_the_run_and_ends_the_progress_bar_there(tmp_pa
     assert f"stopping at iteration {iterations}: train.max_minutes=0.02 reached" in out
     done, total = re.findall(r"distilling: +\d+%\|[^|]*\| *(\d+)/(\d+)", err)[-1]
     assert int(done) == int(total) == iterations
+
+
+def test_an_fp16_accelerate_config_does_not_scale_the_losses(tmp_path, monkeypatch):
+    """`accelerate launch` exports the user's accelerate config; with fp16 on a GPU, accelerator.backward would scale
+    every loss by a GradScaler that the trainer never unscales. Precision is train.precision, so accelerate's stays
+    "no" whatever the environment says."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    AcceleratorState._reset_state()  # accelerate reads the environment when its process-wide state is first made
+    try:
+        trainer = Trainer(_recipe(), tmp_path, quiet=True)
+        assert trainer.accelerator.mixed_precision == "no" and trainer.accelerator.scaler is None
+    finally:
+        AcceleratorState._reset_state()
+
+
+def test_more_processes_than_gpus_is_an_error_naming_the_fixes(monkeypatch):
+    """NCCL cannot put two processes on one GPU ("Duplicate GPU detected" at the first collective): say so before."""
+    from stepdistill import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"2 processes on this machine but 1 GPU\(s\): NCCL cannot share a GPU "
+                                           r"between processes. Launch at most 1 per machine, or set "
+                                           r"CUDA_VISIBLE_DEVICES='' to run them on the CPU"):
+        parallel.compute_device()
