@@ -5,7 +5,7 @@ SYZhang0805/DisBack (a DMD2 fork). Stage 1 ("degradation recording", `record_ste
 frozen and the fake score, starting from the teacher, is trained on its samples; a snapshot of the fake score every
 `record_every` iterations records a path from the teacher's score to the initial generator's. Stage 2: VSD/DMD2,
 except that the score the generator is pulled toward walks that path backwards, one snapshot every
-`backtrack_every` iterations, ending at the teacher itself.
+`backtrack_every` iterations, from the one before the last (the last is the fake score itself) to the teacher.
 
 The upstream code swaps targets with a `strict=False` load of a state dict whose keys do not match, so its target
 never changes; here the snapshot is loaded strictly into a separate frozen copy, and the tests check that the target
@@ -60,9 +60,11 @@ class DisBack(VSD):
         return super().phases(step - cfg.record_steps)
 
     def target_index(self) -> int:
-        """Which snapshot the generator is pulled toward now: m at the start of stage 2, down to 0 (the teacher)."""
+        """Which snapshot the generator is pulled toward now: m - 1 at the start of stage 2, down to 0 (the teacher).
+        Snapshot m is the fake score itself when stage 2 starts, a target with no gradient at all; the reference also
+        steps back once before its first load (`ckpt_num -= 100`, then load)."""
         back = max(0, self.step - self.cfg.record_steps) // self.cfg.backtrack_every
-        return max(0, len(self.path) - back)
+        return max(0, len(self.path) - 1 - back)
 
     def target(self) -> ScoreModel:
         i = self.target_index()

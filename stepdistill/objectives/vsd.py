@@ -121,9 +121,11 @@ class VSD(Objective):
         if samples is None:  # not a generator iteration: make fresh samples without gradients
             samples = sample_generator(self, batch, grad=False)
         samples = samples.float()
-        fake_scale = self.scales[1]
-        out = denoising_loss(self, batch, samples, self.cfg.fake_t_min, self.cfg.fake_t_max, fake_scale,
-                             self.cfg.cond_dropout if fake_scale != 1.0 else 0.0)
+        # the fake score fits its plain prediction, guided or not: under PG-SB it is guided only where the generator's
+        # gradient reads it (SwiftBrush's LoRA loss), and learns its unconditional branch from the dropped conditions
+        guided = self.scales[1] != 1.0
+        out = denoising_loss(self, batch, samples, self.cfg.fake_t_min, self.cfg.fake_t_max, 1.0,
+                             self.cfg.cond_dropout if guided else 0.0)
         if self.nets.discriminator is None:
             return out
         fake, real = self.gan_pair(batch, samples)

@@ -143,10 +143,28 @@ def test_snoopi_draws_one_scale_per_iteration_for_teacher_and_fake(gmm_built):
     assert len(set(drawn)) == 20
 
 
+def test_snoopi_fake_score_fits_its_plain_prediction(gmm_built, monkeypatch):
+    """Under PG-SB the fake score is guided where the generator's gradient reads it, but trained on its plain
+    prediction (SwiftBrush's LoRA loss): fitting its guided output at a scale redrawn every iteration would fit none."""
+    from stepdistill.models.score import ScoreModel
+
+    b = gmm_built("objective.name=vsd", "objective.guidance_range=[2.0,4.0]", "teacher.conditional=true")
+    calls = []
+    guided = ScoreModel.guided
+    monkeypatch.setattr(ScoreModel, "guided", lambda self, *a: calls.append((self, a[3])) or guided(self, *a))
+    torch.manual_seed(0)
+    gen_phase, fake_phase = b.objective.phases(0)
+    samples = gen_phase.loss(b.batch(64), None).samples
+    assert {s for net, s in calls if net is b.nets.fake_score} == {b.objective.scales[1]} != {1.0}  # guided read
+    calls.clear()
+    fake_phase.loss(b.batch(64), samples)
+    assert [s for net, s in calls if net is b.nets.fake_score] == [1.0]  # plain fit
+
+
 def test_disback_target_walks_back_from_the_degraded_score_to_the_teacher(gmm_built):
-    """Stage 1 records a path (the fake score moves away from the teacher); stage 2's target starts at the end of
-    that path, differs from the teacher, moves back one snapshot per backtrack_every iterations, ends at the teacher.
-    The path survives a checkpoint round trip."""
+    """Stage 1 records a path (the fake score moves away from the teacher); stage 2's target starts one snapshot
+    before its end (the end is the fake score itself: no gradient), differs from the teacher, moves back one snapshot
+    per backtrack_every iterations, ends at the teacher. The path survives a checkpoint round trip."""
     b = gmm_built("objective.name=disback", "objective.record_steps=6", "objective.record_every=2",
                   "objective.backtrack_every=3", "train.lr=1e-2", "train.fake_lr=1e-2")
     obj, fake = b.objective, b.nets.fake_score
@@ -166,13 +184,16 @@ def test_disback_target_walks_back_from_the_degraded_score_to_the_teacher(gmm_bu
 
     teacher_x0 = b.nets.teacher(x, t).x0
     seen = []
-    for step in range(6, 6 + 3 * 4):
+    for step in range(6, 6 + 3 * 3):
         obj.phases(step)
         seen.append((obj.target_index(), target_x0()))
-    assert len(obj.path) == 3 and [i for i, _ in seen][::3] == [3, 2, 1, 0]
+    assert len(obj.path) == 3 and [i for i, _ in seen][::3] == [2, 1, 0]
     assert (seen[0][1] - teacher_x0).abs().max() > 1e-3  # the start of stage 2 is not the teacher ...
     assert obj.target() is b.nets.teacher and torch.equal(seen[-1][1], teacher_x0)  # ... its end is
-    torch.testing.assert_close(seen[0][1], fake(x, t).x0.detach())  # and the path's end is the degraded score
+    fake_x0 = fake(x, t).x0.detach()  # ... and it is not the fake score (the path's end), which would pull nowhere
+    assert (seen[0][1] - fake_x0).abs().max() > 1e-3
+    obj.target_index = lambda: 3
+    torch.testing.assert_close(obj.target()(x, t).x0.detach(), fake_x0)  # the path's end is the degraded score
     assert not torch.equal(seen[0][1], seen[3][1])  # each snapshot differs from the next
     restored = gmm_built("objective.name=disback", "objective.record_steps=6", "objective.record_every=2",
                          "objective.backtrack_every=3").objective
