@@ -34,7 +34,7 @@ Inception weights (never downloaded): --inception PATH, $STEPDISTILL_INCEPTION, 
 The npz holds mu, sigma, the features (for KID) and the protocol; `eval --ref` refuses statistics made under a
 different protocol (backend, Inception weights, resize).""",
     "bench": """examples:
-  stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (~11 min, CPU)
+  stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (9-11 min, CPU)
   stepdistill bench configs/bench/fashion.yaml --outdir runs/bench_fashion --report docs/benchmarks_fashion.md
 Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).
   stepdistill bench --speed configs/fashion/vsd_1step.yaml configs/fashion/sid_1step.yaml train.batch_size=32 \
@@ -346,16 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .train.trainer import NonFiniteError
+
     try:
         code = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "eval-ref": cmd_eval_ref,
                 "bench": cmd_bench, "export": cmd_export}[args.command](args)
         from . import parallel
 
         return parallel.finish(code)  # launched on several processes: leave together
-    except (RecipeError, FileNotFoundError, ValueError, KeyError, ModuleNotFoundError) as e:
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, KeyError, ModuleNotFoundError,
+            NonFiniteError) as e:  # bad input, or a diverged run: one message, not a traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stepdistill {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training has saved a checkpoint and said so
+        print(f"stepdistill {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

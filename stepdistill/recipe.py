@@ -197,12 +197,45 @@ def from_dict(data: dict) -> Recipe:
     for required in ("teacher", "objective"):
         if required not in data:
             raise RecipeError(f"missing section `{required}`; known {required}s: {', '.join(registry.names(required))}")
-    return Recipe(teacher=_named_section("teacher", data["teacher"]),
-                  objective=_named_section("objective", data["objective"]),
-                  generator=build_dataclass(GeneratorConfig, data.get("generator"), "generator"),
-                  train=build_dataclass(TrainConfig, data.get("train"), "train"),
-                  eval=build_dataclass(EvalConfig, data.get("eval"), "eval"),
-                  data=build_dataclass(DataConfig, data.get("data"), "data"))
+    recipe = Recipe(teacher=_named_section("teacher", data["teacher"]),
+                    objective=_named_section("objective", data["objective"]),
+                    generator=build_dataclass(GeneratorConfig, data.get("generator"), "generator"),
+                    train=build_dataclass(TrainConfig, data.get("train"), "train"),
+                    eval=build_dataclass(EvalConfig, data.get("eval"), "eval"),
+                    data=build_dataclass(DataConfig, data.get("data"), "data"))
+    check_ranges(recipe)
+    return recipe
+
+
+def check_ranges(r: Recipe) -> None:
+    """Values of the right type but outside their range: an error naming the key now, not a traceback (or a wasted
+    training run, for eval.*) later."""
+    g, t, e = r.generator, r.train, r.eval
+    rules = [  # (key, value, allowed?, what is allowed)
+        *[(f"train.{k}", getattr(t, k), getattr(t, k) >= 1, ">= 1")
+          for k in ("batch_size", "grad_accum", "log_every", "keep_checkpoints")],
+        *[(f"train.{k}", getattr(t, k), getattr(t, k) >= 0, ">= 0") for k in (
+            "steps", "warmup", "grad_clip", "checkpoint_every", "sample_every", "max_nonfinite", "max_minutes",
+            "weight_decay")],
+        ("train.lr", t.lr, t.lr > 0, "> 0"), ("train.fake_lr", t.fake_lr, t.fake_lr is None or t.fake_lr > 0, "> 0"),
+        ("train.betas", t.betas, len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
+        ("train.ema", t.ema, 0 <= t.ema < 1, "in [0, 1) (0 disables it)"),
+        *[(f"eval.{k}", getattr(e, k), getattr(e, k) >= 1, ">= 1")
+          for k in ("n", "batch_size", "teacher_nfe", "curve_n", "kid_subset_size")],
+        ("eval.curve_every", e.curve_every, e.curve_every >= 0, ">= 0"),
+        ("eval.n", e.n, "fid" not in e.metrics or e.n > 2048,
+         "> 2048 with eval.metrics fid (a full-rank covariance of 2048-d Inception features); or use kid"),
+        ("eval.kid_subset_size", e.kid_subset_size, "kid" not in e.metrics or e.kid_subset_size <= e.n,
+         f"<= eval.n ({e.n}) with eval.metrics kid"),
+        *[(f"generator.{k}", getattr(g, k), getattr(g, k) >= 1, ">= 1")
+          for k in ("steps", "warm_start_pairs", "warm_start_nfe", "students")],
+        *[(f"generator.{k}", getattr(g, k), getattr(g, k) >= 0, ">= 0")
+          for k in ("warm_start_steps", "tsm_steps", "lora_rank")],
+        ("generator.width", g.width, 0 < g.width <= 1, "in (0, 1]"),
+    ]
+    bad = [f"{key} must be {allowed}, got {value!r}" for key, value, ok, allowed in rules if not ok]
+    if bad:
+        raise RecipeError("; ".join(bad))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -96,6 +96,32 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
                  str(tmp_path / "exported")]) == 0
     exported = np.stack([np.array(Image.open(tmp_path / "exported" / f"{i:05d}.png")) for i in range(6)])
     assert np.array_equal(exported, theirs)
+    # in several batches too: the scheduler starts each batch afresh, as a pipeline call does
+    for source, out in (("--run", run), ("--export", tmp_path / "exp")):
+        assert main(["sample", source, str(out), "--n", "6", "--batch-size", "4", "--seed", "7", "--out",
+                     str(tmp_path / f"batched{source}")]) == 0
+    a, b = (np.stack([np.array(Image.open(tmp_path / f"batched{s}" / f"{i:05d}.png")) for i in range(6)]).astype(int)
+            for s in ("--run", "--export"))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_export_never_deletes_a_folder_that_is_not_an_export(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "mine"
+    assert main(["train", "configs/toy/gmm_vsd.yaml", "train.steps=2", "train.batch_size=8", "eval.at_end=false",
+                 "--outdir", str(run), "--quiet"]) == 0
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    from stepdistill.export.diffusers_folder import publish, staging
+
+    with pytest.raises(FileExistsError, match="exists and is not a stepdistill export"):
+        staging(out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").unlink()  # an empty folder, or a previous export, is replaced
+    tmp = staging(out)
+    tmp.mkdir()
+    (tmp / "stepdistill.json").write_text("{}")
+    publish(tmp, out)
+    assert (out / "stepdistill.json").exists() and staging(out) and not tmp.exists()
 
 
 def test_dry_run_prints_the_recipe_and_networks_and_writes_nothing(tmp_path, capsys):

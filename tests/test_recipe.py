@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,23 @@ def test_overrides_are_parsed_as_yaml():
     assert r.train.lr == 1e-3 and r.train.steps == 3
     with pytest.raises(RecipeError, match="key=value"):
         apply_overrides({}, ["train.steps"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.steps=-5", "train.steps must be >= 0, got -5"),
+    ("train.lr=-1", "train.lr must be > 0, got -1"),
+    ("train.ema=1.5", "train.ema must be in [0, 1) (0 disables it), got 1.5"),
+    ("train.betas=[0.9]", "train.betas must be two numbers in [0, 1), got [0.9]"),
+    ("eval.n=0", "eval.n must be >= 1, got 0"),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+    ("eval.metrics=[fid]", "eval.n must be > 2048 with eval.metrics fid"),
+    ("generator.width=0", "generator.width must be in (0, 1], got 0"),
+])
+def test_out_of_range_values_name_the_key_before_anything_runs(override, message):
+    """A value of the right type outside its range fails at validation, not as a traceback mid-run or after a whole
+    training run (eval.*)."""
+    extra = ["eval.n=500"] if "fid" in override else []
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe("configs/toy/gmm_vsd.yaml", [*extra, override])

@@ -58,6 +58,27 @@ scheduler = LCMScheduler.from_pretrained("{path}/student_%d" % k, subfolder="sch
 """
 
 
+def staging(out: Path) -> Path:
+    """The empty sibling folder an export is written into before `publish` moves it to `out`. An `out` holding
+    anything but a previous export (its stepdistill.json or routing.json) is refused before any work: exporting never
+    deletes a user's files."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and
+                         not any((out / f).exists() for f in ("stepdistill.json", "routing.json"))):
+        raise FileExistsError(f"--out {out} exists and is not a stepdistill export (it has no stepdistill.json); "
+                              "choose another --out: nothing was written")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Move a finished export into place, replacing a previous export there (staging checked it is one)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def export_diffusers(run, out: str | Path) -> Path:
     """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop (a multi-student
     run: `out/student_k/` with those for each student, plus `out/routing.json` and a README)."""
@@ -76,8 +97,7 @@ def export_diffusers(run, out: str | Path) -> Path:
                          f"teacher is {run.recipe.teacher.name!r}. Use --format safetensors instead.")
     scheduler, timesteps = lcm_scheduler(run)
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     net.save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")
     meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
@@ -90,10 +110,7 @@ def export_diffusers(run, out: str | Path) -> Path:
         name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
         channels=c.in_channels, size=c.sample_size,
         label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else ""))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)
 
 
 PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by stepdistill
@@ -134,8 +151,7 @@ def _export_pipeline(run, out: Path) -> Path:
     parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: merged(net),
              **teacher.text.components(), **extra}
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
             "guidance_scale": teacher.pipeline_guidance, "recipe": recipe_mod.to_dict(run.recipe)}
@@ -146,10 +162,7 @@ def _export_pipeline(run, out: Path) -> Path:
         denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
         fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
         GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else ""))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)
 
 
 def lcm_scheduler(run):
@@ -190,16 +203,18 @@ def lcm_scheduler(run):
 
 def _export_students(run, out: Path) -> Path:
     routing = {**run.student.routing(), "iterations": run.student_steps, "folders": []}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     try:
         for k, student in enumerate(run.student.students):
             folder = export_diffusers(dataclasses.replace(run, student=student, step=run.student_steps[k],
                                                           student_steps=None), tmp / f"student_{k}")
             classes = routing["classes"][k]
-            with open(folder / "README.md", "a") as f:
-                f.write(f"\nThis is student {k} of {routing['students']}: it was distilled on classes {classes} only "
-                        "and should be given those labels; see ../routing.json.\n")
+            meta = json.loads((folder / "stepdistill.json").read_text())
+            (folder / "stepdistill.json").write_text(json.dumps({**meta, "classes": classes}, indent=2))
+            readme = (folder / "README.md").read_text().replace(str(tmp), str(out))  # the folder's final place
+            (folder / "README.md").write_text(readme + f"\nThis is student {k} of {routing['students']}: it was "
+                                              f"distilled on classes {classes} only and should be given those labels "
+                                              "(`stepdistill.json`'s classes); see ../routing.json.\n")
             routing["folders"].append(f"student_{k}")
         (tmp / "routing.json").write_text(json.dumps(routing, indent=2))
         table = "\n".join(f"- `student_{k}/`: classes {c}" for k, c in enumerate(routing["classes"]))
@@ -208,10 +223,7 @@ def _export_students(run, out: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)
 
 
 @torch.no_grad()
@@ -223,21 +235,26 @@ def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int =
 
     folder = Path(folder)
     if (folder / "routing.json").exists():
-        raise ValueError(f"{folder} is a multi-student export; sample each student_k/ folder with its own classes "
-                         "(see its routing.json)")
+        raise ValueError(f"{folder} is a multi-student export; sample each student_k/ folder (it uses its own "
+                         "classes, see routing.json)")
+    if (folder / "model_index.json").exists():
+        raise ValueError(f"{folder} is a text-to-image pipeline export: sample it with its diffusers pipeline (see its "
+                         "README.md); --export samples class-conditional and unconditional UNet2DModel folders")
     if not (folder / "unet" / "config.json").exists() or not (folder / "scheduler").exists():
         raise FileNotFoundError(f"{folder} is not an exported diffusers folder (expected unet/ and scheduler/)")
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
     scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
     meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").exists() else {}
-    scheduler.set_timesteps(meta.get("student_steps", scheduler.config.original_inference_steps))
-    classes = meta.get("null_label", unet.config.num_class_embeds)
+    steps = meta.get("student_steps", scheduler.config.original_inference_steps)
+    n_cls = meta.get("null_label", unet.config.num_class_embeds)
+    classes = torch.tensor(meta.get("classes") or range(n_cls or 0))  # a multi-student export's student: its own
     c, s = unet.config.in_channels, unet.config.sample_size
     gen, out = torch.Generator().manual_seed(seed), []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
+        scheduler.set_timesteps(steps)  # per batch, as a pipeline call does: the scheduler counts its steps
         x = torch.randn(m, c, s, s, generator=gen) * scheduler.init_noise_sigma
-        labels = None if not classes else torch.arange(i, i + m) % classes
+        labels = None if not len(classes) else classes[torch.arange(i, i + m) % len(classes)]
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=gen).prev_sample
         out.append(x)

@@ -13,7 +13,6 @@ diffusers' (`down_blocks_0_attentions_0_...`), which ComfyUI and diffusers map; 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from safetensors.torch import save_file
 from .. import recipe as recipe_mod
 from ..hashing import file_sha256
 from ..models.lora import is_lora
-from .diffusers_folder import lcm_scheduler
+from .diffusers_folder import lcm_scheduler, publish, staging
 
 # kohya's ss_base_model_version
 BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "sana": "sana"}
@@ -139,8 +138,7 @@ def export_lora(run, out: str | Path) -> Path:
     config = net.peft_config["default"]
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     tmp.mkdir(parents=True)
     getattr(diffusers, teacher.pipeline).save_lora_weights(
         tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
@@ -169,7 +167,4 @@ def export_lora(run, out: str | Path) -> Path:
         name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
         kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
         scheduler=type(scheduler).__name__, guidance=teacher.pipeline_guidance))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)

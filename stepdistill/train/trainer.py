@@ -27,7 +27,7 @@ from ..recipe import Recipe, RecipeError
 from ..registry import get
 from ..teachers import Teacher, build_teacher
 from .ema import EMA
-from .state import load_latest, prefixed, save_checkpoint, unprefixed
+from .state import list_checkpoints, load_latest, prefixed, save_checkpoint, unprefixed
 
 
 class NonFiniteError(RuntimeError):
@@ -117,9 +117,7 @@ def check_fsdp(recipe: Recipe) -> None:
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:
     """generator.students / width / tsm_steps against the teacher; a RecipeError naming the fix."""
-    g = recipe.generator
-    if g.students < 1:
-        raise RecipeError(f"generator.students must be at least 1, got {g.students}")
+    g = recipe.generator  # (its ranges, e.g. students >= 1, are checked with the recipe: recipe.check_ranges)
     if g.students > 1 and teacher.num_classes is None:
         fix = " or teacher.conditional=true" if recipe.teacher.name == "gmm" else ""
         raise RecipeError(f"generator.students={g.students} splits the classes among students (MSD), but teacher "
@@ -159,16 +157,20 @@ def real_data(recipe: Recipe, teacher: Teacher, purpose: str):
     return data
 
 
-# keys a resumed run may change: the budget, and how networks execute (same maths within bf16 tolerance)
+# keys a resumed run may change: the budget, how networks execute (same maths within bf16 tolerance), how often it
+# logs, samples and checkpoints, and the final evaluation (not the curve's protocol: its points must compare)
 RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing",
-                                               "fsdp")}
+                                               "fsdp", "log_every", "sample_every", "checkpoint_every",
+                                               "keep_checkpoints")} | \
+    {("eval", k) for k in ("n", "seed", "teacher_nfe", "guidance_scale", "batch_size", "at_end", "metrics",
+                           "fid_backend", "inception", "reference", "kid_subset_size")}
 
 
 def check_resumable(outdir: Path, recipe: Recipe) -> None:
     """A rerun must use the same recipe as the run it resumes (budget and execution keys may change)."""
     saved_path = outdir / "recipe.yaml"
-    if not saved_path.exists():
-        return
+    if not saved_path.exists() or not any(list_checkpoints(c) for c in outdir.rglob("checkpoints")):
+        return  # nothing to resume (a run that failed before its first checkpoint): this recipe starts afresh
     saved = recipe_mod.to_dict(recipe_mod.load_recipe(saved_path))
     new = recipe_mod.to_dict(recipe)
     diffs = []
@@ -180,7 +182,8 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
                 diffs.append(f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {new[section].get(key)!r}")
     if diffs:
         raise RecipeError(f"{outdir} holds a run with a different recipe ({'; '.join(diffs)}). Rerun with the same "
-                          "recipe to resume, or choose another --outdir.")
+                          "recipe to resume (train.steps, train.max_minutes, eval.* and how often it logs may change; "
+                          "`stepdistill eval --run` re-scores), or choose another --outdir.")
 
 
 class Trainer:
@@ -478,12 +481,16 @@ class Trainer:
                 if curve_every and self.step % curve_every == 0:
                     self.curve_point(curve_path, clock())
                 if self.cfg.max_minutes and not parallel.all_true(clock() <= self.cfg.max_minutes * 60):
+                    bar.total = self.step  # the budget may run out inside a checkpoint, after the estimate above
+                    bar.refresh()
                     if main:
                         tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} "
                                    "reached")
                     break
         except KeyboardInterrupt:
             self.save()  # nothing lost: rerunning the command resumes here
+            tqdm.write(f"interrupted at iteration {self.step}: checkpoint saved in {self.outdir / 'checkpoints'}; "
+                       "rerun the same command to resume")
             raise
         finally:
             bar.close()

@@ -20,7 +20,7 @@ def test_students_must_fit_the_conditions(gmm_built):
     with pytest.raises(RecipeError, match="teacher 'gmm' is unconditional: set generator.students=1 or "
                                           "teacher.conditional=true"):
         train(load_recipe("configs/toy/gmm_vsd.yaml", ["generator.students=2"]), "unused")
-    with pytest.raises(RecipeError, match="generator.students must be at least 1, got 0"):
+    with pytest.raises(RecipeError, match="generator.students must be >= 1, got 0"):
         gmm_built("generator.students=0")
     with pytest.raises(RecipeError, match=r"generator.width=0.5 .* set generator.tsm_steps"):
         gmm_built("generator.width=0.5")
@@ -57,7 +57,7 @@ def test_two_students_train_route_resume_and_export(tmp_path, capsys, monkeypatc
     trained = []
     original = Trainer.run
     monkeypatch.setattr(Trainer, "run", lambda self: trained.append((self.outdir.name, self.classes)) or original(self))
-    assert main(["train", *MSD, "eval.at_end=false", "--outdir", str(out)]) == 2  # a different recipe is refused
+    assert main(["train", *MSD, "train.seed=1", "--outdir", str(out)]) == 2  # a different recipe is refused
     assert main(["train", *MSD, "--outdir", str(out)]) == 0
     assert trained == [("1", [2, 3])]
     printed = "".join(capsys.readouterr())
@@ -102,6 +102,22 @@ def test_diffusers_export_writes_one_pipeline_per_student(tmp_path, tiny_unet_fo
         for name, v in student.net.net.state_dict().items():
             assert torch.equal(unet.state_dict()[name], v), (k, name)
         assert (tmp_path / "exp" / f"student_{k}" / "scheduler" / "scheduler_config.json").exists()
+        folder = tmp_path / "exp" / f"student_{k}"
+        assert json.loads((folder / "stepdistill.json").read_text())["classes"] == routing["classes"][k]
+        readme = (folder / "README.md").read_text()  # its code loads from where the folder is, not the staging copy
+        assert f'"{folder}"' in readme and ".tmp" not in readme
+    # sampling an exported student gives it only its own classes
+    from stepdistill.export.diffusers_folder import sample_exported
+
+    seen = []
+    original = UNet2DModel.forward
+    UNet2DModel.forward = lambda self, x, t, class_labels=None, **kw: seen.append(class_labels) or original(
+        self, x, t, class_labels=class_labels, **kw)
+    try:
+        sample_exported(tmp_path / "exp" / "student_1", n=4, batch_size=4)
+    finally:
+        UNet2DModel.forward = original
+    assert seen[0].tolist() == [2, 2, 2, 2]
 
 
 def test_smaller_student_learns_the_teacher_by_score_matching(gmm_built):

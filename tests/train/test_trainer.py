@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stepdistill.objectives.base import LossOutput
+from stepdistill.recipe import dump as recipe_mod_dump
 from stepdistill.recipe import load_recipe
 from stepdistill.train.state import list_checkpoints, load_latest
 from stepdistill.train.trainer import NonFiniteError, Trainer
@@ -55,6 +56,15 @@ def test_rerun_with_a_different_recipe_is_refused(tmp_path):
     Trainer(_recipe("train.steps=5"), tmp_path / "r", quiet=True).run()
     with pytest.raises(ValueError, match=r"train\.lr"):
         Trainer(_recipe("train.steps=5", "train.lr=0.5"), tmp_path / "r", quiet=True).run()
+    Trainer(_recipe("train.steps=6", "eval.n=300", "train.log_every=2"), tmp_path / "r", quiet=True).run()  # allowed
+
+
+def test_a_run_with_no_checkpoint_does_not_hold_its_folder(tmp_path):
+    """A run that stopped before its first checkpoint left nothing to resume: a corrected recipe may start there."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "recipe.yaml").write_text(recipe_mod_dump(_recipe("train.lr=0.5")))
+    Trainer(_recipe("train.steps=2"), tmp_path / "r", quiet=True).run()
+    assert list_checkpoints(tmp_path / "r" / "checkpoints")
 
 
 def test_damaged_checkpoint_is_detected_and_skipped(tmp_path):
