@@ -32,6 +32,10 @@ class DiffusersTeacher(Teacher):
         self.cfg = cfg
         self.folder = resolve_path(cfg.path)  # a local folder (a hub id's cached snapshot); may hold quality.json
         score = load_diffusers_score(str(self.folder), cfg.subfolder)
+        if score.conditioning == "text" or (self.folder / "vae").is_dir():
+            raise ValueError(f"{cfg.path} is a text-to-image (latent) pipeline, not a pixel-space UNet: use "
+                             "teacher.name: sd with teacher.prompts (teacher.name: diffusers takes UNet2DModel "
+                             "folders)")
         self._init_net = score  # trainable copies start from these weights
         self.score = copy.deepcopy(score).requires_grad_(False).eval()
         c = score.net.config

@@ -296,6 +296,10 @@ class Trainer:
     def restore(self) -> bool:
         found = load_latest(self.outdir / "checkpoints")
         if found is None:
+            saved = list_checkpoints(self.outdir / "checkpoints")
+            if saved:  # starting over would overwrite them and the run's logs: refuse, lose nothing
+                raise RecipeError(f"all {len(saved)} checkpoints in {self.outdir / 'checkpoints'} are damaged (see the "
+                                  "warnings above); move them away to start the run over, or choose another --outdir")
             return False
         step, weights, state = found
         for name in self.objective.trains:

@@ -56,6 +56,11 @@ def test_bad_sd_inputs_name_the_fix(tiny_sd_folder, tmp_path):
         teacher(xl)
     with pytest.raises(ValueError, match="unknown null condition 'none'"):
         teacher(tiny_sd_folder, null="none")
+    from stepdistill.teachers.diffusers_teacher import DiffusersConfig, DiffusersTeacher
+
+    with pytest.raises(ValueError, match="is a text-to-image .latent. pipeline, not a pixel-space UNet: use "
+                                         "teacher.name: sd"):  # not an AttributeError at the first step
+        DiffusersTeacher(DiffusersConfig(path=str(tiny_sd_folder)))
 
 
 @pytest.mark.parametrize("prediction_type, kind", [("epsilon", "eps"), ("v_prediction", "v")])

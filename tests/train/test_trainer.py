@@ -76,6 +76,12 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path):
     with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_0000010"):
         step, _, _ = load_latest(tmp_path / "r" / "checkpoints")
     assert step == 5
+    weights = ckpts[0] / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # every checkpoint damaged: refused, not a silent restart
+    stats = (tmp_path / "r" / "stats.jsonl").read_text()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="all 2 checkpoints in .* are damaged"):
+        Trainer(_recipe("train.steps=10"), tmp_path / "r", quiet=True).run()
+    assert (tmp_path / "r" / "stats.jsonl").read_text() == stats  # the log is untouched
 
 
 def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
