@@ -5,16 +5,19 @@ time t in [0, 1] and Prediction(x0, eps), whatever the backbone predicts and how
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..diffusion.guidance import cfg_combine
+from ..diffusion.guidance import cfg_combine, guidance_scale_embedding
 from ..diffusion.parametrization import KINDS, Prediction, to_prediction
 from ..diffusion.schedules import Schedule
 
 Conditioning = Literal["none", "class", "text"]
+GUIDANCE_EMBED_DIM = 256  # a UNet student's time_cond_proj_dim (LCM-SD's)
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -38,12 +41,15 @@ class ScoreModel(nn.Module):
     unconditional); (N, L, C) text conditions for cross-attention nets (`null_cond` is the unconditional one), whose
     last row holds the pooled embedding for SDXL UNets and SD3 transformers (models/conditioning.py); SDXL's
     micro-conditioning `time_ids` (original size, crop, target size) are fixed per teacher and kept here, as is
-    FLUX-dev's embedded guidance scale `guidance_input` (a network input, not classifier-free guidance).
+    `guidance_input`, the guidance scale of networks that take it as an input (not classifier-free guidance): FLUX-dev,
+    and students given a guidance embedding (`embed_guidance`). It is a float, or while training (`guidance_inputs`)
+    a (N,) tensor of per-sample scales; it is kept beside the network rather than passed with each call so that every
+    caller keeps the canonical predict(x_t, t, cond) and a trained student samples at its own scale unchanged.
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, prediction: str, conditioning: Conditioning = "none",
                  null_label: int | None = None, null_cond: torch.Tensor | None = None,
-                 time_ids: torch.Tensor | None = None, guidance_input: float | None = None) -> None:
+                 time_ids: torch.Tensor | None = None, guidance_input: float | torch.Tensor | None = None) -> None:
         super().__init__()
         if prediction not in KINDS:
             raise ValueError(f"unknown prediction kind {prediction!r}; expected one of {', '.join(KINDS)}")
@@ -91,7 +97,11 @@ class ScoreModel(nn.Module):
                                                - len(self.time_ids) * c.addition_time_embed_dim)
                 added = {"text_embeds": pooled, "time_ids": self.time_ids.to(x).expand(len(x), -1)}
                 return net(x, timestep, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
-            return net(x, timestep, encoder_hidden_states=cond.to(net_dtype)).sample
+            embedded = None
+            if c.time_cond_proj_dim is not None and self.guidance_input is not None:  # diffusers' LCM convention
+                embedded = guidance_scale_embedding(self.guidance_vector(len(x), x.device) - 1,
+                                                    c.time_cond_proj_dim).to(net_dtype)
+            return net(x, timestep, encoder_hidden_states=cond.to(net_dtype), timestep_cond=embedded).sample
         if isinstance(net, SD3Transformer2DModel):
             tokens, pooled = unpack_pooled(cond.to(net_dtype), net.config.pooled_projection_dim)
             return net(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=timestep).sample
@@ -99,8 +109,11 @@ class ScoreModel(nn.Module):
             return self._call_flux(net, x, timestep, cond.to(net_dtype))
         if isinstance(net, SanaTransformer2DModel):  # the attention mask is the condition's last column
             cond = cond.to(net_dtype)
+            guidance = None
+            if net.config.guidance_embeds:  # SANA-Sprint's guidance embedding, as SanaSprintPipeline feeds it
+                guidance = self.guidance_vector(len(x), x.device) * net.config.guidance_embeds_scale
             out = net(x, encoder_hidden_states=cond[..., :-1], encoder_attention_mask=cond[..., -1],
-                      timestep=timestep * net.config.timestep_scale).sample
+                      timestep=timestep * net.config.timestep_scale, guidance=guidance).sample
             return out[:, :x.shape[1]]  # a learned-sigma head's first half is the prediction
         return net(x, timestep) if self.conditioning == "none" else net(x, timestep, cond)
 
@@ -115,15 +128,21 @@ class ScoreModel(nn.Module):
         ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
         ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
         text, pooled = unpack_pooled(cond, net.config.pooled_projection_dim)
-        guidance = None
-        if net.config.guidance_embeds:  # FLUX-dev
-            if self.guidance_input is None:
-                raise ValueError("this FLUX network embeds a guidance scale: set the ScoreModel's guidance_input")
-            guidance = torch.full((n,), float(self.guidance_input), device=x.device)
+        guidance = self.guidance_vector(n, x.device) if net.config.guidance_embeds else None  # FLUX-dev
         out = net(tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep / 1000,
                   img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
                   guidance=guidance).sample
         return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+    def guidance_vector(self, n: int, device: torch.device) -> torch.Tensor:
+        """guidance_input as (n,) float32 scales: a float repeated, or per-sample scales (repeated when a guided call
+        stacks [uncond, cond] rows of the same samples)."""
+        if self.guidance_input is None:
+            raise ValueError("this network embeds a guidance scale: set the ScoreModel's guidance_input")
+        w = torch.as_tensor(self.guidance_input, dtype=torch.float32, device=device).flatten()
+        if n % len(w):
+            raise ValueError(f"{len(w)} per-sample guidance scales for a batch of {n}")
+        return w.repeat(n // len(w))
 
     def null(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The unconditional counterpart of a batch of conditions (for classifier-free guidance)."""
@@ -135,10 +154,90 @@ class ScoreModel(nn.Module):
             raise ValueError("this text-conditional model has no null embedding; pass null_cond when building it")
         return self.null_cond.to(cond).expand_as(cond)
 
-    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float) -> Prediction:
-        """Classifier-free guided prediction; one batched call for [uncond, cond] (scale 1 = plain prediction)."""
-        if scale == 1.0 or self.conditioning == "none" or cond is None:
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+               scale: float | torch.Tensor) -> Prediction:
+        """Classifier-free guided prediction; one batched call for [uncond, cond] (scale 1 = plain prediction).
+        `scale`: one float, or a (N,) tensor with each sample's scale."""
+        if (not torch.is_tensor(scale) and scale == 1.0) or self.conditioning == "none" or cond is None:
             return self(x_t, t, cond)
         both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.null(cond), cond]))
         n = len(x_t)
         return cfg_combine(Prediction(both.x0[:n], both.eps[:n]), Prediction(both.x0[n:], both.eps[n:]), scale)
+
+
+@contextmanager
+def guidance_inputs(score: ScoreModel, w: torch.Tensor | None) -> Iterator[None]:
+    """Give `score` the per-sample guidance scales w (N,) for the duration (None: leave it as it is)."""
+    if w is None:
+        yield
+        return
+    kept, score.guidance_input = score.guidance_input, w
+    try:
+        yield
+    finally:
+        score.guidance_input = kept
+
+
+def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidance_set") -> ScoreModel:
+    """Give a trainable text-conditional network a guidance-scale input that starts switched off, so that it still
+    predicts exactly what it did, and set its default scale to `scale` (in place; returns `score`).
+
+    UNets get diffusers' LCM mechanism: `time_cond_proj_dim` and a zero-initialised `time_embedding.cond_proj`, fed
+    the embedding of scale - 1 (StableDiffusionPipeline computes it, and turns classifier-free guidance off, whenever
+    the UNet has time_cond_proj_dim). SANA transformers get SANA-Sprint's `guidance_embeds`: the time embedding
+    becomes SanaCombinedTimestepGuidanceEmbeddings with the old time embedder's weights and a zero-initialised
+    guidance embedder's output layer, fed scale x guidance_embeds_scale (as SanaSprintPipeline does)."""
+    from diffusers import SanaTransformer2DModel, UNet2DConditionModel
+
+    from .lora import is_lora
+
+    net, name = score.net, type(score.net).__name__
+    if score.conditioning != "text":
+        kind = "unconditional" if score.conditioning == "none" else "class-conditional"
+        raise ValueError(f"{key} trains a student for classifier-free guidance of a text-to-image teacher; this "
+                         f"teacher is {kind}: remove {key} (use objective.guidance_scale for a fixed scale)")
+    if is_lora(net):
+        raise ValueError(f"{key} adds a guidance embedding to the student, which a LoRA student's checkpoints and "
+                         "exports do not carry yet: set generator.lora_rank=0 (full fine-tuning), or remove "
+                         f"{key}")
+    if isinstance(net, UNet2DConditionModel) and net.config.time_cond_proj_dim is None:
+        emb = net.time_embedding
+        emb.cond_proj = nn.Linear(GUIDANCE_EMBED_DIM, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight)
+        nn.init.zeros_(emb.cond_proj.weight)
+        net.register_to_config(time_cond_proj_dim=GUIDANCE_EMBED_DIM)
+    elif isinstance(net, SanaTransformer2DModel) and not net.config.guidance_embeds:
+        from diffusers.models.transformers.sana_transformer import SanaCombinedTimestepGuidanceEmbeddings
+
+        old = net.time_embed  # AdaLayerNormSingle: the same time embedder and output layer
+        new = SanaCombinedTimestepGuidanceEmbeddings(old.linear.in_features).to(old.linear.weight)
+        new.timestep_embedder.load_state_dict(old.emb.timestep_embedder.state_dict())
+        new.linear.load_state_dict(old.linear.state_dict())
+        nn.init.zeros_(new.guidance_embedder.linear_2.weight)
+        nn.init.zeros_(new.guidance_embedder.linear_2.bias)
+        net.time_embed = new
+        net.register_to_config(guidance_embeds=True)
+    else:
+        already = getattr(net.config, "time_cond_proj_dim", None) or getattr(net.config, "guidance_embeds", False)
+        why = ("this teacher already takes a guidance scale as an input (it is guidance-distilled)" if already else
+               f"{name} has no guidance-embedding option here (UNet2DConditionModel: SD 1.x/2.x, SDXL; "
+               "SanaTransformer2DModel: SANA)")
+        raise ValueError(f"{key}: {why}; remove {key} (use objective.guidance_scale for a fixed teacher scale)")
+    score.guidance_input = float(scale)
+    return score
+
+
+def student_guidance(score: ScoreModel, objective) -> ScoreModel:
+    """The generator's network for an objective's recipe section: with a guidance embedding at the evaluation scale
+    when it sets guidance_set (sCM, LADD), else unchanged. Training and loading a run both build it so."""
+    if getattr(objective, "guidance_set", None) is None:
+        return score
+    return embed_guidance(score, eval_guidance(objective))
+
+
+def eval_guidance(objective) -> float:
+    """The one scale a student trained on objective.guidance_set samples and exports at: objective.eval_guidance,
+    by default the middle of the sorted set (4.5 of SANA-Sprint's {4, 4.5, 5})."""
+    if objective.eval_guidance is not None:
+        return float(objective.eval_guidance)
+    scales = sorted(objective.guidance_set)
+    return float(scales[len(scales) // 2])
