@@ -27,6 +27,13 @@ class RecipeError(ValueError):
 @dataclass
 class GeneratorConfig:
     steps: int = 1  # K-step generator; times follow step_times (999, 749, 499, 249 for K=4 on DDPM teachers)
+    # canonical time of the first step, in (0, 1]; the K times run down from it (diffusion/timesteps.step_times): on a
+    # DDPM teacher the top timestep is round(start_t * 1000) - 1 (0.4 -> DMD2 SDXL's 399, 0.626 -> SiD-LSG's 625); on
+    # continuous schedules start_t (1 - i/K) (EDM sigma 2.5, SiD's sigma_init: 0.4993)
+    start_t: float = 1.0
+    # the first step's input: pure = the t = 1 noise z * init_sigma whatever start_t is (DMD2); schedule = the noise
+    # of the schedule at start_t, sigma(start_t) z (SiD, SiD-LSG)
+    start_noise: Literal["pure", "schedule"] = "pure"
     warm_start_steps: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
     warm_start_pairs: int = 1024  # fixed (noise, teacher ODE output) pairs it regresses onto
     warm_start_nfe: int = 16  # Euler steps of the teacher ODE that makes each pair
@@ -232,6 +239,7 @@ def check_ranges(r: Recipe) -> None:
         *[(f"generator.{k}", getattr(g, k), getattr(g, k) >= 0, ">= 0")
           for k in ("warm_start_steps", "tsm_steps", "lora_rank")],
         ("generator.width", g.width, 0 < g.width <= 1, "in (0, 1]"),
+        ("generator.start_t", g.start_t, 0 < g.start_t <= 1, "in (0, 1] (the canonical time of the first step)"),
     ]
     bad = [f"{key} must be {allowed}, got {value!r}" for key, value, ok, allowed in rules if not ok]
     if bad:

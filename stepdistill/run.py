@@ -41,7 +41,7 @@ def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Gener
         raise FileNotFoundError(f"no intact checkpoint in {path / 'checkpoints'}"
                                 + (f" ({len(have)} damaged ones were skipped)" if have else ""))
     step, weights, _ = found
-    student = Generator(teacher.trainable_network(recipe.generator), recipe.generator.steps)
+    student = Generator.from_config(teacher.trainable_network(recipe.generator), recipe.generator)
     prefix = "ema" if any(k.startswith("ema.") for k in weights) else "generator"
     load_saved_state(student, unprefixed(prefix, weights))
     return student.eval().requires_grad_(False), step

@@ -17,13 +17,14 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], Prediction]
 
 
 def ode_times(steps: int, schedule: Schedule, rho: float = 7.0, ve_max: float = 80.0,
-              ve_min: float = 0.002) -> torch.Tensor:
+              ve_min: float = 0.002, t_max: float = 1.0) -> torch.Tensor:
     """steps+1 canonical times, highest first: the evaluation points of `sample_ode` plus a final 0.
 
     They are Karras-spaced (EDM, rho=7) in the VE noise level sigma/alpha between ve_min and ve_max = 80. Schedules
     whose t = 1 lies above 80 (VP, flow: infinite at alpha = 0) start at t = 1 and take one DDIM step down to 80.
+    `t_max` < 1 starts the ODE there instead (a generator's start time, generator.start_t).
     """
-    fine = torch.linspace(1.0, 0.0, 20001, dtype=torch.float64)
+    fine = torch.linspace(t_max, 0.0, 20001, dtype=torch.float64)
     alpha, sigma = schedule.alpha_sigma(fine)
     ve = sigma.double() / alpha.double().clamp_min(1e-12)
     top = float(ve[0])
@@ -32,7 +33,7 @@ def ode_times(steps: int, schedule: Schedule, rho: float = 7.0, ve_max: float = 
     targets = (hi + torch.linspace(0, 1, max(n_karras, 1), dtype=torch.float64) * (lo - hi)) ** rho
     idx = torch.searchsorted(-ve, -targets).clamp(0, len(fine) - 1)  # invert the monotone map t -> ve on a fine grid
     karras = fine[idx].float()[:n_karras]
-    times = torch.cat([torch.ones(steps - n_karras), karras, torch.zeros(1)])
+    times = torch.cat([torch.full((steps - n_karras,), t_max), karras, torch.zeros(1)])
     return schedule.snap(times)
 
 
@@ -50,7 +51,7 @@ def ode_nfe(steps: int, schedule: Schedule, heun: bool = True) -> int:
 
 
 def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int = 18,
-               heun: bool = True) -> tuple[torch.Tensor, int]:
+               heun: bool = True, t_max: float = 1.0) -> tuple[torch.Tensor, int]:
     """Probability-flow ODE from the prior sample z (already scaled by init_sigma) to x0; returns (x0, NFE).
 
     Each step is a DDIM step, x' = alpha' x0 + sigma' eps, which is exactly Euler in the VE variable x/alpha against
@@ -58,8 +59,9 @@ def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int
     it is skipped on the last step and on a step starting where alpha = 0 (pure noise in flow schedules), where the
     VE variable is infinite.
     `steps` Heun intervals thus cost 2*steps - 1 evaluations (18 -> 35 NFE) on VP/EDM schedules.
+    `t_max`: the time of z when below 1 (ode_times).
     """
-    times = ode_times(steps, schedule)
+    times = ode_times(steps, schedule, t_max=t_max)
     x, n, nfe = z, len(z), 0
     for i in range(steps):
         t_cur, t_next = times[i].expand(n), times[i + 1].expand(n)

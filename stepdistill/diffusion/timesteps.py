@@ -17,16 +17,25 @@ def uniform_t(n: int, t_min: float, t_max: float, schedule: Schedule,
     return schedule.snap(t)
 
 
-def step_times(steps: int, schedule: Schedule) -> list[float]:
-    """Canonical times of a K-step generator, highest first: evenly spaced 1, 1 - 1/K, ... (999, 749, 499, 249 for K=4).
+def step_times(steps: int, schedule: Schedule, start: float = 1.0) -> list[float]:
+    """Canonical times of a K-step generator whose first step runs at `start` (generator.start_t), highest first.
 
-    This is the grid diffusers' LCMScheduler produces with `original_inference_steps=K`, so exported schedulers
-    reproduce it without a custom `timesteps=` argument.
+    Continuous schedules: start * (1 - i/K) (SiD-DiT's t_init (1 - i/K); 1, .75, .5, .25 for K=4 from 1).
+    Discrete (DDPM) schedules with N timesteps: LCMScheduler's grid over the first D = round(start * N) timesteps,
+    (K - i) * (D // K) - 1: 999, 749, 499, 249 for K=4 from 1; 399 for K=1 from 0.4 (DMD2's conditioning timestep);
+    625 from 0.626 (SiD-LSG's t_init). It is the grid diffusers' LCMScheduler gives with `original_inference_steps=K`
+    on D training timesteps, so exported schedulers reproduce it without a custom `timesteps=` argument.
     """
     if steps < 1:
         raise ValueError(f"a generator needs at least 1 step, got {steps}")
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"generator.start_t must be in (0, 1] (canonical time of the first step), got {start}")
     if schedule.discrete:
         n = schedule.num_steps
-        k = n // steps
-        return [(tau) / (n - 1) for tau in sorted((i * k - 1 for i in range(1, steps + 1)), reverse=True)]
-    return [1.0 - i / steps for i in range(steps)]
+        d = round(start * n)
+        if d < steps:
+            raise ValueError(f"generator.start_t={start} leaves {d} of the teacher's {n} timesteps, too few for "
+                             f"{steps} steps: raise generator.start_t to at least {steps / n:g}")
+        k = d // steps
+        return [((steps - i) * k - 1) / (n - 1) for i in range(steps)]
+    return [start * (1.0 - i / steps) for i in range(steps)]

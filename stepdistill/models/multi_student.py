@@ -14,7 +14,6 @@ from torch import nn
 
 from ..diffusion.parametrization import Prediction
 from ..diffusion.solvers import rollout
-from ..diffusion.timesteps import step_times
 from .generator import Generator
 
 
@@ -40,13 +39,14 @@ def describe(classes: list[int]) -> str:
 
 class MultiStudent(nn.Module):
     """K generators behind the Generator interface: `forward(z, cond, steps=None, noise=None)`, `.steps`, `.times`,
-    `.schedule`, `.prior`. Each sample is denoised by the student its label routes to, inside one shared few-step
-    rollout, so the fresh noise of each step is drawn once for the whole batch, as for a single generator."""
+    `.schedule`, `.prior`, `.start_t`, `.start_noise`. Each sample is denoised by the student its label routes to,
+    inside one shared few-step rollout, so the fresh noise of each step is drawn once for the whole batch, as for a single generator."""
 
     def __init__(self, students: list[Generator], num_classes: int) -> None:
         super().__init__()
-        if not students or len({(g.steps, tuple(g.times)) for g in students}) != 1:
-            raise ValueError("a MultiStudent needs at least one student, all with the same sampling steps")
+        if not students or len({(g.steps, tuple(g.times), g.start_noise) for g in students}) != 1:
+            raise ValueError("a MultiStudent needs at least one student, all with the same sampling steps, start time "
+                             "and start noise (generator.steps, start_t, start_noise)")
         self.students = nn.ModuleList(students)
         self.num_classes = num_classes
 
@@ -62,8 +62,16 @@ class MultiStudent(nn.Module):
     def schedule(self):
         return self.students[0].schedule
 
-    def prior(self, z: torch.Tensor) -> torch.Tensor:
-        return self.students[0].prior(z)
+    @property
+    def start_t(self) -> float:
+        return self.students[0].start_t
+
+    @property
+    def start_noise(self) -> str:
+        return self.students[0].start_noise
+
+    def prior(self, z: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        return self.students[0].prior(z, steps)
 
     def classes(self) -> list[list[int]]:
         return partition(self.num_classes, len(self.students))
@@ -94,5 +102,5 @@ class MultiStudent(nn.Module):
                 noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """(N, ...) unit noise and (N,) labels -> (N, ...) samples (Generator.forward, routed per sample)."""
         self.route(cond)  # fail before sampling when cond is missing or out of range
-        times = self.times if steps is None else step_times(steps, self.schedule)
-        return rollout(lambda x, t: self.predict(x, t, cond), self.prior(z), self.schedule, times, noise)
+        return rollout(lambda x, t: self.predict(x, t, cond), self.prior(z, steps), self.schedule,
+                       self.students[0].times_for(steps), noise)

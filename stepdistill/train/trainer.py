@@ -86,7 +86,7 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
     if unknown:
         raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
                           "build yet")
-    generator = Generator(teacher.trainable_network(recipe.generator), recipe.generator.steps)
+    generator = Generator.from_config(teacher.trainable_network(recipe.generator), recipe.generator)
     on_teacher = obj_cls.discriminator_on == "teacher"
     fake = (teacher.trainable_network(recipe.generator, seed=1)
             if "fake_score" in needs or ("discriminator" in needs and not on_teacher) else None)

@@ -5,6 +5,11 @@ fixed set of pairs, with a mean squared error (DMD2 uses LPIPS on SDXL; MSE need
 images and vectors). The ODE runs with the objective's teacher guidance (`objective.guidance_scale`), so the start
 is the guided teacher the objective distils. A K-step generator is warm-started on its first step. Off unless
 `generator.warm_start_steps`.
+
+The pairs start from the generator's own input distribution. With `generator.start_noise=schedule` the ODE starts
+at the start time from the generator's input sigma(start_t) z. With `pure` it starts at t = 1 from the t = 1 noise
+the generator is given, whatever time the generator is conditioned on: DMD2's SDXL one-step student (timestep 399)
+is pretrained on ODE pairs that start from pure noise at 999.
 """
 from __future__ import annotations
 
@@ -16,10 +21,13 @@ from ..models.score import device_of
 
 
 def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
-                  guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(z, cond, x0): n noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
-    (Euler, `nfe` steps, classifier-free guided with `guidance_scale`)."""
+                  guidance_scale: float = 1.0, generator=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(z, cond, x0): n unit noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
+    (Euler, `nfe` steps, classifier-free guided with `guidance_scale`) from `generator`'s input for z (its prior) at
+    its start time (start_noise schedule) or at t = 1 (pure; also without a generator)."""
     score = teacher.score
+    prior = generator.prior if generator is not None else (lambda z: z * score.schedule.init_sigma)
+    start = generator.times[0] if generator is not None and generator.start_noise == "schedule" else 1.0
     device = device_of(score)
     z = torch.randn(n, *teacher.shape).to(device)
     cond = teacher.sample_cond(n, classes=classes)
@@ -29,8 +37,7 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
         for i in range(0, n, batch_size):
             c = None if cond is None else cond[i:i + batch_size]
             x, _ = sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale),
-                              z[i:i + batch_size] * score.schedule.init_sigma,
-                              score.schedule, nfe, heun=False)
+                              prior(z[i:i + batch_size]), score.schedule, nfe, heun=False, t_max=start)
             out.append(x)
     return z, cond, torch.cat(out)
 
@@ -39,7 +46,8 @@ def regression_warm_start(generator, teacher, lr: float, steps: int, pairs: int,
                           quiet: bool = False, classes: list[int] | None = None, guidance_scale: float = 1.0) -> float:
     """Fit the generator's first step to teacher ODE pairs for `steps` Adam iterations (its own optimiser, so
     distillation starts with fresh moments); returns the last loss. `classes`: an MSD student's labels."""
-    z, cond, target = teacher_pairs(teacher, pairs, nfe, classes=classes, guidance_scale=guidance_scale)
+    z, cond, target = teacher_pairs(teacher, pairs, nfe, classes=classes, guidance_scale=guidance_scale,
+                                    generator=generator)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):
