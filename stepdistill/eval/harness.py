@@ -20,7 +20,7 @@ from ..hashing import file_sha256
 from ..models.generator import Generator
 from ..models.loading import bundled_path
 from ..models.score import device_of
-from .metrics import energy_distance, frechet_distance, gaussian_stats
+from .metrics import energy_distance, frechet_distance, gaussian_stats, mixture_coverage, mixture_moments
 
 CLASSIFIER_DIR = "checkpoints/fashion-classifier"
 
@@ -170,10 +170,28 @@ def domain_reference(teacher, n: int, seed: int, cond: torch.Tensor | None = Non
     return teacher.sample(n, torch.Generator().manual_seed(seed + 1), cond) if teacher.domain == "gmm" else None
 
 
+def _mixture(teacher) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(means (K, D), std, weights (K,)) of a gmm teacher's mixture, on the CPU."""
+    d = teacher.denoiser
+    return d.means.cpu(), float(d.std), d.log_w.exp().cpu()
+
+
+def gmm_baseline(teacher, n: int, seed: int) -> torch.Tensor:
+    """n samples (seed + 2) of the single Gaussian with the mixture's exact mean and covariance: what knowing the
+    data's first two moments alone scores, next to the students."""
+    m, c = mixture_moments(*_mixture(teacher))
+    z = torch.randn(n, len(m), generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    return (torch.from_numpy(m) + z @ torch.from_numpy(np.linalg.cholesky(c)).T).float()
+
+
 def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
-    """The domain metric of samples in the teacher's space (latent teachers' are VAE-decoded first)."""
+    """The domain metric of samples in the teacher's space (latent teachers' are VAE-decoded first). gmm: energy
+    distance (the main metric), then mode coverage (eval.metrics.mixture_coverage): the share of samples near a
+    component and the worst component's relative mass error."""
     if teacher.domain == "gmm":
-        return {"energy_distance": energy_distance(samples, reference)}
+        means, std, weights = _mixture(teacher)
+        return {"energy_distance": energy_distance(samples, reference),
+                **mixture_coverage(samples.cpu(), means, std, weights)}
     if teacher.domain == "fashion-mnist":
         return {"fd": fashion_fd(teacher.decode(samples))}
     return {}
@@ -232,6 +250,9 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         xt, nfe = generate_teacher(teacher, e.n, e.seed, e.batch_size, e.teacher_nfe, e.guidance_scale, quiet=quiet,
                                    shard=True)
         result["teacher"] = {"nfe": nfe, **parallel.on_main(lambda: score(xt, "teacher"))}
+    if teacher.domain == "gmm" and "domain" in e.metrics:  # what knowing the data's mean and covariance alone scores
+        result["baseline"] = {"nfe": "-", "model": "one Gaussian with the mixture's exact mean and covariance",
+                              **parallel.on_main(lambda: score(gmm_baseline(teacher, e.n, e.seed), "baseline"))}
     result["protocol"] = parallel.on_main(lambda: proto)
     key = main_metric(result["student"])  # KID is unbiased and may be <= 0 for a near-perfect teacher: no ratio then
     result["ratio"] = result["student"][key] / result["teacher"][key] if result["teacher"][key] > 0 else None
@@ -251,16 +272,23 @@ def write_metrics(outdir: Path, metrics: dict) -> Path:
     return path
 
 
-LABELS = {"fd": "FD", "energy_distance": "energy distance", "fid": "FID", "kid": "KID"}
+LABELS = {"fd": "FD", "energy_distance": "energy distance", "near_share": "near share",
+          "worst_mass_error": "worst mass err", "fid": "FID", "kid": "KID"}
 
 
 def format_table(metrics: dict) -> str:
     keys = [k for k in LABELS if k in metrics["student"]]
     rows = [("teacher", metrics["teacher"]), ("student", metrics["student"])]
+    rows += [("gaussian", metrics["baseline"])] if "baseline" in metrics else []
     lines = [f"{'':8} {'NFE':>4}" + "".join(f" {LABELS[k]:>16}" for k in keys)]
     lines += [f"{name:8} {m['nfe']:>4}" + "".join(f" {m[k]:>16.4f}" for k in keys)
               + ("  (cached)" if m.get("cached") else "") for name, m in rows]
     ratio = "n/a (teacher's value <= 0)" if metrics["ratio"] is None else f"{metrics['ratio']:.2f}x"
     lines.append(f"student / teacher = {ratio} {LABELS[main_metric(metrics['student'])]}   "
                  f"(n={metrics['protocol']['n']}, seed={metrics['protocol']['seed']})")
+    if "near_share" in keys:
+        lines.append("near share: samples within the radius holding 99% of a component's exact samples; worst mass "
+                     "err: max over components of |share - weight| / weight")
+    if "baseline" in metrics:
+        lines.append(f"gaussian: {metrics['baseline']['model']}")
     return "\n".join(lines)
