@@ -5,6 +5,7 @@ output of its bottleneck (a UNet's mid block, an MLP's last hidden layer) feeds 
 real data trains the head and, through the features, the fake score's backbone. And LADD's (Sauer et al. 2024,
 SANA-Sprint): heads on a *frozen* teacher's features at several depths (every down block and the mid block of a
 UNet, every hidden layer of an MLP); only the heads train, and the generator's gradient flows through the teacher.
+SiDA's option has no head at all: the channel mean of the fake score's bottleneck is the logit (`encoder_mean`).
 """
 from __future__ import annotations
 
@@ -89,13 +90,20 @@ def build_discriminator(fake: ScoreModel) -> DiscriminatorHead:
     return DiscriminatorHead(channels, spatial)
 
 
-def discriminate(fake: ScoreModel, head: DiscriminatorHead, x_t: torch.Tensor, t: torch.Tensor,
+def encoder_mean(features: torch.Tensor) -> torch.Tensor:
+    """SiDA's parameter-free discriminator: the channel mean of the bottleneck features as a logit map, (N, H*W) for
+    a feature map and (N, 1) for a vector (sida_networks.py: `x.mean(dim=1, keepdim=True)` of the encoder's output)."""
+    return features.float().mean(dim=1).reshape(len(features), -1)
+
+
+def discriminate(fake: ScoreModel, head: DiscriminatorHead | None, x_t: torch.Tensor, t: torch.Tensor,
                  cond: torch.Tensor | None) -> tuple[Prediction, torch.Tensor]:
-    """One pass of the fake score: its prediction and the head's (N,) logits on its bottleneck features."""
+    """One pass of the fake score: its prediction and the head's (N,) logits on its bottleneck features; with no
+    head (None), SiDA's encoder_mean logits, so the fake score itself is the discriminator."""
     module, _, _ = feature_module(fake)
     with captured(module) as (feats,):
         pred = fake(x_t, t, cond)
-    return pred, head(feats[-1])
+    return pred, (encoder_mean(feats[-1]) if head is None else head(feats[-1]))
 
 
 class TeacherFeatureDiscriminator(nn.Module):
