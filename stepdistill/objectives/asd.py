@@ -1,25 +1,28 @@
-"""ASD: adversarial self-distillation (Yang et al., 2025, arXiv 2511.01419; METHODS.md section 7).
+"""ASD: adversarial self-distillation (Yang et al., 2025, arXiv 2511.01419; docs/methods.md).
 
 On top of VSD/DMD2 distribution matching of a K-step student, a discriminator aligns the student's n-step outputs
 with its own (n+1)-step outputs (1 <= n < K; the (n+1)-step output plays "real"), a smaller gap than to the teacher,
 so one student serves every step count up to K. The paper's discriminator architecture and weight were not retrieved;
-as METHODS.md suggests, the discriminator is DMD2's head on the fake score's bottleneck (models/discriminator.py),
+as docs/methods.md suggests, the discriminator is DMD2's head on the fake score's bottleneck (models/discriminator.py),
 trained in the fake score's phase with `gan_d_weight`, and the generator gets `asd_weight x softplus(-D)` on its
 n-step output (the last of its n steps carries the gradient, as in backward simulation). No real data is needed.
+As in DMD2's diffusion GAN, every sample the discriminator sees is noised with its own noise at a time drawn in
+[gan_t_min, gan_t_max] (default the full range, DMD2's 0..999).
+
+Reference code: none public (BigAandSmallq/SAD has a README only); this builds on tianweiy/DMD2
+main/sd_guidance.py (compute_generator_clean_cls_loss, compute_guidance_clean_cls_loss), swapping its real data for
+the student's own (n+1)-step outputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import parallel
-from ..diffusion.timesteps import uniform_t
-from ..models.discriminator import discriminate
 from ..registry import register
 from .base import Batch, LossOutput
-from .terms import frozen
+from .terms import generator_adv_loss
 from .vsd import VSD, VSDConfig
 
 
@@ -59,13 +62,8 @@ class ASD(VSD):
 
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
         out = super().generator_loss(batch, samples)
-        fake, head = self.nets.fake_score, self.nets.discriminator
         x_n = self.n_step(batch, self.draw_n(), grad=True)
-        t = uniform_t(batch.n, self.cfg.t_min, self.cfg.t_max, fake.schedule, x_n.device)
-        with frozen(fake, head):
-            x_t = fake.schedule.add_noise(x_n, parallel.randn_like(x_n), t)
-            _, logits = discriminate(fake, head, x_t, t, batch.cond)
-        adv = F.softplus(-logits).mean()
+        adv = generator_adv_loss(self, batch, x_n, self.cfg.gan_t_min, self.cfg.gan_t_max)
         loss = out.loss + self.cfg.asd_weight * adv
         return LossOutput(loss, {**out.logs, "loss/generator_asd": adv.item()}, samples=out.samples)
 

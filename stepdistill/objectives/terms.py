@@ -35,16 +35,21 @@ def drop_cond(score: ScoreModel, cond: torch.Tensor | None, p: float) -> torch.T
 
 
 def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float, t_max: float,
-                   guidance_scale: float = 1.0, cond_dropout: float = 0.0) -> LossOutput:
-    """Denoising score matching of the fake score on detached samples x0, weighted (alpha^2 + sigma^2) / sigma^2 in
-    x0 space: on VP schedules exactly the v-prediction MSE a teacher like ours was trained with. With a guidance
-    scale other than 1 the guided prediction is what is fitted (SiD-LSG's kappa_1)."""
+                   guidance_scale: float = 1.0, cond_dropout: float = 0.0, weighting: str = "v") -> LossOutput:
+    """Denoising score matching of the fake score on detached samples x0, in x0 space with per-time weight
+    `weighting`: "v", (alpha^2 + sigma^2) / sigma^2, on VP schedules exactly the v-prediction MSE a teacher like ours
+    was trained with; "swiftbrush", alpha^4 / sigma^2, SwiftBrush's LoRA loss mse(alpha eps_hat, alpha eps) (as
+    eps_hat - eps = -(alpha / sigma)(x0_hat - x0)). With a guidance scale other than 1 the guided prediction is what is
+    fitted (SiD-LSG's kappa_1)."""
+    if weighting not in ("v", "swiftbrush"):
+        raise ValueError(f"unknown denoising-loss weighting {weighting!r}; choose v or swiftbrush")
     fake = obj.nets.fake_score
     cond = drop_cond(fake, batch.cond, cond_dropout)
     t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
     x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
     alpha, sigma = fake.schedule.alpha_sigma(t)
-    weight = bcast((alpha ** 2 + sigma ** 2) / sigma.clamp_min(1e-4) ** 2, x0)
+    top = alpha ** 4 if weighting == "swiftbrush" else alpha ** 2 + sigma ** 2
+    weight = bcast(top / sigma.clamp_min(1e-4) ** 2, x0)
     loss = (weight * (fake.guided(x_t, t, cond, guidance_scale).x0 - x0) ** 2).mean()
     return LossOutput(loss, {"loss/fake_score": loss.item()})
 
@@ -69,8 +74,9 @@ def frozen(*modules: nn.Module | None):
 def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real_x0: torch.Tensor | None,
                        t_min: float, t_max: float) -> LossOutput:
     """Non-saturating GAN loss of the head on the fake score's features: softplus(D(fake)) + softplus(-D(real)), on
-    copies noised at independent times (DMD2's "diffusion GAN"). Backpropagates into the head and the fake score.
-    The real side is `real_x0`, by default the batch's real samples."""
+    copies noised with fresh noise at independent times in [t_min, t_max] (DMD2's "diffusion GAN", which draws them
+    over the full range 0..999). Backpropagates into the head and the fake score. The real side is `real_x0`, by
+    default the batch's real samples."""
     real_x0 = batch.x0 if real_x0 is None else real_x0
     if real_x0 is None:
         raise ValueError("the discriminator needs real samples in Batch.x0")
@@ -83,6 +89,18 @@ def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
     acc = 0.5 * ((logits[0] < 0).float().mean() + (logits[1] > 0).float().mean())
     return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_accuracy": acc.item()})
+
+
+def generator_adv_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:
+    """The generator's non-saturating GAN term softplus(-D(x_t)) on its samples x0 re-noised with their own fresh
+    noise at times drawn in [t_min, t_max] (DMD2's compute_generator_clean_cls_loss with diffusion_gan). Gradients
+    reach x0 through the fake score and the head, whose parameters get none."""
+    fake, head = obj.nets.fake_score, obj.nets.discriminator
+    t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
+    x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
+    with frozen(fake, head):
+        _, logits = discriminate(fake, head, x_t, t, batch.cond)
+    return F.softplus(-logits).mean()
 
 
 def fake_phase(obj: Objective, loss) -> Phase:

@@ -1,32 +1,50 @@
-"""VSD / DMD2 distribution matching, with DMD2's GAN term and SNOOPI's random guidance.
+"""VSD / DMD2 distribution matching, with DMD2's GAN term, SwiftBrush's weighting and SNOOPI's random guidance.
 
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, 2024), Sec. 3 and eq. (2);
-Wang et al., ProlificDreamer (VSD, 2023). The generator's gradient at its sample x0 is the score difference
-s_fake - s_real at a noised copy x_t, written as x0_fake - x0_real and normalised per sample by mean|x0 - x0_real|.
-It is applied through a pseudo-target, L = 0.5 * mean((x0 - sg(x0 - g))^2), so dL/dx0 = g / numel: no gradient
-flows through the teacher or the fake score. The fake score tracks the generator's distribution by denoising score
+Wang et al., ProlificDreamer (VSD, 2023); Nguyen & Tran, SwiftBrush (2024). The generator's gradient at its sample x0
+is the score difference s_fake - s_real at a noised copy x_t (t in [t_min, t_max]), written as x0_fake - x0_real.
+`weighting: dmd` (default) normalises it per sample by mean|x0 - x0_real| (DMD2); `weighting: swiftbrush` uses
+SwiftBrush's g = sigma^2 (eps_real - eps_fake) = alpha sigma (x0_fake - x0_real) (as eps = (x_t - alpha x0) / sigma),
+no normaliser, trains the fake score with SwiftBrush's LoRA loss mse(alpha eps_hat, alpha eps) = alpha^4 / sigma^2
+in x0 space, and guides the fake score at the teacher's scale as SwiftBrush guides its LoRA. Either way the gradient is
+applied through a pseudo-target, L = 0.5 * mean((x0 - sg(x0 - g))^2), so dL/dx0 = g / numel: no gradient flows
+through the teacher or the fake score. The fake score tracks the generator's distribution by denoising score
 matching on detached generator samples, `update_ratio` times per generator update (DMD2's TTUR).
 
 `gan_weight` > 0 adds DMD2's adversarial term: a head on the fake score's bottleneck classifies noised real vs
-generated samples (its loss, times `gan_d_weight`, joins the fake score's; it needs real data) and the generator
-gets `gan_weight * softplus(-D(x_t))` through the same fake-score pass. `guidance_range` turns on SNOOPI's PG-SB:
-each iteration draws one guidance scale, applied to the teacher and the fake score alike (the fake then learns its
-unconditional prediction too, from `cond_dropout` of its training batches).
+generated samples (its loss, times `gan_d_weight`, joins the fake score's; it needs real data), and the generator
+gets `gan_weight * softplus(-D(x_t'))`. As in DMD2's diffusion GAN, every sample D sees (the generator's, and real and
+fake in D's loss) is noised with its own fresh noise at t' ~ U[gan_t_min, gan_t_max], by default the full range
+(DMD2: U{0..diffusion_gan_max_timestep - 1} = 0..999), independently of the distribution-matching pass.
+`guidance_range` turns on SNOOPI's random guidance: each iteration draws one guidance scale, applied to the teacher
+and the fake score alike (the fake then learns its unconditional prediction too, from `cond_dropout` of its
+training batches). SNOOPI's PG-SB is defined on SwiftBrush: PG-SB = `guidance_range` with `weighting: swiftbrush`.
+
+Reference code: tianweiy/DMD2 main/sd_guidance.py (compute_distribution_matching_loss, compute_loss_fake,
+compute_cls_logits, compute_generator_clean_cls_loss, compute_guidance_clean_cls_loss) and VinAIResearch/SwiftBrush
+train_swiftbrush.py (its VSD and LoRA losses). Deliberate differences: everything is computed on canonical x0
+predictions (DMD2 and SwiftBrush convert from eps); DMD2's fake-score loss is plain eps MSE on SD (EDM's lambda on
+ImageNet), here the v-weighted x0 loss of terms.denoising_loss; SwiftBrush drops the whole batch's prompt 10% of the
+time, here each sample's condition with probability `cond_dropout`, and only when the fake score is guided.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from .. import parallel
+from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
 from ..models.discriminator import discriminate
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
-from .terms import denoising_loss, fake_phase, frozen, plus_discriminator_loss, sample_generator
+from .terms import denoising_loss, fake_phase, frozen, generator_adv_loss, plus_discriminator_loss, sample_generator
+
+WEIGHTINGS = ("dmd", "swiftbrush")
 
 
 @dataclass
@@ -40,14 +58,18 @@ class VSDConfig:
     fake_t_max: float = 1.0
     gan_weight: float = 0.0  # DMD2's generator adversarial weight (ImageNet 3e-3, SD1.5 1e-3); > 0 needs real data
     gan_d_weight: float = 1e-2  # weight of the discriminator's loss added to the fake score's (DMD2: 1e-2)
-    guidance_range: list[float] | None = None  # SNOOPI PG-SB: per-iteration scale ~ U[lo, hi] for teacher and fake
+    gan_t_min: float = 0.0  # times of the discriminator's inputs, real and generated (DMD2's diffusion GAN: 0..999)
+    gan_t_max: float = 1.0
+    guidance_range: list[float] | None = None  # SNOOPI: per-iteration scale ~ U[lo, hi] for teacher and fake
     cond_dropout: float = 0.1  # share of fake-score training batches made unconditional when the fake is guided
+    weighting: Literal["dmd", "swiftbrush"] = "dmd"  # DMD2's per-sample normaliser, or SwiftBrush's alpha sigma
 
 
 @register("objective", "vsd")
 class VSD(Objective):
     Config = VSDConfig
     needs = frozenset({"teacher", "fake_score"})
+    logits_at_dm_pass: bool = False  # f-distill: D's logits at the distribution-matching x_t feed weight() and the GAN
 
     @classmethod
     def needs_for(cls, cfg) -> frozenset[str]:
@@ -60,7 +82,13 @@ class VSD(Objective):
         if cfg.guidance_range is not None and (len(cfg.guidance_range) != 2 or
                                                cfg.guidance_range[0] > cfg.guidance_range[1]):
             raise ValueError(f"objective.guidance_range must be [low, high] with low <= high, got {cfg.guidance_range}")
-        self.scales = (cfg.guidance_scale, 1.0)  # (teacher, fake score) guidance of the current iteration
+        if not 0.0 <= cfg.gan_t_min <= cfg.gan_t_max <= 1.0:
+            raise ValueError(f"need 0 <= objective.gan_t_min <= objective.gan_t_max <= 1, got {cfg.gan_t_min}, "
+                             f"{cfg.gan_t_max}")
+        if cfg.weighting not in WEIGHTINGS:  # also checked by the recipe; direct construction lands here
+            raise ValueError(f"unknown objective.weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        # (teacher, fake score) guidance of the current iteration; SwiftBrush guides its LoRA fake as the teacher
+        self.scales = (cfg.guidance_scale, cfg.guidance_scale if cfg.weighting == "swiftbrush" else 1.0)
 
     def phases(self, step: int) -> list[Phase]:
         if self.cfg.guidance_range is not None:  # one draw per iteration, shared by its phases
@@ -75,8 +103,8 @@ class VSD(Objective):
         """The score the generator is pulled toward (DisBack walks this back along a path to the teacher)."""
         return self.nets.teacher
 
-    def weight(self, logits: torch.Tensor | None) -> torch.Tensor | None:
-        """Per-sample weight of the distribution-matching direction (f-distill's h(r)); None means 1."""
+    def weight(self, logits: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weight of the distribution-matching direction at times t (f-distill's h(r)); None means 1."""
         return None
 
     def gan_pair(self, batch: Batch, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,10 +116,11 @@ class VSD(Objective):
         cfg, nets = self.cfg, self.nets
         real_scale, fake_scale = self.scales
         x0 = sample_generator(self, batch, grad=True)
-        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule, x0.device)
-        x_t = nets.teacher.schedule.add_noise(x0, parallel.randn_like(x0), t)
+        schedule = nets.teacher.schedule
+        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, schedule, x0.device)
+        x_t = schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits, x0_fake = None, None
-        if nets.discriminator is not None:  # one fake-score pass gives both its prediction and D's logits
+        if self.logits_at_dm_pass and nets.discriminator is not None:  # one fake-score pass: prediction and logits
             # differentiated only for the GAN term (a graph no backward uses would also leave a sharded network
             # waiting for its backward)
             with frozen(nets.fake_score, nets.discriminator), torch.set_grad_enabled(cfg.gan_weight > 0):
@@ -102,17 +131,23 @@ class VSD(Objective):
             x0_real = self.target().guided(x_t_, t, batch.cond, real_scale).x0
             if x0_fake is None:
                 x0_fake = nets.fake_score.guided(x_t_, t, batch.cond, fake_scale).x0
-            dims = tuple(range(1, x0.ndim))
-            norm = (x0.detach().float() - x0_real).abs().mean(dim=dims, keepdim=True)  # DMD2's per-sample normaliser
-            grad = (x0_fake - x0_real) / norm
-            w = self.weight(None if logits is None else logits.detach())
+            if cfg.weighting == "swiftbrush":  # sigma^2 (eps_real - eps_fake), in x0 predictions
+                alpha, sigma = schedule.alpha_sigma(t)
+                grad = bcast(alpha * sigma, x0_fake) * (x0_fake - x0_real)
+            else:  # DMD2's per-sample normaliser
+                dims = tuple(range(1, x0.ndim))
+                norm = (x0.detach().float() - x0_real).abs().mean(dim=dims, keepdim=True)
+                grad = (x0_fake - x0_real) / norm
+            w = self.weight(None if logits is None else logits.detach(), t)
             if w is not None:
                 grad = grad * w.reshape(-1, *[1] * (x0.ndim - 1))
-            grad = torch.nan_to_num(grad)  # a zero normaliser gives inf/nan: zeroed, as in DMD2
+            grad = torch.nan_to_num(grad.float())  # a zero normaliser gives inf/nan: zeroed, as in DMD2
         loss = 0.5 * F.mse_loss(x0.float(), (x0.float() - grad).detach())
         logs = {"loss/generator": loss.item(), "vsd/grad_abs": grad.abs().mean().item()}
-        if logits is not None and cfg.gan_weight > 0:
-            adv = F.softplus(-logits).mean()
+        if nets.discriminator is not None and cfg.gan_weight > 0:
+            # f-distill (FastGen) reuses the DM pass's logits; DMD2 re-noises the sample on its own
+            adv = F.softplus(-logits).mean() if logits is not None else \
+                generator_adv_loss(self, batch, x0, cfg.gan_t_min, cfg.gan_t_max)
             loss = loss + cfg.gan_weight * adv
             logs["loss/generator_adv"] = adv.item()
         return LossOutput(loss, logs, samples=x0.detach())
@@ -125,9 +160,10 @@ class VSD(Objective):
         # gradient reads it (SwiftBrush's LoRA loss), and learns its unconditional branch from the dropped conditions
         guided = self.scales[1] != 1.0
         out = denoising_loss(self, batch, samples, self.cfg.fake_t_min, self.cfg.fake_t_max, 1.0,
-                             self.cfg.cond_dropout if guided else 0.0)
+                             self.cfg.cond_dropout if guided else 0.0,
+                             "swiftbrush" if self.cfg.weighting == "swiftbrush" else "v")
         if self.nets.discriminator is None:
             return out
         fake, real = self.gan_pair(batch, samples)
-        return plus_discriminator_loss(self, batch, fake, out, self.cfg.gan_d_weight, self.cfg.t_min, self.cfg.t_max,
-                                       real)
+        return plus_discriminator_loss(self, batch, fake, out, self.cfg.gan_d_weight, self.cfg.gan_t_min,
+                                       self.cfg.gan_t_max, real)

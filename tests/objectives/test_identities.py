@@ -31,6 +31,8 @@ def test_generator_gradient_vanishes_when_fake_score_equals_teacher(name, extra,
     """Exactly zero for the pseudo-target losses; for SiD, whose gradient is a difference of two backward passes
     through the same function, zero up to float rounding (a millionth of the gradient when they differ)."""
     b = gmm_built(f"objective.name={name}", *extra)
+    if name == "fdiv":  # the identity is the distribution-matching term's; fdiv's recipe refuses gan_weight 0
+        b.objective.cfg.gan_weight = 0.0
     _make_fake_the_teacher(b)
     b.objective.phases(0)
     equal = max(float(g.abs().max()) for g in _generator_grads(b, b.objective.generator_loss))
@@ -45,6 +47,7 @@ def test_generator_gradient_vanishes_when_fake_score_equals_teacher(name, extra,
 def test_fdiv_with_reverse_kl_is_exactly_vsd(gmm_built):
     """h = 1 for reverse KL, so f-distill's generator gradient is VSD's, bit for bit (same weights, same draws)."""
     vsd, fdiv = gmm_built("objective.name=vsd"), gmm_built("objective.name=fdiv", "objective.divergence=rkl")
+    fdiv.objective.cfg.gan_weight = 0.0  # compare the distribution-matching terms (the recipe requires > 0)
     fdiv.nets.generator.load_state_dict(vsd.nets.generator.state_dict())
     with torch.no_grad():
         for p in vsd.nets.fake_score.parameters():
@@ -82,9 +85,9 @@ def test_each_h_is_r_squared_f_second_derivative(div):
 
 
 def test_fdiv_weight_clamps_the_ratio_and_has_unit_batch_mean(gmm_built):
-    b = gmm_built("objective.name=fdiv", "objective.divergence=kl")
+    b = gmm_built("objective.name=fdiv", "objective.divergence=kl", "objective.ratio_bins=0")
     logits = torch.tensor([-50.0, -1.0, 0.0, 1.0, 50.0])
-    w = b.objective.weight(logits)
+    w = b.objective.weight(logits, torch.rand(5))
     r = torch.tensor([0.1, torch.e ** -1, 1.0, torch.e, 20.0])
     torch.testing.assert_close(w, r / r.mean())
     assert float(w.mean()) == pytest.approx(1.0)
