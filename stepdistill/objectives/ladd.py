@@ -1,18 +1,27 @@
-"""LADD: latent adversarial diffusion distillation (Sauer et al. 2024; SANA-Sprint's `train_scm_ladd.py`, METHODS.md
-section 4).
+"""LADD: latent adversarial diffusion distillation (Sauer et al. 2024; SANA-Sprint; docs/methods.md).
 
 The discriminator is the frozen teacher read at several depths, each feature map scored by a small trainable head
 (models/discriminator.py: TeacherFeatureDiscriminator). Real and generated samples are re-noised, each with its own
-noise and time, at log-SNR = -2 n with n ~ N(d_p_mean, d_p_std) (SANA-Sprint's arctan(exp(N(-0.6, 1)) / sigma_d) in
-TrigFlow, mapped onto the teacher's schedule), and the heads play the hinge game:
+noise and time, at SANA-Sprint's discriminator times theta = atan(exp(n) / 0.5), n ~ N(d_p_mean, d_p_std), in its
+TrigFlow on data scaled by sigma_d (diffusion/trigflow.py, `sana`), where the noise-to-signal ratio is tan(theta):
+the teacher's schedule re-noises at sigma/alpha = exp(n) / 0.5, log-SNR = -2 (n - log 0.5). At SANA's d_p_mean = -0.6
+the median is sigma/alpha = 1.10, flow time 0.523 (not exp(-0.6) = 0.55, flow time 0.354, as log-SNR = -2 n gave).
+The heads play the hinge game:
 
     D: 0.5 [relu(1 - D(real)) + relu(1 + D(fake))],   G: -D(fake),
 
 averaged over heads and samples. The generator's gradient flows through the frozen teacher into its sample; only the
 heads are trained. `ladd` alone is an objective; `scm` with `adv_weight > 0` adds the same game to sCM (SANA-Sprint).
+
+Reference: NVlabs/Sana `train_scripts/train_scm_ladd.py` (`train`: G and D phases, `get_timesteps` with
+`weighting_scheme_discriminator: logit_normal_trigflow`, whose atan(sigma / 0.5) in `diffusion/model/respace.py`
+hard-codes 0.5). Deliberate differences: re-noising happens on the teacher's own schedule (the same SNR), real and
+fake always draw their own times (SANA's default `diff_timesteps_D`), and misaligned pairs and R1 (off by
+default there) are left out.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +32,15 @@ from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
 from .terms import frozen, sample_generator
 
+SANA_SIGMA_D = 0.5  # the divisor of SANA-Sprint's discriminator angles atan(exp(n) / 0.5), whatever sigma_data
+
 
 def renoised(obj: Objective, x0: torch.Tensor, p_mean: float, p_std: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, t): x0 noised on the teacher's schedule at log-SNR -2 N(p_mean, p_std), fresh noise per sample."""
+    """(x_t, t): x0 noised on the teacher's schedule at sigma/alpha = exp(N(p_mean, p_std)) / 0.5 (SANA-Sprint's
+    discriminator times), fresh noise per sample."""
     schedule = obj.nets.teacher.schedule
-    t = schedule.t_of_logsnr(-2 * (p_mean + p_std * parallel.randn(len(x0)))).float().to(x0.device)
+    n = p_mean + p_std * parallel.randn(len(x0))
+    t = schedule.t_of_logsnr(-2 * (n - math.log(SANA_SIGMA_D))).float().to(x0.device)
     return schedule.add_noise(x0, parallel.randn_like(x0), t), t
 
 
@@ -63,7 +76,8 @@ def hinge_loss(obj: Objective, batch: Batch, fake: torch.Tensor, p_mean: float, 
 @dataclass
 class LADDConfig:
     name: str = "ladd"
-    d_p_mean: float = -0.6  # re-noising for the discriminator: log-SNR = -2 N(d_p_mean, d_p_std) (SANA-Sprint)
+    d_p_mean: float = -0.6  # re-noising for the discriminator: sigma/alpha = exp(N(d_p_mean, d_p_std)) / 0.5
+    #                         (SANA-Sprint's atan(exp(N) / 0.5) with data scaled by sigma_d)
     d_p_std: float = 1.0
 
 

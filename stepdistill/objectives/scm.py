@@ -1,9 +1,11 @@
 """sCM: continuous-time consistency distillation in TrigFlow (Lu & Song, "Simplifying, Stabilizing and Scaling
-Continuous-Time Consistency Models", 2024; SANA-Sprint's `train_scm_ladd.py`; METHODS.md section 4).
+Continuous-Time Consistency Models", 2024; SANA-Sprint; docs/methods.md).
 
-On real data x0, at theta = atan(exp(N(p_mean, p_std)) / sigma_d) and x = cos x0 + sin sigma_d z, the teacher gives
-the probability-flow velocity dx/dtheta = sigma_d F_teacher (with classifier-free guidance). The student's F and its
-total derivative along that flow, dF = JVP of F(x, theta) with tangents (cos sin dx/dtheta, cos sin), form
+On real data x0, at theta = atan(exp(N(p_mean, p_std)) / sigma_d) and the TrigFlow state x = cos k x0 + sin sigma_d z
+(k = sigma_d in SANA-Sprint's convention `trigflow: sana`, 1 in Lu & Song's pixel convention `trigflow: scm`;
+diffusion/trigflow.py), the teacher gives the probability-flow velocity dx/dtheta = sigma_d F_teacher (with
+classifier-free guidance). The student's F and its total derivative along that flow, dF = JVP of F(x, theta) with
+tangents (cos sin dx/dtheta, cos sin), form
 
     g = -cos^2 (sigma_d F^- - dx/dtheta) - r (cos sin x + sigma_d dF),    g <- g / (||g|| + c)
 
@@ -12,16 +14,23 @@ total derivative along that flow, dF = JVP of F(x, theta) with tangents (cos sin
     mean[ w / exp(logvar(theta)) * (F - F^- - g)^2 + logvar(theta) ],   w = 1 / (sigma_d tan theta),
 
 with logvar a small learned adaptive weight trained alongside the generator. Every teacher enters through its
-TrigFlow velocity (diffusion/trigflow.py); the student stays an ordinary generator whose x0 prediction is the
-consistency function, so it samples, evaluates and exports like every other student.
+TrigFlow velocity; the student stays an ordinary generator whose x0 prediction is the consistency function
+(cos x - sin sigma_d F) / k, so it samples, evaluates and exports like every other student.
+
+Reference: NVlabs/Sana `train_scripts/train_scm_ladd.py` (`train`, G phase) computes this loss on latents scaled by
+sigma_d, with angles from `compute_density_for_timestep_sampling` (`logit_normal_trigflow`: atan(exp(N) / 0.5)).
+Deliberate differences: the angle divides by sigma_data (Lu & Song's form; SANA hard-codes 0.5, its sigma_data);
+the student is the teacher's network family seen through diffusion/trigflow.py, as SANA's SanaMSCM is its flow network
+seen through the same conversion; logvar is a small module of its own rather than a head of the network;
+`trigflow: scm` keeps Lu & Song's unscaled pixel data.
 
 The JVP uses forward-mode AD (`torch.func.jvp`); where a network has an op without a forward-mode rule, `jvp: auto`
 falls back to central finite differences (FastGen's fallback) and says so once.
 
 `adv_weight > 0` is SANA-Sprint's sCM + LADD: the generator's loss adds adv_weight x LADD's adversarial loss on the
-consistency estimate x0 = cos x - sin sigma_d F (or, with probability `adv_largest_time`, on the one-step sample
-from pure noise, SANA's `train_largest_timestep`), and a discriminator phase on the frozen teacher's features
-follows each generator phase (objectives/ladd.py).
+consistency estimate (or, with probability `adv_largest_time`, on the one-step sample from pure noise, SANA's
+`train_largest_timestep`), and a discriminator phase on the frozen teacher's features follows each generator phase
+(objectives/ladd.py; d_p_mean, d_p_std mean SANA-Sprint's discriminator times in either convention).
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import parallel
 from ..diffusion.schedules import bcast
-from ..diffusion.trigflow import trigflow_noise, trigflow_velocity
+from ..diffusion.trigflow import TrigFlowSpace
 from ..kernels import without_xformers
 from ..models.mlp import TimeFeatures
 from ..registry import register
@@ -52,8 +61,11 @@ JVP_MODES = ("auto", "forward", "finite_difference")
 class SCMConfig:
     name: str = "scm"
     sigma_data: float = 0.5  # TrigFlow's sigma_d: the noise scale at theta = pi/2
-    p_mean: float = -1.0  # theta = atan(exp(N(p_mean, p_std)) / sigma_d): sCM's pixel-space values (SANA: 0.2, 1.6)
-    p_std: float = 1.4
+    trigflow: Literal["sana", "scm"] = "sana"  # sana: data x sigma_data inside TrigFlow (SANA-Sprint, TBCM; for
+    #   unit-variance data such as VAE latents), sigma/alpha = tan theta; scm: data as they are (Lu & Song's pixels,
+    #   spread ~ sigma_data), sigma/alpha = sigma_data tan theta
+    p_mean: float = 0.2  # theta = atan(exp(N(p_mean, p_std)) / sigma_d): SANA-Sprint's (Lu & Song's pixels: -1.0, 1.4
+    p_std: float = 1.6  #   with trigflow: scm)
     guidance_scale: float = 1.0  # teacher classifier-free guidance in dx/dtheta (SANA-Sprint: 4 to 5)
     tangent_warmup: int = 4000  # iterations over which r ramps from 0 to 1 (0: no warm-up)
     tangent_norm: float = 0.1  # c in g / (||g|| + c)
@@ -62,7 +74,7 @@ class SCMConfig:
     fd_eps: float = 1e-4  # finite-difference step: small, as time embeddings of native DDPM steps vary fast
     adv_weight: float = 0.0  # LADD's weight in the generator loss (SANA-Sprint 0.5); > 0 adds the discriminator
     adv_largest_time: float = 0.5  # share of adversarial passes on the one-step sample from pure noise
-    d_p_mean: float = -0.6  # LADD's re-noising, as in objective ladd
+    d_p_mean: float = -0.6  # LADD's re-noising, SANA-Sprint's times in either convention (objective ladd)
     d_p_std: float = 1.0
 
 
@@ -133,6 +145,7 @@ class SCM(Objective):
             raise ValueError("objective.sigma_data and objective.fd_eps must be > 0 and objective.tangent_warmup >= 0, "
                              f"got {cfg.sigma_data}, {cfg.fd_eps}, {cfg.tangent_warmup}")
         super().__init__(cfg, nets, shape)
+        self.trig = TrigFlowSpace.of(cfg.trigflow, cfg.sigma_data)
         self.logvar = AdaptiveWeight() if cfg.adaptive_weight else None
         self.jvp_mode = "forward" if cfg.jvp == "auto" else cfg.jvp
         self.r = 0.0
@@ -167,13 +180,13 @@ class SCM(Objective):
         sd = self.cfg.sigma_data
         x0 = batch.x0.float()
         theta = self.sample_theta(batch.n)
-        x = trigflow_noise(x0, parallel.randn_like(x0), theta, sd)
+        x = self.trig.noise(x0, parallel.randn_like(x0), theta)
         with torch.no_grad():
-            dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta, batch.cond, sd, self.cfg.guidance_scale)
+            dxdt = sd * self.trig.velocity(self.nets.teacher, x, theta, batch.cond, self.cfg.guidance_scale)
         return x, theta, dxdt, batch.cond
 
     def student_velocity(self, x: torch.Tensor, theta: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        return trigflow_velocity(self.nets.generator.net, x, theta, cond, self.cfg.sigma_data)
+        return self.trig.velocity(self.nets.generator.net, x, theta, cond)
 
     def velocity_and_tangent(self, x: torch.Tensor, theta: torch.Tensor, cond: torch.Tensor | None,
                              dx: torch.Tensor, dtheta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +234,7 @@ class SCM(Objective):
         if float(torch.rand(())) < cfg.adv_largest_time:
             x0_adv = sample_generator(self, batch, grad=True)
         else:  # the consistency estimate at the sampled angle
-            x0_adv = cos * x - sin * sd * f
+            x0_adv = self.trig.x0(x, f, theta)
         adv = adversarial_loss(self, x0_adv, cond, cfg.d_p_mean, cfg.d_p_std)
         logs.update({"loss/scm": loss.item(), "loss/generator_adv": adv.item()})
         loss = loss + cfg.adv_weight * adv

@@ -1,4 +1,4 @@
-"""TBCM: image-free sCM on the teacher's own sampling trajectories (hustvl/TBCM, `train_tbcm.py`; METHODS.md 4b).
+"""TBCM: image-free sCM on the teacher's own sampling trajectories (hustvl/TBCM, `train_tbcm.py`; docs/methods.md).
 
 Each iteration runs the teacher's probability-flow ODE from pure noise along a `route_points`-point route of TrigFlow
 angles, with first-order steps x <- cos(d) x - sin(d) dx/dtheta (DDIM in TrigFlow, with the teacher's guidance). The
@@ -11,8 +11,13 @@ is needed. TBCM's black-image filter for latent trajectories and its late "calm-
 `route_spacing: shift` is TBCM's route as hustvl/TBCM draws it (`compute_refer_route`,
 `sample_ordered_timesteps_from_ref`): reference points evenly spaced in u from 1 down to the shifted 1/1000, mapped
 through the flow-matching shift s = shift u / (1 + (shift - 1) u) (the reference shifts the end points and then the
-grid again; so do we) and theta = atan(s / ((1 - s) sigma_d)); point k >= 1 uniform in angle between reference
-points k and k - 1. Our route is drawn per trajectory, the reference's once per batch.
+grid again; so do we) and the angle whose noise-to-signal ratio is the flow's s / (1 - s): theta = atan(s / (1 - s))
+in SANA's convention (`trigflow: sana`, TBCM's own), atan(s / ((1 - s) sigma_d)) in Lu & Song's (`trigflow: scm`);
+point k >= 1 uniform in angle between reference points k and k - 1. Reference: hustvl/TBCM
+`diffusion/utils/tbcm_utils.py` (`compute_refer_route`, `sample_ordered_timesteps_from_ref`) and
+`train_scripts/train_tbcm.py` (the trajectory from noise x sigma_d, x <- cos(d) x - sin(d) dx/dtheta, sCM's loss on
+all points after the first); deliberate differences: our route is drawn per trajectory, the reference's once per
+batch, and the black-image filter and calm-down are left out (above).
 
 `route_spacing: scm` replaces the route's angles by stratified draws of sCM's own proposal theta = atan(exp(p_mean +
 p_std Phi^-1(u)) / sigma_d), u jittered within route_points - 1 equal intervals of (0, 1], so the training angles
@@ -30,7 +35,7 @@ import torch
 
 from .. import parallel
 from ..diffusion.schedules import bcast
-from ..diffusion.trigflow import trigflow_velocity
+from ..diffusion.trigflow import TrigFlowSpace
 from ..registry import register
 from .base import Batch
 from .scm import SCM, SCMConfig
@@ -49,16 +54,17 @@ class TBCMConfig(SCMConfig):
     #                               either way the start at pi/2 is not a training point
 
 
-def route(m: int, points: int, shift: float, sigma_d: float) -> torch.Tensor:
+def route(m: int, points: int, shift: float, trig: TrigFlowSpace) -> torch.Tensor:
     """(m, points) decreasing TrigFlow angles of TBCM's route (its compute_refer_route and
     sample_ordered_timesteps_from_ref): reference points evenly spaced in u from 1 down to the shifted 1/1000,
-    through the flow shift (applied to the end points and again to the grid, as the reference does); the first point
-    pi/2, point k >= 1 uniform in angle between reference points k and k - 1."""
+    through the flow shift (applied to the end points and again to the grid, as the reference does), at the angles
+    with the flow's noise-to-signal ratio s / (1 - s); the first point pi/2, point k >= 1 uniform in angle between
+    reference points k and k - 1."""
     def shifted(u):
         return shift * u / (1 + (shift - 1) * u)
 
     s = shifted(torch.linspace(1.0, shifted(1e-3), points, dtype=torch.float64))
-    ref = torch.atan2(s, (1 - s) * sigma_d)
+    ref = trig.theta_of_ratio(s / (1 - s))
     theta = ref[1:] + torch.rand(m, points - 1, dtype=torch.float64) * (ref[:-1] - ref[1:])
     return torch.cat([torch.full((m, 1), math.pi / 2, dtype=torch.float64), theta], dim=1).float().clamp(max=THETA_MAX)
 
@@ -104,7 +110,7 @@ class TBCM(SCM):
         if cfg.route_spacing == "scm":
             theta = scm_route(m, cfg.route_points, cfg.p_mean, cfg.p_std, sd)
         else:
-            theta = route(m, cfg.route_points, cfg.route_shift, sd)
+            theta = route(m, cfg.route_points, cfg.route_shift, self.trig)
         noise = torch.randn(m, *self.shape)
         # `keep` random points per trajectory, then n of those (point j lies on trajectory j // pairs), in order
         kept = (torch.rand(m, pairs).argsort(dim=1)[:, :keep] + pairs * torch.arange(m)[:, None]).flatten()
@@ -115,7 +121,7 @@ class TBCM(SCM):
         x = sd * noise[first:last].to(self.device)
         xs, dxdts = [], []
         for i in range(cfg.route_points):  # the teacher at every point; training on all but the start (pi/2)
-            dxdt = sd * trigflow_velocity(self.nets.teacher, x, theta[:, i], cond, sd, cfg.guidance_scale)
+            dxdt = sd * self.trig.velocity(self.nets.teacher, x, theta[:, i], cond, cfg.guidance_scale)
             if i > 0:
                 xs.append(x)
                 dxdts.append(dxdt)

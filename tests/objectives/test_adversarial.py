@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from stepdistill.diffusion.trigflow import trigflow_velocity
+from stepdistill.diffusion.trigflow import TrigFlowSpace
 from stepdistill.models.discriminator import TeacherFeatureDiscriminator, feature_levels
 from stepdistill.objectives.tbcm import route, scm_route
 from stepdistill.recipe import RecipeError, load_recipe
@@ -59,10 +59,10 @@ def test_scm_with_adv_weight_alternates_generator_and_discriminator(gmm_built):
 
 
 def test_tbcm_route_is_the_references():
-    """hustvl/TBCM's route at shift 2.5: reference points from u = 1 to the shifted 1/1000 (in its own convention
-    theta = atan(s / (1 - s)), with data scaled by 1 / sigma_d: ours with sigma_d = 1), point k drawn between
-    reference points k and k - 1."""
-    theta = route(4000, 16, 2.5, 1.0)
+    """hustvl/TBCM's route at shift 2.5: reference points from u = 1 to the shifted 1/1000 (theta = atan(s / (1 - s))
+    in its convention, data scaled by sigma_d: ours with trigflow: sana), point k drawn between reference points k
+    and k - 1."""
+    theta = route(4000, 16, 2.5, TrigFlowSpace.of("sana", 0.5))
     assert theta.shape == (4000, 16)
     assert torch.allclose(theta[:, 0], torch.full((4000,), math.pi / 2)) and (theta[:, 0] <= math.pi / 2).all()
     assert (theta[:, 1:] < theta[:, :-1]).all() and (theta > 0).all()
@@ -90,7 +90,7 @@ def test_tbcm_scm_spacing_trains_after_the_pure_noise_start(gmm_built):
     b = gmm_built("objective.name=tbcm", "objective.route_spacing=scm")
     torch.manual_seed(0)
     x, theta, dxdt, _ = b.objective.training_points(b.batch(15 * 64))
-    torch.testing.assert_close(dxdt, 0.5 * trigflow_velocity(b.nets.teacher, x, theta, None, 0.5))
+    torch.testing.assert_close(dxdt, 0.5 * b.objective.trig.velocity(b.nets.teacher, x, theta, None))
     assert theta.max() < 1.5707 and theta.min() < 0.1  # no point at pi/2; the last stratum's lies near the data
 
 
@@ -101,13 +101,13 @@ def test_tbcm_points_lie_on_the_teacher_trajectory_with_its_velocity(gmm_built):
     torch.manual_seed(0)
     x, theta, dxdt, cond = b.objective.training_points(b.batch(15 * 64))
     assert x.shape == (15 * 64, 2) and cond is None
-    again = 0.5 * trigflow_velocity(b.nets.teacher, x, theta, None, 0.5)
+    again = 0.5 * b.objective.trig.velocity(b.nets.teacher, x, theta, None)
     torch.testing.assert_close(dxdt, again)
     assert theta.max() < 1.5707  # the start, pure noise, is not a training point
     start = theta > 1.53  # the first interval below it: nearly pure noise
     assert 0.4 < x[start].std() < 0.6
-    last = theta < theta.min() + 0.05  # the lowest-noise points sit near the four modes at radius 2
-    assert (x[last].norm(dim=1) - 2.0).abs().mean() < 0.5
+    last = theta < theta.min() + 0.05  # the lowest-noise points sit near the four modes at radius 2 (x data scale)
+    assert (x[last].norm(dim=1) / b.objective.trig.data_scale - 2.0).abs().mean() < 0.5
 
 
 def test_asd_discriminator_sees_n_step_outputs_as_fake_and_n_plus_1_as_real(gmm_built, monkeypatch):

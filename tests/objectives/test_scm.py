@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-from stepdistill.diffusion.trigflow import trigflow_noise, trigflow_velocity
 from stepdistill.objectives.scm import normalized_tangent
 from stepdistill.recipe import RecipeError, load_recipe
 
@@ -27,14 +26,14 @@ def test_tangent_is_cos_times_the_consistency_derivative_along_the_teacher_flow(
     obj = b.objective
     x0 = b.batch(16).x0
     theta = torch.linspace(0.2, 1.4, 16)
-    x = trigflow_noise(x0, torch.randn_like(x0), theta, SD)
+    x = obj.trig.noise(x0, torch.randn_like(x0), theta)
     cos, sin = theta.cos()[:, None], theta.sin()[:, None]
 
-    def consistency(x_, th):  # f(x, theta) = cos x - sin sigma_d F: the student's one-step denoised estimate
+    def consistency(x_, th):  # f(x, theta) = cos x - sin sigma_d F: the student's one-step denoised estimate (x k)
         return th.cos()[:, None] * x_ - th.sin()[:, None] * SD * obj.student_velocity(x_, th, None)
 
     with torch.no_grad():
-        dxdt = SD * trigflow_velocity(b.nets.teacher, x, theta, None, SD)
+        dxdt = SD * obj.trig.velocity(b.nets.teacher, x, theta, None)
         h = 1e-4
         along_flow = (consistency(x + h * dxdt, theta + h) - consistency(x - h * dxdt, theta - h)) / (2 * h)
     f_minus, df = obj.velocity_and_tangent(x, theta, None, cos * sin * dxdt, theta.cos() * theta.sin())
