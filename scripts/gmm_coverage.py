@@ -33,19 +33,41 @@ def default_recipes() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "configs/toy").glob("gmm_*.yaml")) if p.stem != "gmm_msd"]
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def code_identity(recipe: str) -> dict:
+    """What code and recipe a run trained with (objectives change often): HEAD, and for the objective's file and the
+    recipe its last commit and, when they differ from it, the working tree's blob hash."""
+    import yaml
+
+    objective = (yaml.safe_load((ROOT / recipe).read_text()) or {}).get("objective", {}).get("name", "?")
+    out = {"head": _git("rev-parse", "--short", "HEAD")}
+    for key, f in (("objective", f"stepdistill/objectives/{objective}.py"), ("recipe", recipe)):
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", f], cwd=ROOT).returncode != 0
+        out[key] = _git("log", "-1", "--format=%h", "--", f) + (f"+wt:{_git('hash-object', f)[:7]}" if dirty else "")
+    out["tree_dirty"] = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "stepdistill"], cwd=ROOT).returncode != 0
+    return out
+
+
 def train(recipe: str, run_dir: Path, overrides: list[str]) -> None:
+    """Train unless run_dir holds a finished run (raises CalledProcessError if the run fails)."""
     if (run_dir / "train_summary.json").exists():
         return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "code.json").exists():  # a resumed run keeps the identity it started with
+        (run_dir / "code.json").write_text(json.dumps(code_identity(recipe), indent=2))
     cmd = [sys.executable, "-m", "stepdistill.cli", "train", recipe, *overrides, "eval.at_end=false",
            "train.checkpoint_every=0", "--outdir", str(run_dir), "--quiet"]
     print("#", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def fmt(name: str, k, iters, s: dict) -> str:
+def fmt(name: str, k, iters, s: dict, code: str = "") -> str:
     ok = s["near_share"] >= TARGET_NEAR and s["worst_mass_error"] <= TARGET_MASS
     return (f"| {name} | {k} | {iters} | {s['energy_distance']:.4f} | {s['near_share']:.1%} | "
-            f"{s['worst_mass_error']:.0%} (k={s['worst_component']}) | {'yes' if ok else 'no'} |")
+            f"{s['worst_mass_error']:.0%} (k={s['worst_component']}) | {'yes' if ok else 'no'} | {code} |")
 
 
 def main() -> int:
@@ -69,13 +91,13 @@ def main() -> int:
     out = Path(a.outdir)
     teacher = build_teacher(load_recipe(recipes[0], mixture).teacher)
     ref = teacher.sample(a.n, torch.Generator().manual_seed(1))
-    rows, lines = [], ["| model | K / NFE | iterations | energy distance | near share | worst mass error | target |",
-                       "|---|---|---|---|---|---|---|"]
+    rows, lines = [], ["| model | K / NFE | iterations | energy distance | near share | worst mass error | target "
+                       "| code (HEAD; objective, recipe commit or +wt:working-tree blob) |", "|---|---|---|---|---|---|---|---|"]
 
-    def add(name, k, iters, x):
+    def add(name, k, iters, x, code=""):
         s = domain_score(teacher, x, ref)
-        rows.append({"model": name, "k": k, "iterations": iters, **s})
-        lines.append(fmt(name, k, iters, s))
+        rows.append({"model": name, "k": k, "iterations": iters, "code": code, **s})
+        lines.append(fmt(name, k, iters, s, code))
         print(lines[-1], flush=True)
 
     if not a.no_baselines:
@@ -85,12 +107,19 @@ def main() -> int:
         add("teacher, Heun", 34, "-", generate_teacher(teacher, a.n, 0, a.n, 35)[0])
     for recipe in recipes:
         run_dir = out / Path(recipe).stem
-        train(recipe, run_dir, [*mixture, *a.set])
-        run = load_run(run_dir)
+        try:
+            train(recipe, run_dir, [*mixture, *a.set])
+            run = load_run(run_dir)
+        except Exception as err:  # noqa: BLE001  (a diverged run or one the current code cannot load: say so, go on)
+            lines.append(f"| `{Path(recipe).stem}` | failed: {str(err).splitlines()[-1][:200]} |")
+            print(lines[-1], flush=True)
+            continue
         summary = json.loads((run_dir / "train_summary.json").read_text())
         iters = sum(s["iterations"] for s in summary.get("students", [summary]))
+        c = json.loads((run_dir / "code.json").read_text()) if (run_dir / "code.json").exists() else {}
+        code = f"{c['head']}; {c['objective']}, {c['recipe']}" if c else "?"
         add(f"`{Path(recipe).stem}` ({run.recipe.objective.name})", run.student.steps, iters,
-            generate_student(run.student, teacher, a.n, 0, a.n))
+            generate_student(run.student, teacher, a.n, 0, a.n), code)
     print("\n".join(["", f"{a.n} samples a side, against exact mixture samples (seed 1); mixture: {a.mixture}; "
                      f"extra overrides: {a.set or 'none'}", *lines]))
     if a.json:
