@@ -228,10 +228,28 @@ def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidan
 
 def student_guidance(score: ScoreModel, objective) -> ScoreModel:
     """The generator's network for an objective's recipe section: with a guidance embedding at the evaluation scale
-    when it sets guidance_set (sCM, LADD), else unchanged. Training and loading a run both build it so."""
-    if getattr(objective, "guidance_set", None) is None:
+    when it sets guidance_set (sCM and TBCM), else unchanged. Training and loading a run both build it so; bad
+    guidance keys are a RecipeError naming the fix."""
+    from ..recipe import RecipeError
+
+    scales, evaluated = getattr(objective, "guidance_set", None), getattr(objective, "eval_guidance", None)
+    if scales is None:
+        if evaluated is not None:
+            raise RecipeError(f"objective.eval_guidance={evaluated} is the scale of a student trained with "
+                              "objective.guidance_set, which is not set: set guidance_set (e.g. [4.0, 4.5, 5.0]) or "
+                              "remove eval_guidance")
         return score
-    return embed_guidance(score, eval_guidance(objective))
+    if not scales or min(scales) < 1:
+        raise RecipeError(f"objective.guidance_set={scales}: give a non-empty list of classifier-free guidance scales "
+                          ">= 1 (SANA-Sprint: [4.0, 4.5, 5.0])")
+    if objective.guidance_scale != 1.0:
+        raise RecipeError(f"objective.guidance_scale={objective.guidance_scale} and objective.guidance_set={scales} "
+                          "both set the teacher's guidance: guidance_set draws each sample's scale from the set, so "
+                          "remove guidance_scale (or guidance_set, for one fixed scale and no guidance embedding)")
+    try:
+        return embed_guidance(score, eval_guidance(objective))
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def eval_guidance(objective) -> float:
@@ -241,3 +259,19 @@ def eval_guidance(objective) -> float:
         return float(objective.eval_guidance)
     scales = sorted(objective.guidance_set)
     return float(scales[len(scales) // 2])
+
+
+@contextmanager
+def drawn_guidance(score: ScoreModel, scales: list[float] | None, n: int) -> Iterator[torch.Tensor | None]:
+    """Draw n per-sample guidance scales uniformly from `scales` (SANA-Sprint's np.random.choice with replacement),
+    from the run's global random stream (parallel.rand: checkpoints resume it), and give them to the student `score`
+    for the block; yields them (None, drawing nothing, when scales is None)."""
+    from .. import parallel
+
+    if scales is None:
+        yield None
+        return
+    idx = (parallel.rand(n) * len(scales)).long().clamp_max(len(scales) - 1)
+    w = torch.tensor(scales, dtype=torch.float32)[idx]
+    with guidance_inputs(score, w):
+        yield w
