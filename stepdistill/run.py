@@ -14,6 +14,7 @@ import torch
 from .models.generator import Generator
 from .models.lora import load_saved_state
 from .models.multi_student import MultiStudent
+from .models.score import student_guidance
 from .recipe import Recipe, load_recipe
 from .teachers import Teacher, build_teacher
 from .train.state import list_checkpoints, load_latest, unprefixed
@@ -41,7 +42,8 @@ def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Gener
         raise FileNotFoundError(f"no intact checkpoint in {path / 'checkpoints'}"
                                 + (f" ({len(have)} damaged ones were skipped)" if have else ""))
     step, weights, _ = found
-    student = Generator.from_config(teacher.trainable_network(recipe.generator), recipe.generator)
+    student = Generator.from_config(student_guidance(teacher.trainable_network(recipe.generator), recipe.objective),
+                                    recipe.generator)
     prefix = "ema" if any(k.startswith("ema.") for k in weights) else "generator"
     load_saved_state(student, unprefixed(prefix, weights))
     return student.eval().requires_grad_(False), step

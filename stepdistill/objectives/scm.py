@@ -49,6 +49,7 @@ from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import TrigFlowSpace
 from ..kernels import without_xformers
 from ..models.mlp import TimeFeatures
+from ..models.score import drawn_guidance
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
 from .ladd import adversarial_loss, discriminator_phase
@@ -67,6 +68,11 @@ class SCMConfig:
     p_mean: float = 0.2  # theta = atan(exp(N(p_mean, p_std)) / sigma_d): SANA-Sprint's (Lu & Song's pixels: -1.0, 1.4
     p_std: float = 1.6  #   with trigflow: scm)
     guidance_scale: float = 1.0  # teacher classifier-free guidance in dx/dtheta (SANA-Sprint: 4 to 5)
+    guidance_set: list[float] | None = None  # SANA-Sprint's per-sample scales (e.g. [4.0, 4.5, 5.0]): each sample's
+    #   teacher CFG scale is drawn from the set and given to the student as a guidance embedding (text-to-image
+    #   teachers; models/score.py embed_guidance); replaces guidance_scale
+    eval_guidance: float | None = None  # the scale such a student samples, evaluates and exports at (default: the
+    #                                     middle of the sorted set)
     tangent_warmup: int = 4000  # iterations over which r ramps from 0 to 1 (0: no warm-up)
     tangent_norm: float = 0.1  # c in g / (||g|| + c)
     adaptive_weight: bool = True  # learned logvar(theta); off: logvar = 0
@@ -144,6 +150,9 @@ class SCM(Objective):
         if cfg.sigma_data <= 0 or cfg.tangent_warmup < 0 or cfg.fd_eps <= 0:
             raise ValueError("objective.sigma_data and objective.fd_eps must be > 0 and objective.tangent_warmup >= 0, "
                              f"got {cfg.sigma_data}, {cfg.fd_eps}, {cfg.tangent_warmup}")
+        if cfg.guidance_set is not None and type(self).training_points is not SCM.training_points:
+            raise ValueError(f"objective.guidance_set is not supported by objective {cfg.name} yet (its training "
+                             "points come from teacher trajectories, not one per sample): use objective.guidance_scale")
         super().__init__(cfg, nets, shape)
         self.trig = TrigFlowSpace.of(cfg.trigflow, cfg.sigma_data)
         self.logvar = AdaptiveWeight() if cfg.adaptive_weight else None
@@ -182,8 +191,13 @@ class SCM(Objective):
         theta = self.sample_theta(batch.n)
         x = self.trig.noise(x0, parallel.randn_like(x0), theta)
         with torch.no_grad():
-            dxdt = sd * self.trig.velocity(self.nets.teacher, x, theta, batch.cond, self.cfg.guidance_scale)
+            dxdt = sd * self.trig.velocity(self.nets.teacher, x, theta, batch.cond, self.teacher_guidance())
         return x, theta, dxdt, batch.cond
+
+    def teacher_guidance(self) -> float | torch.Tensor:
+        """The teacher's CFG scale in dx/dtheta: guidance_scale, or with guidance_set the per-sample scales the
+        student is given for this batch (read from it, so teacher and student always see the same scales)."""
+        return self.nets.generator.net.guidance_input if self.cfg.guidance_set else self.cfg.guidance_scale
 
     def student_velocity(self, x: torch.Tensor, theta: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.trig.velocity(self.nets.generator.net, x, theta, cond)
@@ -212,6 +226,10 @@ class SCM(Objective):
 
     # ---- loss ------------------------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
+        with drawn_guidance(self.nets.generator.net, self.cfg.guidance_set, batch.n):  # nothing drawn when unset
+            return self._generator_loss(batch)
+
+    def _generator_loss(self, batch: Batch) -> LossOutput:
         cfg, sd = self.cfg, self.cfg.sigma_data
         x, theta, dxdt, cond = self.training_points(batch)
         theta = theta.to(x.device)  # drawn on the CPU; the adaptive weight and the loss terms compute beside x

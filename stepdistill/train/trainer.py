@@ -22,6 +22,7 @@ from .. import recipe as recipe_mod
 from ..kernels import configure_networks
 from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
+from ..models.score import student_guidance
 from ..objectives.base import Batch, Nets, Objective
 from ..recipe import Recipe, RecipeError
 from ..registry import get
@@ -86,7 +87,8 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
     if unknown:
         raise RecipeError(f"objective {recipe.objective.name} needs {sorted(unknown)}, which this toolkit cannot "
                           "build yet")
-    generator = Generator.from_config(teacher.trainable_network(recipe.generator), recipe.generator)
+    generator = Generator.from_config(student_guidance(teacher.trainable_network(recipe.generator), recipe.objective),
+                                      recipe.generator)
     on_teacher = obj_cls.discriminator_on == "teacher"
     fake = (teacher.trainable_network(recipe.generator, seed=1)
             if "fake_score" in needs or ("discriminator" in needs and not on_teacher) else None)
