@@ -16,6 +16,9 @@ Metrics (stepdistill/eval/metrics.py mixture_coverage, energy_distance):
   near    share of samples within 3.035 std (the 99% radius in 2-D) of some component mean (exact samples: ~99%)
   worst   worst relative component mass error max_k |mass_k - w_k| / w_k (exact samples: a few %)
   hit     components holding at least half their weight (mass_k >= w_k / 2), of K
+  coarse worst  as worst, but every sample counted for its nearest mean, however far (mass split by region, not by
+          sharpness: a blurry student that puts the right mass around each mode reads low here)
+  coarse hit    components whose nearest-mean region holds at least half their weight, of K
   r/std   mean distance of the near samples to their nearest mean, in component stds (exact 2-D samples: ~1.24;
           lower = sharper than the teacher, higher = blurrier): the fidelity read of a sample that covers a mode
 Each run folder gets code.json: HEAD and, for the objective file the run used, its last commit and whether the
@@ -102,8 +105,12 @@ def extra_metrics(x: torch.Tensor, means, std: float, w, s: dict) -> dict:
     near = dmin <= near_radius(mu.shape[1]) * std
     w = (w / w.sum()).double()
     mass = torch.tensor(s["component_mass"], dtype=torch.float64)
+    coarse = torch.bincount(d.argmin(1), minlength=len(mu)).double() / len(x)  # every sample to its nearest mean
+    err = (coarse - w).abs() / w
     return {"r_over_std": float(dmin[near].mean() / std) if near.any() else float("nan"),
-            "hit": int((mass >= w / 2).sum()), "k": len(mu)}
+            "hit": int((mass >= w / 2).sum()), "k": len(mu), "coarse_worst": float(err.max()),
+            "coarse_hit": int((coarse >= w / 2).sum()),
+            "coarse_mass": [float(m) for m in coarse]}
 
 
 def exact_r_over_std(n: int, overrides: list[str]) -> float:
@@ -118,16 +125,16 @@ def exact_r_over_std(n: int, overrides: list[str]) -> float:
     return extra_metrics(x, *_mixture(teacher), s)["r_over_std"], s
 
 
-HEAD = "| run | seed | iters | ED | near | worst (k) | hit | r/std | code |"
-SEP = "|---|---|---|---|---|---|---|---|---|"
+HEAD = "| run | seed | iters | ED | near | worst (k) | hit | r/std | coarse worst | coarse hit | code |"
+SEP = "|---|---|---|---|---|---|---|---|---|---|---|"
 
 
 def row(name: str, seed, s: dict, code: str = "") -> str:
     if "error" in s:
-        return f"| {name} | {seed} | - | {s['error']} | | | | | {code} |"
+        return f"| {name} | {seed} | - | {s['error']} | | | | | | | {code} |"
     return (f"| {name} | {seed} | {s['iterations']} | {s['energy_distance']:.4f} | {s['near_share']:.1%} | "
             f"{s['worst_mass_error']:.0%} ({s['worst_component']}) | {s['hit']}/{s['k']} | {s['r_over_std']:.2f} | "
-            f"{code} |")
+            f"{s['coarse_worst']:.0%} | {s['coarse_hit']}/{s['k']} | {code} |")
 
 
 def mean_sd(vals: list[float]) -> str:
@@ -140,7 +147,7 @@ def mean_sd(vals: list[float]) -> str:
 
 
 def summarise(groups: dict[str, list[dict]], keys=("energy_distance", "near_share", "worst_mass_error", "hit",
-                                                     "r_over_std")) -> list[str]:
+                                                     "r_over_std", "coarse_worst", "coarse_hit")) -> list[str]:
     lines = ["| setting | runs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, rows in groups.items():
         ok = [r for r in rows if "error" not in r]
@@ -243,7 +250,8 @@ def disback(a) -> None:
             curves[(name, seed)] = pts
             for p in pts:
                 rows.append({"setting": name, "seed": seed, "code": code_note(run_dir), **p})
-    steps = sorted({p["step"] for pts in curves.values() for p in pts})
+    have = sorted({p["step"] for pts in curves.values() for p in pts})
+    steps = [s for s in have if s in set(a.columns)] if a.columns else have
     lines = []
     for key, label, f in [("energy_distance", "energy distance", "{:.4f}"), ("near_share", "near share", "{:.1%}"),
                           ("worst_mass_error", "worst mass error", "{:.0%}")]:
@@ -277,7 +285,9 @@ def main() -> int:
     p.add_argument("--range", type=float, nargs=2, default=[2.0, 8.0], help="snoopi: guidance_range")
     p.add_argument("--toy", action="store_true", help="sid_alpha/fdiv: the recipe's 4-component mixture, not ring8")
     p.add_argument("--ring8", action="store_true", help="asd_steps/disback: on ring8 instead of the recipe's mixture")
-    p.add_argument("--curve-every", type=int, default=250)
+    p.add_argument("--curve-every", type=int, default=100)
+    p.add_argument("--columns", type=int, nargs="*", default=[0, 100, 200, 300, 400, 500, 700, 1000, 1200, 1500, 2000],
+                   help="disback: curve iterations shown (DisBack's generator is frozen for its first record_steps)")
     a = p.parse_args()
     torch.set_num_threads(1)
     CLAIMS[a.claim](a)
