@@ -102,14 +102,16 @@ def export_diffusers(run, out: str | Path) -> Path:
     scheduler.save_pretrained(tmp / "scheduler")
     meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
         run.teacher.folder / "stepdistill.json").exists() else {}
-    meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
+    meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
+                 "start_noise": run.student.start_noise, "iteration": run.step,
                  "recipe": recipe_mod.to_dict(run.recipe)})
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     c = net.config
     (tmp / "README.md").write_text(USAGE.format(
         name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
         channels=c.in_channels, size=c.sample_size,
-        label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else ""))
+        label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else "")
+        + start_note(run.student, timesteps))
     return publish(tmp, out)
 
 
@@ -153,7 +155,8 @@ def _export_pipeline(run, out: Path) -> Path:
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
     tmp = staging(out)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"student_steps": run.student.steps, "timesteps": timesteps, "iteration": run.step,
+    meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
+            "start_noise": run.student.start_noise, "iteration": run.step,
             "guidance_scale": teacher.pipeline_guidance, "recipe": recipe_mod.to_dict(run.recipe)}
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(PIPELINE_USAGE.format(
@@ -161,21 +164,31 @@ def _export_pipeline(run, out: Path) -> Path:
         guidance=teacher.pipeline_guidance,
         denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
         fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
-        GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else ""))
+        GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
+        + start_note(run.student, timesteps))
     return publish(tmp, out)
 
 
 def lcm_scheduler(run):
     """(scheduler, its timesteps): the teacher's noise schedule with the student's trained steps as its default,
-    checked to reproduce the trained times. DDPM-family teachers get an LCMScheduler; flow-matching teachers a
-    FlowMatchLCMScheduler (the same rule: predict x0, re-noise to the next sigma), unshifted, with
-    `shift_terminal=1/K` so that its K sigmas are the student's 1, 1 - 1/K, ..., 1/K."""
+    checked to reproduce the trained times and input scale. DDPM-family teachers get an LCMScheduler; flow-matching
+    teachers a FlowMatchLCMScheduler (the same rule: predict x0, re-noise to the next sigma), unshifted, with
+    `shift_terminal=1/K` so that its K sigmas are the student's 1, 1 - 1/K, ..., 1/K.
+
+    A DDPM student that starts below t = 1 (generator.start_t, its grid over the teacher's first D timesteps) gets an
+    LCMScheduler of those D timesteps: `num_train_timesteps=D` and `trained_betas` the teacher's first D betas, so
+    alphabar_t is the teacher's for every t < D and `set_timesteps(K)` yields the student's times (DMD2's 399)."""
     from diffusers import FlowMatchLCMScheduler, LCMScheduler
 
     student = run.student
     teacher_sched = json.loads((run.teacher.folder / "scheduler" / "scheduler_config.json").read_text())
     k = student.steps
+    start_t = student.start_t
     if student.schedule.name == "flow":
+        if start_t < 1:
+            raise ValueError(f"generator.start_t={start_t}: a flow-matching student that starts below t = 1 has no "
+                             "stock diffusers scheduler whose defaults reproduce it (FlowMatchLCMScheduler always "
+                             "starts at sigma 1); export it with --format safetensors (its metadata has the times)")
         n = teacher_sched.get("num_train_timesteps", 1000)
         scheduler = FlowMatchLCMScheduler(num_train_timesteps=n, shift=1.0, shift_terminal=1 / k if k > 1 else None)
         scheduler.set_timesteps(k)
@@ -185,9 +198,16 @@ def lcm_scheduler(run):
     elif student.schedule.discrete:
         keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
                 "rescale_betas_zero_snr")
-        scheduler = LCMScheduler(**{k: v for k, v in teacher_sched.items() if k in keep},
-                                 original_inference_steps=k, clip_sample=False, set_alpha_to_one=True,
-                                 timestep_spacing="leading", timestep_scaling=10.0)
+        config = dict({key: v for key, v in teacher_sched.items() if key in keep}, original_inference_steps=k,
+                      clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0)
+        scheduler = LCMScheduler(**config)
+        d = round(start_t * student.schedule.num_steps)
+        if d < scheduler.config.num_train_timesteps:  # the teacher's first d timesteps
+            full = scheduler.alphas_cumprod
+            scheduler = LCMScheduler(**dict(config, num_train_timesteps=d, trained_betas=scheduler.betas[:d].tolist(),
+                                            rescale_betas_zero_snr=False))
+            if not torch.equal(scheduler.alphas_cumprod, full[:d]):
+                raise RuntimeError("the truncated LCMScheduler's alphas_cumprod differ from the teacher's")
         scheduler.set_timesteps(k)
         timesteps = scheduler.timesteps.tolist()
         expected = [round(t * (student.schedule.num_steps - 1)) for t in student.times]
@@ -198,7 +218,26 @@ def lcm_scheduler(run):
     if not ok:  # guard: the exported scheduler must reproduce the trained times
         raise RuntimeError(f"{type(scheduler).__name__} gives timesteps {timesteps}, the student was trained at "
                            f"{expected}")
+    scale = float(student.prior(torch.ones(1)))
+    if abs(scale - scheduler.init_noise_sigma) > 1e-6 * max(1.0, scale):
+        raise ValueError(f"generator.start_noise={student.start_noise}: the student's first input is {scale:.6g} z, "
+                         f"but {type(scheduler).__name__} always starts from init_noise_sigma = "
+                         f"{scheduler.init_noise_sigma} z, so no stock scheduler's defaults reproduce it; export it "
+                         "with --format safetensors, or train with generator.start_noise=pure (unit noise at the "
+                         "start time, as DMD2's SDXL student)")
     return scheduler, timesteps
+
+
+def start_note(student, timesteps: list) -> str:
+    """README lines stating where a student that starts below t = 1 starts ('' for the default start)."""
+    start_t = student.start_t
+    if start_t >= 1:
+        return ""
+    return (f"\nThe student's first step runs at timestep {timesteps[0]} (generator.start_t = {start_t}) on pure "
+            "unit noise, as DMD2's one-step SDXL student at 399. The scheduler holds the teacher's first "
+            f"{round(start_t * student.schedule.num_steps)} training timesteps (`num_train_timesteps` and "
+            "`trained_betas`: the teacher's own alphabar_t), so its defaults give these timesteps; a sampler that "
+            "starts at the teacher's last timestep does not reproduce the student.\n")
 
 
 def _export_students(run, out: Path) -> Path:

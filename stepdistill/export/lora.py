@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .. import recipe as recipe_mod
 from ..hashing import file_sha256
 from ..models.lora import is_lora
-from .diffusers_folder import lcm_scheduler, publish, staging
+from .diffusers_folder import lcm_scheduler, publish, staging, start_note
 
 # kohya's ss_base_model_version
 BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "sana": "sana"}
@@ -137,13 +137,13 @@ def export_lora(run, out: str | Path) -> Path:
     denoiser = teacher.denoiser
     config = net.peft_config["default"]
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+    scheduler, timesteps = lcm_scheduler(run)  # (refuses a start no stock scheduler reproduces, before writing)
     out = Path(out)
     tmp = staging(out)
     tmp.mkdir(parents=True)
     getattr(diffusers, teacher.pipeline).save_lora_weights(
         tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
         weight_name="pytorch_lora_weights.safetensors")
-    scheduler, timesteps = lcm_scheduler(run)
     scheduler.save_pretrained(tmp / "scheduler")
     weights = sorted((teacher.folder / denoiser).glob("*.safetensors"))
     base_sha = file_sha256(weights[0]) if len(weights) == 1 else "n/a (sharded or not safetensors)"
@@ -153,6 +153,7 @@ def export_lora(run, out: str | Path) -> Path:
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
             "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": BASE_VERSION[teacher.family],
             "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
+            "stepdistill.start_t": str(run.student.start_t), "stepdistill.start_noise": run.student.start_noise,
             "stepdistill.scheduler": type(scheduler).__name__,
             "stepdistill.guidance_scale": str(teacher.pipeline_guidance),
             "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
@@ -166,5 +167,5 @@ def export_lora(run, out: str | Path) -> Path:
     (tmp / "README.md").write_text(USAGE.format(
         name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
         kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
-        scheduler=type(scheduler).__name__, guidance=teacher.pipeline_guidance))
+        scheduler=type(scheduler).__name__, guidance=teacher.pipeline_guidance) + start_note(run.student, timesteps))
     return publish(tmp, out)

@@ -11,7 +11,6 @@ from ..diffusion.solvers import rollout
 from ..diffusion.timesteps import step_times
 from .score import ScoreModel
 
-
 START_NOISE = ("pure", "schedule")
 
 

@@ -40,7 +40,8 @@ def describe(classes: list[int]) -> str:
 class MultiStudent(nn.Module):
     """K generators behind the Generator interface: `forward(z, cond, steps=None, noise=None)`, `.steps`, `.times`,
     `.schedule`, `.prior`, `.start_t`, `.start_noise`. Each sample is denoised by the student its label routes to,
-    inside one shared few-step rollout, so the fresh noise of each step is drawn once for the whole batch, as for a single generator."""
+    inside one shared few-step rollout, so the fresh noise of each step is drawn once for the whole batch, as for a
+    single generator."""
 
     def __init__(self, students: list[Generator], num_classes: int) -> None:
         super().__init__()

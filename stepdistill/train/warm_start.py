@@ -21,7 +21,8 @@ from ..models.score import device_of
 
 
 def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
-                  guidance_scale: float = 1.0, generator=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                  guidance_scale: float = 1.0, generator=None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(z, cond, x0): n unit noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
     (Euler, `nfe` steps, classifier-free guided with `guidance_scale`) from `generator`'s input for z (its prior) at
     its start time (start_noise schedule) or at t = 1 (pure; also without a generator)."""
