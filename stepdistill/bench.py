@@ -26,6 +26,7 @@ from . import parallel
 from .recipe import RecipeError, build_dataclass
 
 UNCAPPED = 10**7
+COVERAGE = ("near_share", "worst_mass_error")  # gmm mode coverage (eval.metrics.mixture_coverage), at the trained K
 
 
 @dataclass
@@ -111,11 +112,16 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
         x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
         by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
         cache.write_text(json.dumps(by_nfe, indent=2))
+    coverage = {c: metrics["student"][c] for c in COVERAGE if c in metrics["student"]}
+    if run.teacher.domain == "gmm" and len(coverage) < len(COVERAGE):  # a run scored before coverage was measured
+        x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size)
+        score = domain_score(run.teacher, x, domain_reference(run.teacher, e.n, e.seed))
+        coverage = {c: score[c] for c in COVERAGE}
     parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
     name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
     return {"objective": name, "trained_k": k, "iterations": sum(s["iterations"] for s in parts),
             "train_seconds": sum(s["train_seconds"] for s in parts), "key": key, "n": e.n,
-            "student": {n: by_nfe[n] for n in sorted(set(nfes) | {k})}}
+            "student": {n: by_nfe[n] for n in sorted(set(nfes) | {k})}, "coverage": coverage}
 
 
 def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) -> dict[int, dict]:
@@ -140,9 +146,30 @@ def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) 
             reference = domain_reference(teacher, e.n, e.seed)
             x, used = generate_teacher(teacher, e.n, e.seed, e.batch_size, nfe, e.guidance_scale)
             score = {"nfe": used, **domain_score(teacher, x, reference)}
-        done[nfe] = {"nfe": score["nfe"], "value": score[main_metric(score)]}
+        done[nfe] = {"nfe": score["nfe"], "value": score[main_metric(score)],
+                     **{c: score[c] for c in COVERAGE if c in score}}
         cache.write_text(json.dumps(done, indent=2))
     return done
+
+
+def score_baseline(recipe_path: str, eval_n: int, outdir: Path) -> dict | None:
+    """gmm teachers: the metric and coverage of one Gaussian with the mixture's exact mean and covariance, under the
+    first recipe's protocol (cached in OUTDIR/baseline.json); None for other domains."""
+    from .eval.harness import domain_reference, domain_score, gmm_baseline
+    from .recipe import load_recipe
+    from .teachers import build_teacher
+
+    cache = outdir / "baseline.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    recipe = load_recipe(recipe_path, [f"eval.n={eval_n}"] if eval_n else [])
+    if recipe.teacher.name != "gmm":
+        return None
+    teacher, e = build_teacher(recipe.teacher), recipe.eval
+    score = domain_score(teacher, gmm_baseline(teacher, e.n, e.seed), domain_reference(teacher, e.n, e.seed))
+    out = {"value": score["energy_distance"], **{c: score[c] for c in COVERAGE}}
+    cache.write_text(json.dumps(out, indent=2))
+    return out
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -188,8 +215,15 @@ def _mean_std(values: list[float], bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
+def _coverage_cells(scores: list[dict]) -> str:
+    """Mean near share and worst mass error over seeds, as two table cells."""
+    near = np.mean([s["near_share"] for s in scores])
+    err = np.mean([s["worst_mass_error"] for s in scores])
+    return f"{near:.1%} | {err:.0%}"
+
+
 def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[int, dict], report: Path,
-                 command: str) -> str:
+                 command: str, baseline: dict | None = None) -> str:
     from . import registry
 
     key = rows[0]["key"]
@@ -200,16 +234,22 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
     curves = plot_curves(rows, f"{label} (n={suite.curve_n})", assets / "curves.png")
     budget = f"{suite.minutes} minutes of training per run" if suite.minutes else f"{suite.steps} iterations per run"
     best_teacher = teacher[max(teacher)]["value"]
+    coverage = all(r.get("coverage") for r in rows)  # gmm: mode-coverage columns
+    cov_head, cov_rule = (" near share | worst mass error |", "---|---|") if coverage else ("", "")
     lines = [f"# Benchmark: {suite.name}", "",
              f"Every recipe of `{suite_path}` under one budget ({budget}, warm start included), seeds "
              f"{suite.seeds}, one run at a time. Made by:", "", "```bash", command, "```", "",
              f"Machine: {machine()}.", "",
              f"{label} of {rows[0]['n']} samples per side, each student scored at {suite.student_nfe} NFE whatever it "
              f"was trained for (bold: the trained step count). x teacher: at the trained step count, against the "
-             f"teacher at {teacher[max(teacher)]['nfe']} NFE.", "",
+             f"teacher at {teacher[max(teacher)]['nfe']} NFE."
+             + (" Near share (at the trained step count): samples within the radius that holds 99% of a component's "
+                "exact samples (3.03 std in 2-D); worst mass error: max over components of |share - weight| / "
+                "weight, samples near no component counting as lost mass (eval.metrics.mixture_coverage)."
+                if coverage else ""), "",
              "| recipe | objective | trained K | iterations | train time | "
-             + " | ".join(f"{label} @{n} NFE" for n in suite.student_nfe) + " | x teacher |",
-             "|---|---|---|---|---|" + "---|" * len(suite.student_nfe) + "---|"]
+             + " | ".join(f"{label} @{n} NFE" for n in suite.student_nfe) + " |" + cov_head + " x teacher |",
+             "|---|---|---|---|---|" + "---|" * len(suite.student_nfe) + cov_rule + "---|"]
     by_recipe: dict[str, list[dict]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
@@ -221,10 +261,19 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
         ratio = np.mean([r["student"][k] for r in rs]) / best_teacher if best_teacher > 0 else float("nan")
         lines.append(f"| `{recipe}` | {rs[0]['objective']} | {k} | {round(np.mean([r['iterations'] for r in rs]))} | "
                      f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f} min | " + " | ".join(cells)
+                     + (f" | {_coverage_cells([r['coverage'] for r in rs])}" if coverage else "")
                      + f" | {ratio:.2f} |")
+    t_cov = coverage and all(all(c in t for c in COVERAGE) for t in teacher.values())
     lines += ["", "Teacher (probability-flow ODE; Euler at even NFE, Heun at odd NFE >= 3):", "",
-              "| NFE asked | NFE used | " + label + " |", "|---|---|---|"]
-    lines += [f"| {n} | {t['nfe']} | {t['value']:.4g} |" for n, t in sorted(teacher.items())]
+              "| NFE asked | NFE used | " + label + " |" + (" near share | worst mass error |" if t_cov else ""),
+              "|---|---|---|" + ("---|---|" if t_cov else "")]
+    lines += [f"| {n} | {t['nfe']} | {t['value']:.4g} |" + (f" {_coverage_cells([t])} |" if t_cov else "")
+              for n, t in sorted(teacher.items())]
+    if baseline is not None:
+        lines += ["", f"What the data's mean and covariance alone score: one Gaussian with the mixture's exact mean "
+                  f"and covariance has {label} {baseline['value']:.4g}, near share {baseline['near_share']:.1%} and "
+                  f"worst mass error {baseline['worst_mass_error']:.0%} (same protocol). A student whose {label} is "
+                  "near this one may be no more than a blur over the components; the coverage columns tell."]
     covered = {r["objective"].split(" ")[0] for r in rows}
     absent = [o for o in registry.names("objective") if o not in covered]
     lines += ["", "Objectives in this suite: " + ", ".join(sorted(covered)) + "."
@@ -264,9 +313,10 @@ def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = N
         rows.append({"recipe": Path(recipe).stem, "seed": seed, "run_dir": run_dir,
                      "label": f"{Path(recipe).stem}", **score_run(run_dir, suite.student_nfe)})
     teacher = score_teacher(suite.recipes[0], suite.teacher_nfe, suite.eval_n, outdir)
+    baseline = score_baseline(suite.recipes[0], suite.eval_n, outdir)
     report = Path(report) if report else outdir / "report.md"
     command = f"stepdistill bench {suite_path} --outdir {outdir} --report {report}"
-    write_report(suite, suite_path, rows, teacher, report, command)
+    write_report(suite, suite_path, rows, teacher, report, command, baseline)
     (outdir / "bench.json").write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
                                                    for r in rows], indent=2))
     return report

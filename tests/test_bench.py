@@ -43,6 +43,13 @@ def test_tiny_bench_end_to_end(tmp_path):
         assert (report.parent / "bench_assets" / f"{recipe}.png").exists()
     assert (report.parent / "bench_assets" / "curves.png").exists()
     assert "| 2 | 2 |" in text and "Registered but not in it:" in text and "Machine:" in text
+    # gmm: mode coverage at the trained K beside the energy distances, and the fitted-Gaussian baseline
+    head = next(line for line in text.splitlines() if line.startswith("| recipe |"))
+    assert head.endswith("| near share | worst mass error | x teacher |")
+    row = next(line for line in text.splitlines() if line.startswith("| `gmm_vsd` |")).split(" | ")
+    assert row[-3].endswith("%") and row[-2].endswith("%") and 0 <= float(row[-3][:-1]) <= 100
+    assert "one Gaussian with the mixture's exact mean and covariance" in text
+    assert json.loads((out / "baseline.json").read_text())["near_share"] < 0.2  # a blur between the four modes
     rows = json.loads((out / "bench.json").read_text())
     assert [r["iterations"] for r in rows] == [30, 30]
     # a rerun trains nothing and rewrites the same table
