@@ -146,7 +146,7 @@ def _export_pipeline(run, out: Path) -> Path:
     from ..models.lora import is_lora, merged
 
     scheduler, timesteps = lcm_scheduler(run)
-    net, teacher = run.student.net.net, run.teacher
+    net, teacher, guidance = run.student.net.net, run.teacher, pipeline_guidance(run)
     extra = {"sd": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
              "sdxl": dict(force_zeros_for_empty_prompt=teacher.text.null == "zeros", add_watermarker=False),
              }.get(teacher.family, {})
@@ -157,11 +157,11 @@ def _export_pipeline(run, out: Path) -> Path:
     pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
             "start_noise": run.student.start_noise, "iteration": run.step,
-            "guidance_scale": teacher.pipeline_guidance, "recipe": recipe_mod.to_dict(run.recipe)}
+            "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
     (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
     (tmp / "README.md").write_text(PIPELINE_USAGE.format(
         name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
-        guidance=teacher.pipeline_guidance,
+        guidance=guidance,
         denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
         fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
         GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
@@ -219,13 +219,29 @@ def lcm_scheduler(run):
         raise RuntimeError(f"{type(scheduler).__name__} gives timesteps {timesteps}, the student was trained at "
                            f"{expected}")
     scale = float(student.prior(torch.ones(1)))
-    if abs(scale - scheduler.init_noise_sigma) > 1e-6 * max(1.0, scale):
+    init_sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow pipelines draw plain unit noise: no such attribute
+    if abs(scale - init_sigma) > 1e-6 * max(1.0, scale):
         raise ValueError(f"generator.start_noise={student.start_noise}: the student's first input is {scale:.6g} z, "
                          f"but {type(scheduler).__name__} always starts from init_noise_sigma = "
-                         f"{scheduler.init_noise_sigma} z, so no stock scheduler's defaults reproduce it; export it "
+                         f"{init_sigma} z, so no stock scheduler's defaults reproduce it; export it "
                          "with --format safetensors, or train with generator.start_noise=pure (unit noise at the "
                          "start time, as DMD2's SDXL student)")
     return scheduler, timesteps
+
+
+def pipeline_guidance(run) -> float:
+    """The guidance_scale to give the exported pipeline: the scale the student's network takes as an input (FLUX-dev's
+    embedded guidance, or the evaluation scale of a student trained on objective.guidance_set, which the SD pipelines
+    embed for a UNet with time_cond_proj_dim and then skip classifier-free guidance), else 1.0 (no CFG)."""
+    config = run.student.net.net.config
+    embeds = getattr(config, "guidance_embeds", False) or getattr(config, "time_cond_proj_dim", None) is not None
+    g = run.student.net.guidance_input if embeds else None  # FLUX-schnell carries a scale it does not read
+    if g is not None and run.teacher.family == "sana":
+        # SanaPipeline never passes `guidance` to the transformer; SANA-Sprint's own pipeline and scheduler do
+        raise ValueError("a SANA student with a guidance embedding (objective.guidance_set) needs SanaSprintPipeline "
+                         "and its SCM scheduler, which this export does not write yet: export it with "
+                         "--format safetensors")
+    return 1.0 if g is None else float(g)
 
 
 def start_note(student, timesteps: list) -> str:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .. import recipe as recipe_mod
 from ..hashing import file_sha256
 from ..models.lora import is_lora
-from .diffusers_folder import lcm_scheduler, publish, staging, start_note
+from .diffusers_folder import lcm_scheduler, pipeline_guidance, publish, staging, start_note
 
 # kohya's ss_base_model_version
 BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "sana": "sana"}
@@ -155,7 +155,7 @@ def export_lora(run, out: str | Path) -> Path:
             "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
             "stepdistill.start_t": str(run.student.start_t), "stepdistill.start_noise": run.student.start_noise,
             "stepdistill.scheduler": type(scheduler).__name__,
-            "stepdistill.guidance_scale": str(teacher.pipeline_guidance),
+            "stepdistill.guidance_scale": str(pipeline_guidance(run)),
             "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
             "stepdistill.base_fingerprint": fingerprint,
             "stepdistill.iteration": str(run.step), "stepdistill.recipe": recipe_mod.dump(run.recipe)}
@@ -167,5 +167,5 @@ def export_lora(run, out: str | Path) -> Path:
     (tmp / "README.md").write_text(USAGE.format(
         name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
         kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
-        scheduler=type(scheduler).__name__, guidance=teacher.pipeline_guidance) + start_note(run.student, timesteps))
+        scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run)) + start_note(run.student, timesteps))
     return publish(tmp, out)

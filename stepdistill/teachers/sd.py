@@ -134,13 +134,6 @@ class SDTeacher(Teacher):
             score.guidance_input = cfg.embedded_guidance
         self.score = score.requires_grad_(False).eval()
 
-    @property
-    def pipeline_guidance(self) -> float:
-        """The guidance_scale to give this family's pipeline for a student: 1.0 (no CFG), or for FLUX-dev the embedded
-        guidance the student was distilled with (FluxPipeline passes guidance_scale to the network)."""
-        net = self.score.net
-        return float(self.score.guidance_input) if getattr(net.config, "guidance_embeds", False) else 1.0
-
     def sample_cond(self, n: int, generator: torch.Generator | None = None,
                     classes: list[int] | None = None) -> torch.Tensor:
         """(n, L, C) encodings of n prompts drawn uniformly from teacher.prompts."""

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from stepdistill.eval.harness import generate_student
 from stepdistill.export import export_diffusers, export_lora
+from stepdistill.export.diffusers_folder import pipeline_guidance
 from stepdistill.export.lora import load_lora
 from stepdistill.recipe import load_recipe
 from stepdistill.run import load_run
@@ -51,7 +52,7 @@ def latents(pipe, run):
     family = run.teacher.family
     size = {"sana": dict(use_resolution_binning=False, height=32, width=32), "flux": dict(height=16, width=16)}
     out = pipe(run.teacher.eval_prompt_list(N), num_inference_steps=run.student.steps,
-               guidance_scale=run.teacher.pipeline_guidance, output_type="latent", generator=generator,
+               guidance_scale=pipeline_guidance(run), output_type="latent", generator=generator,
                **size.get(family, {})).images
     return pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor) if family == "flux" else out
 

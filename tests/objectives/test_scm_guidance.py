@@ -1,5 +1,7 @@
 """SANA-Sprint's guidance in sCM (objective.guidance_set): per-sample CFG scales for the teacher's dx/dtheta, the same
 scales as the student's guidance embedding, exact resume, and a diffusers export that samples at the eval scale."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,9 @@ def test_scm_with_guidance_set_trains_the_embedding_resumes_exactly_and_exports(
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.time_cond_proj_dim == 256
+    # the export states the scale the student was evaluated at, in its metadata and its README's loading code
+    assert json.loads((out / "stepdistill.json").read_text())["guidance_scale"] == 4.5
+    assert "guidance_scale=4.5" in (out / "README.md").read_text()
     latents_at = lambda scale: pipe(run.teacher.eval_prompt_list(N), num_inference_steps=1,  # noqa: E731
                                     guidance_scale=scale, output_type="latent",
                                     generator=torch.Generator().manual_seed(SEED)).images
