@@ -252,6 +252,14 @@ def student_guidance(score: ScoreModel, objective) -> ScoreModel:
         raise RecipeError(str(e)) from None
 
 
+def warm_start_guidance(objective) -> float:
+    """The teacher's guidance for the regression warm start's ODE pairs: the scale the student is regressed at, i.e.
+    its evaluation scale when it embeds one (objective.guidance_set), else the objective's guidance_scale."""
+    if getattr(objective, "guidance_set", None) is not None:
+        return eval_guidance(objective)
+    return getattr(objective, "guidance_scale", 1.0)
+
+
 def eval_guidance(objective) -> float:
     """The one scale a student trained on objective.guidance_set samples and exports at: objective.eval_guidance,
     by default the middle of the sorted set (4.5 of SANA-Sprint's {4, 4.5, 5})."""

@@ -22,7 +22,7 @@ from .. import recipe as recipe_mod
 from ..kernels import configure_networks
 from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
-from ..models.score import student_guidance
+from ..models.score import student_guidance, warm_start_guidance
 from ..objectives.base import Batch, Nets, Objective
 from ..recipe import Recipe, RecipeError
 from ..registry import get
@@ -437,7 +437,7 @@ class Trainer:
                 loss = regression_warm_start(self.nets.generator, self.built.teacher, g.warm_start_lr or self.cfg.lr,
                                              g.warm_start_steps, g.warm_start_pairs, g.warm_start_nfe,
                                              self.cfg.batch_size, self.quiet, classes=self.classes,
-                                             guidance_scale=getattr(self.recipe.objective, "guidance_scale", 1.0))
+                                             guidance_scale=warm_start_guidance(self.recipe.objective))
                 self.last_logs["loss/warm_start"] = loss
             if self.ema is not None:
                 self.ema.model.load_state_dict(self.nets.generator.state_dict())

@@ -1,9 +1,11 @@
 """Guidance-embedded students (SANA-Sprint's CFG embedding, diffusers' LCM time_cond_proj_dim) and per-sample CFG."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from stepdistill.diffusion.guidance import guidance_scale_embedding
-from stepdistill.models.score import embed_guidance, guidance_inputs
+from stepdistill.models.score import embed_guidance, guidance_inputs, warm_start_guidance
 from stepdistill.recipe import load_recipe
 from stepdistill.teachers import build_teacher
 
@@ -101,3 +103,13 @@ def test_guidance_embedding_is_refused_where_it_makes_no_sense(teacher, tiny_une
     once = embed_guidance(teacher.student_network(), 4.5)
     with pytest.raises(ValueError, match="already takes a guidance scale"):
         embed_guidance(once, 4.5)
+
+
+def test_warm_start_pairs_use_the_scale_the_student_embeds():
+    """The regression warm start regresses the student at its evaluation scale onto teacher pairs guided at that
+    scale; without a guidance embedding, at the objective's teacher scale."""
+    scm = lambda **k: SimpleNamespace(**{"guidance_scale": 1.0, "guidance_set": None, "eval_guidance": None, **k})  # noqa: E731
+    assert warm_start_guidance(scm(guidance_set=[4.0, 4.5, 5.0])) == 4.5
+    assert warm_start_guidance(scm(guidance_set=[4.0, 4.5, 5.0], eval_guidance=5.0)) == 5.0
+    assert warm_start_guidance(scm(guidance_scale=2.0)) == 2.0
+    assert warm_start_guidance(SimpleNamespace(name="ladd")) == 1.0  # objectives without guidance keys
