@@ -8,7 +8,7 @@ the collapsed start (everything at the mixture's mean, where every student start
 mixture's exact mean and covariance, and the teacher's 35-NFE Heun sampler come first.
 
     OMP_NUM_THREADS=1 python scripts/gmm_coverage.py --outdir /tmp/ring                     (every gmm_* recipe but msd)
-    OMP_NUM_THREADS=1 python scripts/gmm_coverage.py --outdir /tmp/ring_lr configs/toy/gmm_vsd.yaml -- train.lr=3e-4
+    OMP_NUM_THREADS=1 python scripts/gmm_coverage.py --outdir /tmp/ring_lr configs/toy/gmm_vsd.yaml --set train.lr=3e-4
 """
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def main() -> int:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
+    overrides = [r for r in a.recipes if "=" in r]
+    if overrides:  # they would be read as recipe paths and the run would train the plain recipe
+        p.error(f"{' '.join(overrides)}: give overrides after --set, e.g. --set train.lr=3e-4")
 
     from stepdistill.eval.harness import domain_score, generate_student, generate_teacher, gmm_baseline
     from stepdistill.recipe import load_recipe
