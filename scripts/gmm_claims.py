@@ -34,7 +34,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +197,7 @@ def sid_alpha(a) -> None:
     settings = [(f"alpha={al}", recipe, [f"objective.alpha={al}"], "sid") for al in a.values or [0.5, 1.0, 1.2, 1.5]]
     rows, lines = grid("sid_alpha", a, settings, mixture=[] if a.toy else RING8)
     r, s = exact_r_over_std(a.n, [] if a.toy else RING8)
-    finish("sid_alpha", a, rows, lines, [f"", f"exact mixture samples: r/std {r:.3f}, near {s['near_share']:.1%}, "
+    finish("sid_alpha", a, rows, lines, ["", f"exact mixture samples: r/std {r:.3f}, near {s['near_share']:.1%}, "
                                          f"worst {s['worst_mass_error']:.0%}"])
 
 
@@ -246,7 +245,8 @@ def disback(a) -> None:
             run_dir = out / f"{name}_s{seed}"
             err = run_one(recipe, run_dir, [*mixture, *ov, f"train.steps={a.steps or 2000}", f"train.seed={seed}",
                                             *a.set], obj)
-            pts = [] if err else [json.loads(l) for l in (run_dir / "curve.jsonl").read_text().splitlines() if l]
+            lines_ = [] if err else (run_dir / "curve.jsonl").read_text().splitlines()
+            pts = [json.loads(line) for line in lines_ if line]
             curves[(name, seed)] = pts
             for p in pts:
                 rows.append({"setting": name, "seed": seed, "code": code_note(run_dir), **p})
@@ -256,7 +256,8 @@ def disback(a) -> None:
     for key, label, f in [("energy_distance", "energy distance", "{:.4f}"), ("near_share", "near share", "{:.1%}"),
                           ("worst_mass_error", "worst mass error", "{:.0%}")]:
         lines += ["", f"{label} of the EMA student at iteration (curve points, {a.n} samples, seed 0 vs exact seed 1):",
-                  "| run | seed | code | " + " | ".join(str(s) for s in steps) + " |", "|---|---|---|" + "---|" * len(steps)]
+                  "| run | seed | code | " + " | ".join(str(s) for s in steps) + " |",
+                  "|---|---|---|" + "---|" * len(steps)]
         for (name, seed), pts in curves.items():
             by = {p["step"]: p for p in pts}
             code = code_note(out / f"{name}_s{seed}")

@@ -2,8 +2,8 @@
 
 For each recipe: train it (unless OUTDIR/<recipe>/ already holds a finished run) with its own settings plus the
 mixture's overrides, `eval.at_end=false train.checkpoint_every=0` and any extra overrides, one run at a time; then
-score N samples of the student at its trained step count K (seed 0) against N exact mixture samples (seed 1) and print one
-row each: energy distance, share of samples near a component, worst relative mass error and its component. Rows for
+score N samples of the student at its trained step count K (seed 0) against N exact mixture samples (seed 1) and print
+one row each: energy distance, share of samples near a component, worst relative mass error and its component. Rows for
 the collapsed start (everything at the mixture's mean, where every student starts), the single Gaussian with the
 mixture's exact mean and covariance, and the teacher's 35-NFE Heun sampler come first.
 
@@ -47,7 +47,8 @@ def code_identity(recipe: str) -> dict:
     for key, f in (("objective", f"stepdistill/objectives/{objective}.py"), ("recipe", recipe)):
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", f], cwd=ROOT).returncode != 0
         out[key] = _git("log", "-1", "--format=%h", "--", f) + (f"+wt:{_git('hash-object', f)[:7]}" if dirty else "")
-    out["tree_dirty"] = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "stepdistill"], cwd=ROOT).returncode != 0
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "stepdistill"], cwd=ROOT)
+    out["tree_dirty"] = dirty.returncode != 0
     return out
 
 
@@ -95,7 +96,8 @@ def main() -> int:
     teacher = build_teacher(load_recipe(recipes[0], mixture).teacher)
     ref = teacher.sample(a.n, torch.Generator().manual_seed(1))
     rows, lines = [], ["| model | K / NFE | iterations | energy distance | near share | worst mass error | target "
-                       "| code (HEAD; objective, recipe commit or +wt:working-tree blob) |", "|---|---|---|---|---|---|---|---|"]
+                       "| code (HEAD; objective, recipe commit or +wt:working-tree blob) |",
+                       "|---|---|---|---|---|---|---|---|"]
 
     def add(name, k, iters, x, code=""):
         s = domain_score(teacher, x, ref)

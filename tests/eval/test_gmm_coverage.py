@@ -20,7 +20,7 @@ def test_near_radius_is_the_chi_quantile():
     assert near_radius(2) == pytest.approx(math.sqrt(-2 * math.log(0.01)))  # 2-D: P(|z| > r) = exp(-r^2 / 2)
     assert near_radius(1) == pytest.approx(2.5758, abs=1e-4)  # the two-sided normal 99% point
     assert near_radius(2, 1 - math.exp(-4.5)) == pytest.approx(3.0)  # "3 std" in 2-D holds 98.9%
-    assert near_radius(8) == pytest.approx(4.482, abs=1e-3)  # in 8-D "3 std" would hold only 66% (chi2.cdf(9, 8) = 0.658)
+    assert near_radius(8) == pytest.approx(4.482, abs=1e-3)  # in 8-D "3 std" would hold 66% (chi2.cdf(9, 8) = 0.658)
     with pytest.raises(ValueError):
         near_radius(0)
 
