@@ -184,6 +184,22 @@ def make_tiny_sana_folder(path):
     return path
 
 
+def train_tiny_sd_run(root, *overrides: str):
+    """A VSD LoRA-ready student of a tiny SD teacher (folder and 3 prompts under `root`), trained with `overrides`
+    (batch 4, lr 1e-2, no evaluation); returns the loaded run."""
+    from stepdistill.recipe import load_recipe
+    from stepdistill.run import load_run
+    from stepdistill.train.trainer import Trainer
+
+    folder = make_tiny_sd_folder(root / "sd")
+    (root / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\n")
+    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
+            "objective": {"name": "vsd", "update_ratio": 1}}
+    recipe = load_recipe(None, ["train.batch_size=4", "train.lr=1e-2", "eval.at_end=false", *overrides], data=data)
+    Trainer(recipe, root / "run", quiet=True).run()
+    return load_run(root / "run")
+
+
 @pytest.fixture
 def tiny_sd_folder(tmp_path):
     folder = make_tiny_sd_folder(tmp_path / "sd")

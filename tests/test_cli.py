@@ -65,14 +65,18 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert "not a training run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_path, tiny_unet_folder, steps):
+@pytest.mark.parametrize("steps,start_t,timesteps", [(1, 1.0, [999]), (2, 1.0, [999, 499]),
+                                                     (1, 0.4, [399]), (2, 0.4, [399, 199])])
+def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_path, tiny_unet_folder, steps, start_t,
+                                                                           timesteps):
+    """start_t 0.4 is DMD2's SDXL one-step setting (pure noise, timestep 399): the exported scheduler's defaults give
+    the start time too, on the teacher's own alphabar_t."""
     from diffusers import LCMScheduler, UNet2DModel
 
     run = tmp_path / "run"
     args = ["train", "configs/fashion/vsd_1step.yaml", "teacher.name=diffusers", f"teacher.path={tiny_unet_folder}",
-            f"generator.steps={steps}", "train.steps=2", "train.batch_size=4", "eval.at_end=false",
-            "train.checkpoint_every=2", "--outdir", str(run), "--quiet"]
+            f"generator.steps={steps}", f"generator.start_t={start_t}", "train.steps=2", "train.batch_size=4",
+            "eval.at_end=false", "train.checkpoint_every=2", "--outdir", str(run), "--quiet"]
     assert main(args) == 0
     assert (run / "samples" / "final.png").exists()
     assert main(["sample", "--run", str(run), "--n", "6", "--seed", "7", "--out", str(tmp_path / "ours")]) == 0
@@ -81,7 +85,14 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
     unet = UNet2DModel.from_pretrained(str(tmp_path / "exp"), subfolder="unet")
     scheduler = LCMScheduler.from_pretrained(str(tmp_path / "exp"), subfolder="scheduler")
     scheduler.set_timesteps(steps)  # no custom timesteps needed: the config encodes the student's steps
-    assert scheduler.timesteps.tolist() == ([999] if steps == 1 else [999, 499])
+    assert scheduler.timesteps.tolist() == timesteps and scheduler.init_noise_sigma == 1.0
+    if start_t < 1:
+        teacher = LCMScheduler.from_pretrained(str(tiny_unet_folder), subfolder="scheduler")
+        assert torch.equal(scheduler.alphas_cumprod, teacher.alphas_cumprod[:400])  # the teacher's own alphabar_t
+        readme = (tmp_path / "exp" / "README.md").read_text()
+        assert "timestep 399" in readme and "generator.start_t = 0.4" in readme
+    meta = json.loads((tmp_path / "exp" / "stepdistill.json").read_text())
+    assert meta["timesteps"] == timesteps and (meta["start_t"], meta["start_noise"]) == (start_t, "pure")
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(6, 1, 8, 8, generator=gen) * scheduler.init_noise_sigma
     labels = torch.arange(6) % 3

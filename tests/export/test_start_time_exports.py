@@ -1,19 +1,14 @@
 """Exports of a student that starts below t = 1 (generator.start_t): plain diffusers with the exported scheduler's
 defaults reproduces it (DMD2's SDXL one-step student: pure noise, timestep 399), and a start a stock scheduler
-cannot express is refused with the key to change."""
+cannot express is refused with the key to change. The UNet folder's case is tests/test_cli.py's export test."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from stepdistill.cli import main
 from stepdistill.eval.harness import generate_student
 from stepdistill.export import export_diffusers, export_lora
-from stepdistill.recipe import load_recipe
-from stepdistill.run import load_run
-from stepdistill.train.trainer import Trainer
 
 N, SEED = 4, 3
 
@@ -24,42 +19,6 @@ def train(tmp_path, folder, *overrides):
                  "train.steps=2", "train.batch_size=4", "eval.at_end=false", "train.checkpoint_every=2", *overrides,
                  "--outdir", str(run), "--quiet"]) == 0
     return run
-
-
-@pytest.mark.parametrize("steps,timesteps", [(1, [399]), (2, [399, 199])])
-def test_unet_folder_starting_at_399_reproduces_stepdistill_sample(tmp_path, tiny_unet_folder, steps, timesteps):
-    from diffusers import LCMScheduler, UNet2DModel
-
-    run = train(tmp_path, tiny_unet_folder, f"generator.steps={steps}", "generator.start_t=0.4")
-    assert main(["sample", "--run", str(run), "--n", "6", "--seed", "7", "--out", str(tmp_path / "ours")]) == 0
-    assert main(["export", "--run", str(run), "--format", "diffusers", "--out", str(tmp_path / "exp")]) == 0
-
-    unet = UNet2DModel.from_pretrained(str(tmp_path / "exp"), subfolder="unet")
-    scheduler = LCMScheduler.from_pretrained(str(tmp_path / "exp"), subfolder="scheduler")
-    scheduler.set_timesteps(steps)  # the defaults: no timesteps= argument
-    assert scheduler.timesteps.tolist() == timesteps and scheduler.init_noise_sigma == 1.0
-    teacher = LCMScheduler.from_pretrained(str(tiny_unet_folder), subfolder="scheduler")
-    assert torch.equal(scheduler.alphas_cumprod, teacher.alphas_cumprod[:400])  # the teacher's own alphabar_t
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 1, 8, 8, generator=gen) * scheduler.init_noise_sigma  # the README's loop
-    labels = torch.arange(6) % 3
-    for t in scheduler.timesteps:
-        with torch.no_grad():
-            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=gen).prev_sample
-    theirs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-    ours = np.stack([np.array(Image.open(tmp_path / "ours" / f"{i:05d}.png")) for i in range(6)])
-    assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
-    # and a student that ignored start_t (first step at 999) would not match
-    run_obj = load_run(run)
-    assert run_obj.student.times[0] == pytest.approx(399 / 999)
-    readme = (tmp_path / "exp" / "README.md").read_text()
-    assert "timestep 399" in readme and "generator.start_t = 0.4" in readme
-    meta = json.loads((tmp_path / "exp" / "stepdistill.json").read_text())
-    assert meta["timesteps"] == timesteps and (meta["start_t"], meta["start_noise"]) == (0.4, "pure")
-    assert main(["sample", "--export", str(tmp_path / "exp"), "--n", "6", "--seed", "7", "--out",
-                 str(tmp_path / "exported")]) == 0
-    exported = np.stack([np.array(Image.open(tmp_path / "exported" / f"{i:05d}.png")) for i in range(6)])
-    assert np.array_equal(exported, theirs)
 
 
 def test_schedule_noise_on_a_ddpm_teacher_is_refused_naming_the_key(tmp_path, tiny_unet_folder, capsys):
@@ -77,17 +36,10 @@ def test_schedule_noise_on_a_ddpm_teacher_is_refused_naming_the_key(tmp_path, ti
 @pytest.fixture(scope="module")
 def sd_run_399(tmp_path_factory):
     """DMD2's SDXL one-step setting on a tiny SD teacher: a LoRA student at timestep 399 on pure noise."""
-    from conftest import make_tiny_sd_folder
+    from conftest import train_tiny_sd_run
 
-    root = tmp_path_factory.mktemp("t2i399")
-    folder = make_tiny_sd_folder(root / "sd")
-    (root / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\n")
-    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
-            "objective": {"name": "vsd", "update_ratio": 1}}
-    recipe = load_recipe(None, ["train.batch_size=4", "train.steps=1", "train.lr=1e-2", "eval.at_end=false",
-                                "generator.lora_rank=4", "generator.start_t=0.4"], data=data)
-    Trainer(recipe, root / "run", quiet=True).run()
-    run = load_run(root / "run")
+    run = train_tiny_sd_run(tmp_path_factory.mktemp("t2i399"), "train.steps=1", "generator.lora_rank=4",
+                            "generator.start_t=0.4")
     return run, generate_student(run.student, run.teacher, N, SEED, N)
 
 

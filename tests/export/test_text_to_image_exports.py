@@ -18,17 +18,11 @@ N, SEED = 4, 3
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A 2-step LoRA student (rank 4, alpha 8: scale 2, so a loader that ignored alpha would differ), 2 iterations."""
-    from conftest import make_tiny_sd_folder
+    from conftest import train_tiny_sd_run
 
     root = tmp_path_factory.mktemp("t2i")
-    folder = make_tiny_sd_folder(root / "sd")
-    (root / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\n")
-    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
-            "objective": {"name": "vsd", "update_ratio": 1}}
-    recipe = load_recipe(None, ["train.batch_size=4", "train.steps=2", "train.lr=1e-2", "eval.at_end=false",
-                                "generator.steps=2", "generator.lora_rank=4", "generator.lora_alpha=8"], data=data)
-    Trainer(recipe, root / "run", quiet=True).run()
-    run = load_run(root / "run")
+    run = train_tiny_sd_run(root, "train.steps=2", "generator.steps=2", "generator.lora_rank=4",
+                            "generator.lora_alpha=8")
     expected = generate_student(run.student, run.teacher, N, SEED, N)
     assert not torch.allclose(expected, generate_student(run.student, run.teacher, N, SEED, N, steps=1))
     return run, root, expected
