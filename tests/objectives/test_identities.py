@@ -1,4 +1,4 @@
-"""Identities each distribution-matching objective must satisfy (METHODS.md sections 1-3 and 5)."""
+"""Identities each distribution-matching objective must satisfy (docs/methods.md: vsd, fdiv, sid, disback)."""
 import copy
 
 import pytest
@@ -104,7 +104,7 @@ def test_sid_loss_equals_its_closed_form():
 
 
 def test_sid_generator_loss_backpropagates_through_teacher_and_fake_score(gmm_built):
-    """SiD is not a pseudo-target loss: the graph runs through both networks' inputs (METHODS.md section 0.2)."""
+    """SiD is not a pseudo-target loss: the graph runs through both networks' inputs (docs/methods.md, sid)."""
     b = gmm_built("objective.name=sid")
     torch.manual_seed(0)
     out = b.objective.generator_loss(b.batch(16))
