@@ -107,7 +107,7 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
     by_nfe = {int(n): v for n, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
     by_nfe[k] = metrics["student"][key]
     missing = [nfe for nfe in nfes if nfe not in by_nfe]
-    reference = domain_reference(run.teacher, e.n, e.seed) if missing else None
+    reference = domain_reference(run.teacher, e.n, e.seed, split=e.split) if missing else None
     for nfe in missing:
         x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
         by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
@@ -115,7 +115,7 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
     coverage = {c: metrics["student"][c] for c in COVERAGE if c in metrics["student"]}
     if run.teacher.domain == "gmm" and len(coverage) < len(COVERAGE):  # a run scored before coverage was measured
         x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size)
-        score = domain_score(run.teacher, x, domain_reference(run.teacher, e.n, e.seed))
+        score = domain_score(run.teacher, x, domain_reference(run.teacher, e.n, e.seed, split=e.split))
         coverage = {c: score[c] for c in COVERAGE}
     parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
     name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
@@ -143,7 +143,7 @@ def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) 
         score = _cached_teacher(teacher, protocol(r, teacher))
         if score is None:
             print(f"== teacher at {nfe} NFE ({e.n} samples)", flush=True)
-            reference = domain_reference(teacher, e.n, e.seed)
+            reference = domain_reference(teacher, e.n, e.seed, split=e.split)
             x, used = generate_teacher(teacher, e.n, e.seed, e.batch_size, nfe, e.guidance_scale)
             score = {"nfe": used, **domain_score(teacher, x, reference)}
         done[nfe] = {"nfe": score["nfe"], "value": score[main_metric(score)],
@@ -166,7 +166,8 @@ def score_baseline(recipe_path: str, eval_n: int, outdir: Path) -> dict | None:
     if recipe.teacher.name != "gmm":
         return None
     teacher, e = build_teacher(recipe.teacher), recipe.eval
-    score = domain_score(teacher, gmm_baseline(teacher, e.n, e.seed), domain_reference(teacher, e.n, e.seed))
+    score = domain_score(teacher, gmm_baseline(teacher, e.n, e.seed),
+                         domain_reference(teacher, e.n, e.seed, split=e.split))
     out = {"value": score["energy_distance"], **{c: score[c] for c in COVERAGE}}
     cache.write_text(json.dumps(out, indent=2))
     return out

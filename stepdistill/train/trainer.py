@@ -318,7 +318,14 @@ class Trainer:
 
     # ---- one iteration ---------------------------------------------------------------------------------------
     def _lr_scale(self) -> float:
-        return min(1.0, (self.step + 1) / self.cfg.warmup) if self.cfg.warmup > 0 else 1.0
+        """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.steps."""
+        c = self.cfg
+        if c.warmup > 0 and self.step < c.warmup:
+            return (self.step + 1) / c.warmup
+        if c.lr_decay == "none":
+            return 1.0
+        done = (self.step - c.warmup) / max(c.steps - c.warmup, 1)
+        return 1.0 - done if c.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
     def train_step(self) -> dict[str, float]:
         micro = self.built.micro_batches(self.cfg.batch_size, self.cfg.grad_accum)

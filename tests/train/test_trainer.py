@@ -181,3 +181,24 @@ def test_more_processes_than_gpus_is_an_error_naming_the_fixes(monkeypatch):
                                            r"between processes. Launch at most 1 per machine, or set "
                                            r"CUDA_VISIBLE_DEVICES='' to run them on the CPU"):
         parallel.compute_device()
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_decay_runs_from_the_rate_after_warmup_to_zero_at_the_last_step(decay, tmp_path, monkeypatch):
+    """train.lr_decay: the rate follows warm-up then the decay, read off the fake score's optimizer (updated at every
+    iteration; the generator's rate is set the same way when its phase comes, every update_ratio-th iteration)."""
+    seen = []
+    original = Trainer.train_step
+
+    def record(self):
+        out = original(self)
+        seen.append([g["lr"] / g["base_lr"] for g in self.optimizers["fake_score"].param_groups])
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", record)
+    Trainer(_recipe("train.steps=12", "train.warmup=2", f"train.lr_decay={decay}"), tmp_path, quiet=True).run()
+    import math
+    want = [0.5, 1.0] + [1 - i / 10 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]
+    assert len(seen) == 12
+    for step, scales in enumerate(seen):
+        assert all(s == pytest.approx(want[step]) for s in scales), (step, scales)
