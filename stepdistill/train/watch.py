@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .. import parallel
 from ..models.lora import load_saved_state
 from .state import load_latest, save_checkpoint, unprefixed
+from .trainer import NonFiniteError
 
 SEED = 20_250_601  # noise of the reference and of the student's watch samples: a stream of their own
 COLLAPSE = 0.1  # spread below this share of the best check's: the output collapsed to (nearly) one sample
@@ -40,8 +41,9 @@ BLOWN_UP = 3.0  # a distance alarm with the spread above this many times the tea
 BEST = "checkpoints_best"
 
 
-class CollapseError(RuntimeError):
-    """The watch raised an alarm and train.on_collapse is stop, or train.max_rollbacks rollbacks did not help."""
+class CollapseError(NonFiniteError):
+    """The watch raised an alarm and train.on_collapse is stop, or train.max_rollbacks rollbacks did not help: a
+    diverged run, reported like NonFiniteError (the command line prints its message and exits with 2)."""
 
 
 def _pairwise_mean(a: torch.Tensor, b: torch.Tensor) -> float:

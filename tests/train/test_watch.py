@@ -122,6 +122,18 @@ def test_rollbacks_that_do_not_help_end_in_an_error(tmp_path, monkeypatch):
                 quiet=True).run()
 
 
+def test_the_command_line_reports_a_stop_in_one_line(tmp_path, monkeypatch, capsys):
+    from stepdistill.cli import main
+
+    _drift_at(monkeypatch, 12)
+    args = ["train", "configs/toy/gmm_vsd.yaml", *BASE, "train.ema=0", "train.on_collapse=stop", "--outdir",
+            str(tmp_path), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "stepdistill train: error: watch: samples drifted away from the teacher's at iteration 15" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("crash", [13, 17])
 def test_resume_after_a_crash_with_the_watch_on_is_bitwise_identical(crash, tmp_path, monkeypatch):
     """A crash before the rollback at 15 (resumed from 10: the drift and the rollback happen again) or after it
