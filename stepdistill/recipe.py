@@ -82,6 +82,19 @@ class TrainConfig:
     sample_every: int = 0  # write a sample grid every N iterations (0: only at the end)
     max_nonfinite: int = 20  # skipped non-finite steps tolerated before the run stops
     max_minutes: float = 0.0  # stop early (with a checkpoint) after this much wall time, warm start included; 0 = off
+    # The watch (train/watch.py): every watch_every iterations (0: off) the student's watch_n samples from fixed noise
+    # are compared with as many teacher samples drawn once at the start (energy distance over the teacher samples'
+    # mean pairwise distance, and spread). An alarm (non-finite, collapse, black, blow-up, drift) fires when the
+    # distance exceeds watch_ratio x its best and watch_floor, or the spread falls below a tenth of the best check's;
+    # on_collapse then: warn (log and bar), rollback (to the best check's state, saved in checkpoints_best, every
+    # learning rate x rollback_lr_factor; after max_rollbacks a further alarm stops) or stop (checkpoint, error)
+    watch_every: int = 100
+    watch_n: int = 128
+    watch_ratio: float = 3.0
+    watch_floor: float = 0.2
+    on_collapse: Literal["warn", "rollback", "stop"] = "warn"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -229,7 +242,11 @@ def check_ranges(r: Recipe) -> None:
           for k in ("batch_size", "grad_accum", "log_every", "keep_checkpoints")],
         *[(f"train.{k}", getattr(t, k), getattr(t, k) >= 0, ">= 0") for k in (
             "steps", "warmup", "grad_clip", "checkpoint_every", "sample_every", "max_nonfinite", "max_minutes",
-            "weight_decay")],
+            "weight_decay", "watch_every", "max_rollbacks")],
+        ("train.watch_n", t.watch_n, t.watch_n >= 2, ">= 2"),
+        ("train.watch_ratio", t.watch_ratio, t.watch_ratio > 1, "> 1 (alarm: distance this many times its best)"),
+        ("train.watch_floor", t.watch_floor, t.watch_floor >= 0, ">= 0"),
+        ("train.rollback_lr_factor", t.rollback_lr_factor, 0 < t.rollback_lr_factor <= 1, "in (0, 1]"),
         ("train.lr", t.lr, t.lr > 0, "> 0"), ("train.fake_lr", t.fake_lr, t.fake_lr is None or t.fake_lr > 0, "> 0"),
         ("train.betas", t.betas, len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
         ("train.ema", t.ema, 0 <= t.ema < 1, "in [0, 1) (0 disables it)"),

@@ -69,13 +69,14 @@ def generate_student(student: Generator, teacher, n: int, seed: int, batch_size:
 
 @torch.no_grad()
 def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guidance_scale: float = 1.0,
-                     quiet: bool = True, shard: bool = False) -> tuple[torch.Tensor, int]:
+                     quiet: bool = True, shard: bool = False,
+                     classes: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """(n samples, NFE actually used) of the teacher's probability-flow ODE asked to use `nfe` evaluations (guided
     if guidance_scale != 1). Where t = 1 is (nearly) pure noise — flow, cosine VP — the first Heun correction is
-    skipped, so 35 asked gives 34 used. `shard` as for generate_student."""
+    skipped, so 35 asked gives 34 used. `shard` and `classes` as for generate_student."""
     solver, steps = solver_for_nfe(nfe)
     gen = torch.Generator().manual_seed(seed)
-    cond = teacher.eval_cond(n)
+    cond = teacher.eval_cond(n, classes)
     score = teacher.score
     device = device_of(score)
     out = []

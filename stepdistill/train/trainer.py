@@ -163,7 +163,7 @@ def real_data(recipe: Recipe, teacher: Teacher, purpose: str):
 # logs, samples and checkpoints, and the final evaluation (not the curve's protocol: its points must compare)
 RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing",
                                                "fsdp", "log_every", "sample_every", "checkpoint_every",
-                                               "keep_checkpoints")} | \
+                                               "keep_checkpoints", "on_collapse", "max_rollbacks")} | \
     {("eval", k) for k in ("n", "seed", "teacher_nfe", "guidance_scale", "batch_size", "at_end", "metrics",
                            "fid_backend", "inception", "reference", "kid_subset_size")}
 
@@ -455,6 +455,11 @@ class Trainer:
             _truncate_stats(stats_path, self.step)
             _truncate_stats(curve_path, self.step)
         curve_every = self.recipe.eval.curve_every if self.built.teacher.domain != "none" else 0
+        from .watch import Watch
+
+        watch = Watch(self) if self.cfg.watch_every else None  # teacher samples to watch the student against
+        if watch is not None and self.step == 0:  # (a warm start's checkpoint is at 0, before this check)
+            watch.check()
         if curve_every and not resumed:
             self.curve_point(curve_path, clock())
         from torch.utils.tensorboard import SummaryWriter
@@ -474,12 +479,15 @@ class Trainer:
                 logs = self.train_step()
                 self.step += 1
                 last.update(logs)  # keep each value's latest reading: generator losses only occur every few steps
+                if watch is not None and self.step % self.cfg.watch_every == 0:
+                    watch.check()  # before this iteration's log line and checkpoint: a rollback is in both
                 if self.cfg.max_minutes:  # the bar ends where the run will: at train.steps, or where the budget
                     rate = (self.step - first) / max(clock() - loop_start, 1e-9)  # runs out at the rate so far
                     left = max(self.cfg.max_minutes * 60 - clock(), 0.0)
                     bar.total = min(self.cfg.steps, self.step + int(rate * left))
                 bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")})
+                bar.set_postfix({**{k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")},
+                                 **(watch.postfix() if watch is not None else {})})
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     values = parallel.mean_values(last)  # each process logged its own rows' losses
                     if main:
