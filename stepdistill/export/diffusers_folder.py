@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -59,23 +60,27 @@ scheduler = LCMScheduler.from_pretrained("{path}/student_%d" % k, subfolder="sch
 
 
 def staging(out: Path) -> Path:
-    """The empty sibling folder an export is written into before `publish` moves it to `out`. An `out` holding
-    anything but a previous export (its stepdistill.json or routing.json) is refused before any work: exporting never
-    deletes a user's files."""
+    """A new empty hidden folder beside `out` that an export is written into before `publish` moves it to `out`.
+    An `out` holding anything but a previous export (its stepdistill.json or routing.json) is refused before any
+    work: exporting never deletes or overwrites a user's files."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and
                          not any((out / f).exists() for f in ("stepdistill.json", "routing.json"))):
         raise FileExistsError(f"--out {out} exists and is not a stepdistill export (it has no stepdistill.json); "
                               "choose another --out: nothing was written")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
 def publish(tmp: Path, out: Path) -> Path:
-    """Move a finished export into place, replacing a previous export there (staging checked it is one)."""
+    """Move a finished export into place, replacing a previous export there (staging checked it is one); the previous
+    one is only deleted once the new one is in place."""
+    old = None
     if out.exists():
-        shutil.rmtree(out)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(old / out.name)
     tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 

@@ -140,7 +140,6 @@ def export_lora(run, out: str | Path) -> Path:
     scheduler, timesteps = lcm_scheduler(run)  # (refuses a start no stock scheduler reproduces, before writing)
     out = Path(out)
     tmp = staging(out)
-    tmp.mkdir(parents=True)
     getattr(diffusers, teacher.pipeline).save_lora_weights(
         tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
         weight_name="pytorch_lora_weights.safetensors")
