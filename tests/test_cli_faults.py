@@ -210,16 +210,19 @@ def test_exports_never_touch_what_they_did_not_write(trained, tmp_path, capsys):
 
 
 def test_a_diffusers_export_leaves_a_users_sibling_folders_alone(tmp_path):
-    from stepdistill.export.diffusers_folder import publish, staging
+    from stepdistill.export.diffusers_folder import staged
 
     out = tmp_path / "X"
     (tmp_path / "X.tmp").mkdir()
     (tmp_path / "X.tmp" / "mine.txt").write_text("mine")
-    for _ in range(2):  # a new export, then one replacing it
-        tmp = staging(out)
-        (tmp / "stepdistill.json").write_text("{}")
-        publish(tmp, out)
-    assert (tmp_path / "X.tmp" / "mine.txt").read_text() == "mine"
+    for n in range(2):  # a new export, then one replacing it
+        with staged(out) as tmp:
+            (tmp / "stepdistill.json").write_text(str(n))
+    with pytest.raises(RuntimeError, match="disk gone"):  # an export failing half-way leaves the previous one
+        with staged(out) as tmp:
+            (tmp / "stepdistill.json").write_text("half")
+            raise RuntimeError("disk gone")
+    assert (tmp_path / "X.tmp" / "mine.txt").read_text() == "mine" and (out / "stepdistill.json").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["X", "X.tmp"]
 
 

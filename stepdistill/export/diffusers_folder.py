@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +85,18 @@ def publish(tmp: Path, out: Path) -> Path:
     return out
 
 
+@contextmanager
+def staged(out: Path):
+    """A block writing an export into `staging(out)`: published to `out` when the block succeeds, removed when not."""
+    tmp = staging(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)
+
+
 def export_diffusers(run, out: str | Path) -> Path:
     """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop (a multi-student
     run: `out/student_k/` with those for each student, plus `out/routing.json` and a README)."""
@@ -102,22 +115,22 @@ def export_diffusers(run, out: str | Path) -> Path:
                          f"teacher is {run.recipe.teacher.name!r}. Use --format safetensors instead.")
     scheduler, timesteps = lcm_scheduler(run)
     out = Path(out)
-    tmp = staging(out)
-    net.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
-        run.teacher.folder / "stepdistill.json").exists() else {}
-    meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
-                 "start_noise": run.student.start_noise, "iteration": run.step,
-                 "recipe": recipe_mod.to_dict(run.recipe)})
-    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
-    c = net.config
-    (tmp / "README.md").write_text(USAGE.format(
-        name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
-        channels=c.in_channels, size=c.sample_size,
-        label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else "")
-        + start_note(run.student, timesteps))
-    return publish(tmp, out)
+    with staged(out) as tmp:
+        net.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
+            run.teacher.folder / "stepdistill.json").exists() else {}
+        meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
+                     "start_noise": run.student.start_noise, "iteration": run.step,
+                     "recipe": recipe_mod.to_dict(run.recipe)})
+        (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+        c = net.config
+        (tmp / "README.md").write_text(USAGE.format(
+            name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
+            channels=c.in_channels, size=c.sample_size,
+            label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else "")
+            + start_note(run.student, timesteps))
+    return out
 
 
 PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by stepdistill
@@ -158,20 +171,20 @@ def _export_pipeline(run, out: Path) -> Path:
     parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: merged(net),
              **teacher.text.components(), **extra}
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
-    tmp = staging(out)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
-            "start_noise": run.student.start_noise, "iteration": run.step,
-            "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
-    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "README.md").write_text(PIPELINE_USAGE.format(
-        name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
-        guidance=guidance,
-        denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
-        fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
-        GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
-        + start_note(run.student, timesteps))
-    return publish(tmp, out)
+    with staged(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
+                "start_noise": run.student.start_noise, "iteration": run.step,
+                "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
+        (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "README.md").write_text(PIPELINE_USAGE.format(
+            name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
+            guidance=guidance,
+            denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
+            fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
+            GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
+            + start_note(run.student, timesteps))
+    return out
 
 
 def lcm_scheduler(run):
@@ -263,8 +276,7 @@ def start_note(student, timesteps: list) -> str:
 
 def _export_students(run, out: Path) -> Path:
     routing = {**run.student.routing(), "iterations": run.student_steps, "folders": []}
-    tmp = staging(out)
-    try:
+    with staged(out) as tmp:
         for k, student in enumerate(run.student.students):
             folder = export_diffusers(dataclasses.replace(run, student=student, step=run.student_steps[k],
                                                           student_steps=None), tmp / f"student_{k}")
@@ -280,10 +292,7 @@ def _export_students(run, out: Path) -> Path:
         table = "\n".join(f"- `student_{k}/`: classes {c}" for k, c in enumerate(routing["classes"]))
         (tmp / "README.md").write_text(ROUTED_USAGE.format(name=out.name, students=routing["students"],
                                                            num_classes=routing["num_classes"], table=table, path=out))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish(tmp, out)
+    return out
 
 
 @torch.no_grad()
