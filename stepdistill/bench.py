@@ -229,9 +229,7 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
 
     key = rows[0]["key"]
     label = {"fd": "FD", "energy_distance": "energy distance"}.get(key, key.upper())
-    assets = report.parent / f"{report.stem}_assets"
-    if assets.exists():
-        shutil.rmtree(assets)
+    assets = report.parent / f"{report.stem}_assets"  # files of these names are replaced, nothing else touched
     curves = plot_curves(rows, f"{label} (n={suite.curve_n})", assets / "curves.png")
     budget = f"{suite.minutes} minutes of training per run" if suite.minutes else f"{suite.steps} iterations per run"
     best_teacher = teacher[max(teacher)]["value"]
@@ -304,6 +302,8 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
 
 
 def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = None, quiet: bool = False) -> Path:
+    if report is not None and (Path(report).suffix != ".md" or Path(report).is_dir()):
+        raise ValueError(f"--report {report}: give a markdown file path ending in .md")
     suite = load_suite(suite_path)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

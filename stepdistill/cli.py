@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,6 +177,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     from .eval.visual import save_grid, to_uint8
 
+    for flag, value in (("--n", a.n), ("--batch-size", a.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if a.export:
         from .export.diffusers_folder import sample_exported
 
@@ -232,9 +238,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
                        recompute_teacher=a.recompute_teacher)
     if not parallel.is_main():
         return 0
-    path = write_metrics(run.path, metrics)
     print(format_table(metrics))
-    print(f"wrote {path}")
+    try:
+        print(f"wrote {write_metrics(run.path, metrics)}")
+    except OSError as e:  # a read-only run folder: the scores above are the result
+        print(f"stepdistill eval: warning: could not write {run.path / 'metrics.json'} ({e.strerror}); the scores "
+              "above are not saved", file=sys.stderr)
     return 0
 
 
@@ -346,8 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .train.trainer import NonFiniteError
+    from .train.state import RunFolderError
+    from .train.trainer import Interrupted, NonFiniteError
 
+    def on_sigterm(signum, frame):  # SIGTERM (SLURM, Kubernetes, `timeout`) ends a command as Ctrl-C does
+        raise Interrupted(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         code = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "eval-ref": cmd_eval_ref,
                 "bench": cmd_bench, "export": cmd_export}[args.command](args)
@@ -355,13 +370,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return parallel.finish(code)  # launched on several processes: leave together
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError, KeyError, ModuleNotFoundError,
-            NonFiniteError) as e:  # bad input, or a diverged run: one message, not a traceback
+            NonFiniteError, RunFolderError) as e:  # bad input, or a diverged run: one message, not a traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stepdistill {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # training has saved a checkpoint and said so
-        print(f"stepdistill {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # a full disk or a read-only folder met while writing: one line naming the file
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        print(f"stepdistill {args.command}: error: cannot write {e.filename or 'a file'}: {e.strerror}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # training has saved a checkpoint and said so (unless stopped mid-iteration)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"stepdistill {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ An unknown key or a value of the wrong type is an error that names the key and w
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,7 +248,8 @@ def check_ranges(r: Recipe) -> None:
         ("train.watch_ratio", t.watch_ratio, t.watch_ratio > 1, "> 1 (alarm: distance this many times its best)"),
         ("train.watch_floor", t.watch_floor, t.watch_floor >= 0, ">= 0"),
         ("train.rollback_lr_factor", t.rollback_lr_factor, 0 < t.rollback_lr_factor <= 1, "in (0, 1]"),
-        ("train.lr", t.lr, t.lr > 0, "> 0"), ("train.fake_lr", t.fake_lr, t.fake_lr is None or t.fake_lr > 0, "> 0"),
+        *[(k, v, v is None or 0 < v <= 1, "in (0, 1] (an Adam step moves each weight by about the rate)")
+          for k, v in (("train.lr", t.lr), ("train.fake_lr", t.fake_lr), ("generator.warm_start_lr", g.warm_start_lr))],
         ("train.betas", t.betas, len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
         ("train.ema", t.ema, 0 <= t.ema < 1, "in [0, 1) (0 disables it)"),
         *[(f"eval.{k}", getattr(e, k), getattr(e, k) >= 1, ">= 1")
@@ -264,9 +266,23 @@ def check_ranges(r: Recipe) -> None:
         ("generator.width", g.width, 0 < g.width <= 1, "in (0, 1]"),
         ("generator.start_t", g.start_t, 0 < g.start_t <= 1, "in (0, 1] (the canonical time of the first step)"),
     ]
-    bad = [f"{key} must be {allowed}, got {value!r}" for key, value, ok, allowed in rules if not ok]
+    bad = [f"{key} must be a finite number, got {value!r}" for key, value in _floats(r, "")
+           if not math.isfinite(value)]
+    bad += [f"{key} must be {allowed}, got {value!r}" for key, value, ok, allowed in rules if not ok] if not bad else []
     if bad:
         raise RecipeError("; ".join(bad))
+
+
+def _floats(value: Any, key: str):
+    """(key, value) of every float in a recipe, its sections and lists (teacher.means[0][1])."""
+    if isinstance(value, float):
+        yield key, value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _floats(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _floats(v, f"{key}[{i}]")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -281,7 +297,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {item!r}: its value is not valid YAML ({getattr(e, 'problem', e)})") \
+                from None
     return data
 
 
@@ -291,8 +311,20 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise RecipeError(f"recipe file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p) or {}
     return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a RecipeError naming the file (and line and column) when it cannot be read."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -31,7 +31,10 @@ def test_suite_errors_name_the_problem(tmp_path):
 
 def test_tiny_bench_end_to_end(tmp_path):
     out, report = tmp_path / "runs", tmp_path / "docs" / "bench.md"
+    (tmp_path / "docs" / "bench_assets").mkdir(parents=True)
+    (tmp_path / "docs" / "bench_assets" / "notes.txt").write_text("mine")  # a user's file beside the plots
     run_bench(str(_suite(tmp_path)), out, report, quiet=True)
+    assert (tmp_path / "docs" / "bench_assets" / "notes.txt").read_text() == "mine"
     text = report.read_text()
     for recipe in ("gmm_vsd", "gmm_sid"):
         assert f"| `{recipe}` |" in text

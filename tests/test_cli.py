@@ -129,10 +129,10 @@ def test_export_never_deletes_a_folder_that_is_not_an_export(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep me"
     (out / "notes.txt").unlink()  # an empty folder, or a previous export, is replaced
     tmp = staging(out)
-    tmp.mkdir()
     (tmp / "stepdistill.json").write_text("{}")
     publish(tmp, out)
-    assert (out / "stepdistill.json").exists() and staging(out) and not tmp.exists()
+    assert (out / "stepdistill.json").exists() and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]  # no staging or old copy left behind
 
 
 def test_dry_run_prints_the_recipe_and_networks_and_writes_nothing(tmp_path, capsys):

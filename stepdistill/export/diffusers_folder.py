@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,24 +61,40 @@ scheduler = LCMScheduler.from_pretrained("{path}/student_%d" % k, subfolder="sch
 
 
 def staging(out: Path) -> Path:
-    """The empty sibling folder an export is written into before `publish` moves it to `out`. An `out` holding
-    anything but a previous export (its stepdistill.json or routing.json) is refused before any work: exporting never
-    deletes a user's files."""
+    """A new empty hidden folder beside `out` that an export is written into before `publish` moves it to `out`.
+    An `out` holding anything but a previous export (its stepdistill.json or routing.json) is refused before any
+    work: exporting never deletes or overwrites a user's files."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and
                          not any((out / f).exists() for f in ("stepdistill.json", "routing.json"))):
         raise FileExistsError(f"--out {out} exists and is not a stepdistill export (it has no stepdistill.json); "
                               "choose another --out: nothing was written")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
 def publish(tmp: Path, out: Path) -> Path:
-    """Move a finished export into place, replacing a previous export there (staging checked it is one)."""
+    """Move a finished export into place, replacing a previous export there (staging checked it is one); the previous
+    one is only deleted once the new one is in place."""
+    old = None
     if out.exists():
-        shutil.rmtree(out)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(old / out.name)
     tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
+
+
+@contextmanager
+def staged(out: Path):
+    """A block writing an export into `staging(out)`: published to `out` when the block succeeds, removed when not."""
+    tmp = staging(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)
 
 
 def export_diffusers(run, out: str | Path) -> Path:
@@ -97,22 +115,22 @@ def export_diffusers(run, out: str | Path) -> Path:
                          f"teacher is {run.recipe.teacher.name!r}. Use --format safetensors instead.")
     scheduler, timesteps = lcm_scheduler(run)
     out = Path(out)
-    tmp = staging(out)
-    net.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
-        run.teacher.folder / "stepdistill.json").exists() else {}
-    meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
-                 "start_noise": run.student.start_noise, "iteration": run.step,
-                 "recipe": recipe_mod.to_dict(run.recipe)})
-    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
-    c = net.config
-    (tmp / "README.md").write_text(USAGE.format(
-        name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
-        channels=c.in_channels, size=c.sample_size,
-        label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else "")
-        + start_note(run.student, timesteps))
-    return publish(tmp, out)
+    with staged(out) as tmp:
+        net.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
+            run.teacher.folder / "stepdistill.json").exists() else {}
+        meta.update({"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
+                     "start_noise": run.student.start_noise, "iteration": run.step,
+                     "recipe": recipe_mod.to_dict(run.recipe)})
+        (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+        c = net.config
+        (tmp / "README.md").write_text(USAGE.format(
+            name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
+            channels=c.in_channels, size=c.sample_size,
+            label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else "")
+            + start_note(run.student, timesteps))
+    return out
 
 
 PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by stepdistill
@@ -153,20 +171,20 @@ def _export_pipeline(run, out: Path) -> Path:
     parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: merged(net),
              **teacher.text.components(), **extra}
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
-    tmp = staging(out)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
-            "start_noise": run.student.start_noise, "iteration": run.step,
-            "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
-    (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "README.md").write_text(PIPELINE_USAGE.format(
-        name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
-        guidance=guidance,
-        denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
-        fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
-        GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
-        + start_note(run.student, timesteps))
-    return publish(tmp, out)
+    with staged(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
+                "start_noise": run.student.start_noise, "iteration": run.step,
+                "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
+        (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "README.md").write_text(PIPELINE_USAGE.format(
+            name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
+            guidance=guidance,
+            denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
+            fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
+            GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
+            + start_note(run.student, timesteps))
+    return out
 
 
 def lcm_scheduler(run):
@@ -258,8 +276,7 @@ def start_note(student, timesteps: list) -> str:
 
 def _export_students(run, out: Path) -> Path:
     routing = {**run.student.routing(), "iterations": run.student_steps, "folders": []}
-    tmp = staging(out)
-    try:
+    with staged(out) as tmp:
         for k, student in enumerate(run.student.students):
             folder = export_diffusers(dataclasses.replace(run, student=student, step=run.student_steps[k],
                                                           student_steps=None), tmp / f"student_{k}")
@@ -275,10 +292,7 @@ def _export_students(run, out: Path) -> Path:
         table = "\n".join(f"- `student_{k}/`: classes {c}" for k, c in enumerate(routing["classes"]))
         (tmp / "README.md").write_text(ROUTED_USAGE.format(name=out.name, students=routing["students"],
                                                            num_classes=routing["num_classes"], table=table, path=out))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish(tmp, out)
+    return out
 
 
 @torch.no_grad()

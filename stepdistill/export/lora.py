@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .. import recipe as recipe_mod
 from ..hashing import file_sha256
 from ..models.lora import is_lora
-from .diffusers_folder import lcm_scheduler, pipeline_guidance, publish, staging, start_note
+from .diffusers_folder import lcm_scheduler, pipeline_guidance, staged, start_note
 
 # kohya's ss_base_model_version
 BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "sana": "sana"}
@@ -139,33 +139,32 @@ def export_lora(run, out: str | Path) -> Path:
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
     scheduler, timesteps = lcm_scheduler(run)  # (refuses a start no stock scheduler reproduces, before writing)
     out = Path(out)
-    tmp = staging(out)
-    tmp.mkdir(parents=True)
-    getattr(diffusers, teacher.pipeline).save_lora_weights(
-        tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
-        weight_name="pytorch_lora_weights.safetensors")
-    scheduler.save_pretrained(tmp / "scheduler")
-    weights = sorted((teacher.folder / denoiser).glob("*.safetensors"))
-    base_sha = file_sha256(weights[0]) if len(weights) == 1 else "n/a (sharded or not safetensors)"
-    modules = _adapted_modules(state)
-    fingerprint = base_fingerprint(net, modules)
-    steps = run.student.steps
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-            "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": BASE_VERSION[teacher.family],
-            "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
-            "stepdistill.start_t": str(run.student.start_t), "stepdistill.start_noise": run.student.start_noise,
-            "stepdistill.scheduler": type(scheduler).__name__,
-            "stepdistill.guidance_scale": str(pipeline_guidance(run)),
-            "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
-            "stepdistill.base_fingerprint": fingerprint,
-            "stepdistill.iteration": str(run.step), "stepdistill.recipe": recipe_mod.dump(run.recipe)}
-    kohya = f"{out.name}_kohya.safetensors"
-    save_file(kohya_state(state, config.lora_alpha, f"lora_{denoiser}_"), tmp / kohya, metadata=meta)
-    info = {k.removeprefix("stepdistill."): v for k, v in meta.items() if k != "stepdistill.recipe"}
-    info.update(base=str(teacher.folder), adapted_modules=modules, base_fingerprint=fingerprint)
-    (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
-    (tmp / "README.md").write_text(USAGE.format(
-        name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
-        kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
-        scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run)) + start_note(run.student, timesteps))
-    return publish(tmp, out)
+    with staged(out) as tmp:
+        getattr(diffusers, teacher.pipeline).save_lora_weights(
+            tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
+            weight_name="pytorch_lora_weights.safetensors")
+        scheduler.save_pretrained(tmp / "scheduler")
+        weights = sorted((teacher.folder / denoiser).glob("*.safetensors"))
+        base_sha = file_sha256(weights[0]) if len(weights) == 1 else "n/a (sharded or not safetensors)"
+        modules = _adapted_modules(state)
+        fingerprint = base_fingerprint(net, modules)
+        steps = run.student.steps
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": BASE_VERSION[teacher.family],
+                "stepdistill.steps": str(steps), "stepdistill.timesteps": json.dumps(timesteps),
+                "stepdistill.start_t": str(run.student.start_t), "stepdistill.start_noise": run.student.start_noise,
+                "stepdistill.scheduler": type(scheduler).__name__,
+                "stepdistill.guidance_scale": str(pipeline_guidance(run)),
+                "stepdistill.lora_scale": "1.0", "stepdistill.base_unet_sha256": base_sha,
+                "stepdistill.base_fingerprint": fingerprint,
+                "stepdistill.iteration": str(run.step), "stepdistill.recipe": recipe_mod.dump(run.recipe)}
+        kohya = f"{out.name}_kohya.safetensors"
+        save_file(kohya_state(state, config.lora_alpha, f"lora_{denoiser}_"), tmp / kohya, metadata=meta)
+        info = {k.removeprefix("stepdistill."): v for k, v in meta.items() if k != "stepdistill.recipe"}
+        info.update(base=str(teacher.folder), adapted_modules=modules, base_fingerprint=fingerprint)
+        (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
+        (tmp / "README.md").write_text(USAGE.format(
+            name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
+            kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
+            scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run)) + start_note(run.student, timesteps))
+    return out

@@ -7,9 +7,12 @@ keeps what belongs together (students are only meaningful with their routing) an
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import recipe as recipe_mod
@@ -19,8 +22,7 @@ from ..models.lora import merged
 def export_safetensors(run, out: str | Path) -> Path:
     """Write the student's backbone state dict (diffusers key names for UNets) to `out`; for a multi-student run every
     student's, prefixed `students.k.`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_out(Path(out))
     student = run.student
     metadata = {
         "format": "pt",
@@ -40,5 +42,33 @@ def export_safetensors(run, out: str | Path) -> Path:
     else:
         metadata["stepdistill.prediction"] = student.net.prediction
         tensors = merged(student.net.net).state_dict()  # a LoRA student: adapters fused into the weights
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out, metadata=metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:  # written beside `out`, then renamed over it: a crash leaves the previous export whole
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def check_out(out: Path) -> Path:
+    """`out` as a safetensors export may write it: a .safetensors path that is new or a previous export."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; --format safetensors writes one file: give a path ending in "
+                         ".safetensors")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: --format safetensors writes a .safetensors file; give a path ending in "
+                         ".safetensors")
+    if out.exists():
+        try:
+            with safe_open(str(out), "pt") as f:
+                ours = "stepdistill.recipe" in (f.metadata() or {})
+        except Exception:  # noqa: BLE001 (not a safetensors file at all)
+            ours = False
+        if not ours:
+            raise FileExistsError(f"--out {out} exists and is not a stepdistill export; choose another --out: nothing "
+                                  "was written")
+    out.parent.mkdir(parents=True, exist_ok=True)
     return out

@@ -74,6 +74,29 @@ def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
                      "FlowMatchEulerDiscreteScheduler")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; a ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def diffusers_class(config: Path):
+    """The diffusers class a saved config.json names in `_class_name`; a ValueError naming the file otherwise."""
+    import diffusers
+
+    name = read_json(config).get("_class_name")
+    if not isinstance(name, str) or not name.isidentifier() or not hasattr(diffusers, name):
+        raise ValueError(f"{config}: _class_name {name!r} is not a diffusers class")
+    return getattr(diffusers, name)
+
+
 def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype = torch.float32) -> ScoreModel:
     """ScoreModel from a diffusers folder (or hub id, see `resolve_path`) with `<subfolder>/` and `scheduler/`.
 
@@ -83,15 +106,13 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     import diffusers
 
     where = resolve_path(path)
-    meta = json.loads((where / "stepdistill.json").read_text()) if (where / "stepdistill.json").exists() else {}
+    meta = read_json(where / "stepdistill.json") if (where / "stepdistill.json").exists() else {}
     for part in (subfolder, "scheduler"):
         if not (where / part).is_dir():
             raise FileNotFoundError(f"{where} has no {part}/ folder: give a diffusers folder saved with "
                                     "save_pretrained (a pipeline folder, or unet/ and scheduler/)")
-    cfg = json.loads((where / subfolder / "config.json").read_text())
-    model_cls = getattr(diffusers, cfg["_class_name"])
-    sched_cfg = json.loads((where / "scheduler" / "scheduler_config.json").read_text())
-    sched_cls = getattr(diffusers, sched_cfg["_class_name"])
+    model_cls = diffusers_class(where / subfolder / "config.json")
+    sched_cls = diffusers_class(where / "scheduler" / "scheduler_config.json")
     net = _from_pretrained(model_cls, where, subfolder, torch_dtype=dtype)
     scheduler = _from_pretrained(sched_cls, where, "scheduler")
     schedule, kind = schedule_from_scheduler(scheduler)

@@ -9,14 +9,13 @@ a prompt file; the VAE decodes samples for grids and image metrics. Training is 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..models.loading import _from_pretrained, bundled_path, load_diffusers_score, resolve_path
+from ..models.loading import _from_pretrained, bundled_path, load_diffusers_score, read_json, resolve_path
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
@@ -48,9 +47,9 @@ def pipeline_index(where: Path) -> dict:
     if not index.exists():
         raise FileNotFoundError(f"{where} has no model_index.json: teacher sd needs a full diffusers pipeline folder "
                                 "(saved with pipeline.save_pretrained)")
-    meta = json.loads(index.read_text())
+    meta = read_json(index)
     family = meta.get("_class_name", "?")
-    if family not in SUPPORTED:
+    if not isinstance(family, str) or family not in SUPPORTED:
         planned = f" ({PLANNED[family]} support is planned)" if family in PLANNED else ""
         raise ValueError(f"{where} is a {family} folder, which teacher sd does not support yet{planned}; supported: "
                          f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")

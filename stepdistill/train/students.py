@@ -20,20 +20,25 @@ from ..models.multi_student import describe, partition
 from ..recipe import Recipe
 from ..run import load_run, student_dir
 from ..teachers import build_teacher
-from .trainer import Trainer, check_generator, check_resumable
+from .trainer import Trainer, check_generator, check_resumable, locked
 
 
 def train_students(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:
     """Train (or resume) the K students of an MSD recipe in outdir/students/k/; returns the ensemble's metrics
     (None if eval.at_end is off)."""
+    outdir = Path(outdir)
+    quiet = quiet or not parallel.is_main()
+    teacher = build_teacher(recipe.teacher)
+    check_generator(recipe, teacher)
+    with locked(outdir):
+        return _train_students(recipe, teacher, outdir, quiet)
+
+
+def _train_students(recipe: Recipe, teacher, outdir: Path, quiet: bool) -> dict | None:
     from ..eval.harness import evaluate, write_metrics
     from ..eval.samples import write_samples
 
-    outdir, main = Path(outdir), parallel.is_main()
-    quiet = quiet or not main
-    teacher = build_teacher(recipe.teacher)
-    check_generator(recipe, teacher)
-    outdir.mkdir(parents=True, exist_ok=True)
+    main = parallel.is_main()
     check_resumable(outdir, recipe)
     parallel.barrier()
     if main:

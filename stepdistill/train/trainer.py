@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +32,68 @@ from ..recipe import Recipe, RecipeError
 from ..registry import get
 from ..teachers import Teacher, build_teacher
 from .ema import EMA
-from .state import list_checkpoints, load_latest, prefixed, save_checkpoint, unprefixed
+from .state import (
+    RunFolderError,
+    list_checkpoints,
+    load_latest,
+    non_finite,
+    prefixed,
+    run_lock,
+    save_checkpoint,
+    unprefixed,
+)
 
 
 class NonFiniteError(RuntimeError):
-    """Too many steps produced a non-finite loss or gradient."""
+    """Too many steps produced a non-finite loss or gradient, or the weights themselves became non-finite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def locked(outdir: Path):
+    """Hold a run folder (state.run_lock, taken by process 0) for a block; every process fails when it is held."""
+    stack, error = ExitStack(), None
+    if parallel.is_main():
+        try:
+            stack.enter_context(run_lock(outdir))
+        except RunFolderError as e:
+            error = e
+    if not parallel.all_true(error is None):
+        raise error or RunFolderError(f"{outdir} cannot be held (see process 0's error)")
+    with stack:
+        yield
+
+
+@contextmanager
+def stop_requests():
+    """Within the block SIGINT and SIGTERM only set the returned list's first element to the signal, so the loop
+    stops between iterations (weights and random state of the same iteration); a second SIGINT stops at once,
+    without a checkpoint. Outside the main thread (where Python delivers no signals) nothing changes."""
+    got = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got[0] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got[0] = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration with a checkpoint (Ctrl-C again "
+                   "stops at once, without one)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -81,6 +142,7 @@ def build(recipe: Recipe, classes: list[int] | None = None) -> Built:
 
     teacher = build_teacher(recipe.teacher)
     check_generator(recipe, teacher)
+    check_eval(recipe, teacher)
     obj_cls = get("objective", recipe.objective.name)
     needs = obj_cls.needs_for(recipe.objective)
     unknown = set(needs) - {"teacher", "fake_score", "discriminator", "data"}
@@ -115,6 +177,21 @@ def check_fsdp(recipe: Recipe) -> None:
                           "state is small; train.teacher_dtype=bf16 and train.gradient_checkpointing save memory)")
     if recipe.train.compile:
         raise RecipeError("train.fsdp together with train.compile is not supported: set one of them to false")
+
+
+def check_eval(recipe: Recipe, teacher: Teacher) -> None:
+    """eval.n and eval.curve_n against the teacher's metric, before any training: the Fashion FD's covariance of the
+    classifier's features needs more samples than features."""
+    from ..eval.features import FashionClassifier
+
+    e, d = recipe.eval, FashionClassifier.num_features
+    if teacher.domain != "fashion-mnist":
+        return
+    for key, n, used in (("eval.n", e.n, e.at_end and "domain" in e.metrics), ("eval.curve_n", e.curve_n,
+                                                                                e.curve_every > 0)):
+        if used and n <= d:
+            raise RecipeError(f"{key}={n} is too few for the Fashion FD (a covariance of {d} classifier features): "
+                              f"set {key} to more than {d}")
 
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:
@@ -289,11 +366,20 @@ class Trainer:
         for name, tensors in self._state_tensors().items():
             parallel.check_in_sync(tensors, name)
         weights, optimizers = parallel.full((self._weights(), {k: o.state_dict() for k, o in self.optimizers.items()}))
+        bad = non_finite(weights) if parallel.is_main() else []
+        if not parallel.all_true(not bad):
+            raise NonFiniteError(f"the weights hold non-finite values at iteration {self.step} ({len(bad)} tensors, "
+                                 f"e.g. {bad[0] if bad else 'on process 0'}), so they were not saved; "
+                                 f"{self._newest_good()}. Try a lower train.lr or train.precision=fp32.")
         if parallel.is_main():
             state = {"optimizers": optimizers, "rng": torch.get_rng_state(), "nonfinite": self.nonfinite,
                      "last_logs": self.last_logs}
             save_checkpoint(self.outdir / "checkpoints", self.step, weights, state, self.cfg.keep_checkpoints)
         parallel.barrier()
+
+    def _newest_good(self) -> str:
+        saved = list_checkpoints(self.outdir / "checkpoints")
+        return f"the newest good checkpoint is {saved[-1]}" if saved else "the run has no checkpoint yet"
 
     def restore(self) -> bool:
         found = load_latest(self.outdir / "checkpoints")
@@ -367,8 +453,8 @@ class Trainer:
                 if self.nonfinite > self.cfg.max_nonfinite:
                     raise NonFiniteError(
                         f"{self.nonfinite} phases had a non-finite loss or gradient (limit train.max_nonfinite="
-                        f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({'+'.join(names)}). The newest "
-                        f"good checkpoint is in {self.outdir / 'checkpoints'}. Try a lower train.lr, "
+                        f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({'+'.join(names)}); "
+                        f"{self._newest_good()}. Try a lower train.lr, "
                         "train.precision=fp32, or a smaller train.grad_clip.")
             for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad
                 for p in self._parameters(n):
@@ -420,10 +506,14 @@ class Trainer:
         self.paused += time.time() - t0
 
     def run(self) -> dict | None:
+        """Train (or resume) to train.steps, holding the run folder (state.run_lock) throughout."""
+        with locked(self.outdir):
+            return self._run()
+
+    def _run(self) -> dict | None:
         from ..eval.harness import evaluate, write_metrics
 
         main = parallel.is_main()
-        self.outdir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.outdir, self.recipe)
         parallel.barrier()  # every process has read the saved recipe before process 0 rewrites it
         if main:
@@ -452,8 +542,12 @@ class Trainer:
             self.save()
         stats_path, curve_path = self.outdir / "stats.jsonl", self.outdir / "curve.jsonl"
         if main:
-            _truncate_stats(stats_path, self.step)
-            _truncate_stats(curve_path, self.step)
+            for path in (stats_path, curve_path):
+                dropped = _truncate_stats(path, self.step)
+                if dropped and not resumed:
+                    warnings.warn(f"{self.outdir} has no checkpoint to resume from, so the run starts over at "
+                                  f"iteration 0: {dropped} lines of an earlier run's {path.name} are dropped",
+                                  stacklevel=2)
         curve_every = self.recipe.eval.curve_every if self.built.teacher.domain != "none" else 0
         from .watch import Watch
 
@@ -474,49 +568,53 @@ class Trainer:
         if resumed and not self.quiet:
             tqdm.write(f"resumed from iteration {self.step} in {self.outdir / 'checkpoints'}")
         loop_start, first = clock(), self.step
-        try:
-            while self.step < self.cfg.steps:
-                logs = self.train_step()
-                self.step += 1
-                last.update(logs)  # keep each value's latest reading: generator losses only occur every few steps
-                if watch is not None and self.step % self.cfg.watch_every == 0:
-                    watch.check()  # before this iteration's log line and checkpoint: a rollback is in both
-                if self.cfg.max_minutes:  # the bar ends where the run will: at train.steps, or where the budget
-                    rate = (self.step - first) / max(clock() - loop_start, 1e-9)  # runs out at the rate so far
-                    left = max(self.cfg.max_minutes * 60 - clock(), 0.0)
-                    bar.total = min(self.cfg.steps, self.step + int(rate * left))
-                bar.update(1)
-                bar.set_postfix({**{k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")},
-                                 **(watch.postfix() if watch is not None else {})})
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    values = parallel.mean_values(last)  # each process logged its own rows' losses
-                    if main:
-                        _append_jsonl(stats_path, {"step": self.step, "time": round(clock(), 3), **values})
-                    if writer is not None:
-                        for k, v in values.items():
-                            writer.add_scalar(k, v, self.step)
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                    self.save()
-                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
-                    self.sample_grid(f"step_{self.step:07d}")
-                if curve_every and self.step % curve_every == 0:
-                    self.curve_point(curve_path, clock())
-                if self.cfg.max_minutes and not parallel.all_true(clock() <= self.cfg.max_minutes * 60):
-                    bar.total = self.step  # the budget may run out inside a checkpoint, after the estimate above
-                    bar.refresh()
-                    if main:
-                        tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} "
-                                   "reached")
-                    break
-        except KeyboardInterrupt:
-            self.save()  # nothing lost: rerunning the command resumes here
-            tqdm.write(f"interrupted at iteration {self.step}: checkpoint saved in {self.outdir / 'checkpoints'}; "
-                       "rerun the same command to resume")
-            raise
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
+        with stop_requests() as stop:
+            try:
+                while self.step < self.cfg.steps:
+                    logs = self.train_step()
+                    self.step += 1
+                    last.update(logs)  # keep each value's latest reading: generator losses only occur every few steps
+                    if watch is not None and self.step % self.cfg.watch_every == 0:
+                        watch.check()  # before this iteration's log line and checkpoint: a rollback is in both
+                    if self.cfg.max_minutes:  # the bar ends where the run will: at train.steps, or where the budget
+                        rate = (self.step - first) / max(clock() - loop_start, 1e-9)  # runs out at the rate so far
+                        left = max(self.cfg.max_minutes * 60 - clock(), 0.0)
+                        bar.total = min(self.cfg.steps, self.step + int(rate * left))
+                    bar.update(1)
+                    bar.set_postfix({**{k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")},
+                                     **(watch.postfix() if watch is not None else {})})
+                    if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                        values = parallel.mean_values(last)  # each process logged its own rows' losses
+                        if main:
+                            _append_jsonl(stats_path, {"step": self.step, "time": round(clock(), 3), **values})
+                        if writer is not None:
+                            for k, v in values.items():
+                                writer.add_scalar(k, v, self.step)
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                        self.save()
+                    if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
+                        self.sample_grid(f"step_{self.step:07d}")
+                    if curve_every and self.step % curve_every == 0:
+                        self.curve_point(curve_path, clock())
+                    if not parallel.all_true(not stop[0]):  # a signal (on any process): stop here, resumable
+                        if not (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
+                            self.save()
+                        name = signal.Signals(stop[0] or signal.SIGTERM).name
+                        if main:
+                            tqdm.write(f"{name} at iteration {self.step}: checkpoint saved in "
+                                       f"{self.outdir / 'checkpoints'}; rerun the same command to resume")
+                        raise Interrupted(stop[0] or signal.SIGTERM)
+                    if self.cfg.max_minutes and not parallel.all_true(clock() <= self.cfg.max_minutes * 60):
+                        bar.total = self.step  # the budget may run out inside a checkpoint, after the estimate above
+                        bar.refresh()
+                        if main:
+                            tqdm.write(f"stopping at iteration {self.step}: train.max_minutes={self.cfg.max_minutes} "
+                                       "reached")
+                        break
+            finally:
+                bar.close()
+                if writer is not None:
+                    writer.close()
         self.save()
         if curve_every and self.step % curve_every:
             self.curve_point(curve_path, clock())
@@ -540,12 +638,27 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_stats(path: Path, step: int) -> None:
-    """Drop log lines past the resumed iteration, so a resumed run's stats.jsonl reads like an uninterrupted one's."""
+def _truncate_stats(path: Path, step: int) -> int:
+    """Drop log lines past the resumed iteration, so a resumed run's stats.jsonl reads like an uninterrupted one's;
+    returns how many were dropped. A torn last line (a write cut short by a crash or a full disk) is dropped with a
+    warning; a bad line elsewhere is an error naming it."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        return 0
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}, is not a JSON record: repair or delete that line, "
+                                 "then rerun") from None
+            warnings.warn(f"{path}: dropping its torn last line (a write cut short): {line[:60]!r}", stacklevel=2)
+            continue
+        if record["step"] <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
 
 
 def train(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:
