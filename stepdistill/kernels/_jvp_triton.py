@@ -15,16 +15,16 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): the GPU's fast exponentia
 @triton.jit
 def attention_fwd(Q, K, V, DQ, DK, DV, Out, DOut, LSE,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn,
+                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                    H, NQ, NK, D, scale,
                    TANGENT: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), streaming all NK keys in tiles of BLOCK_N.
 
-    Q, DQ, Out (O), DOut (dO) share strides (b, h, n, 1); K, DK share theirs, V, DV theirs; LSE is a contiguous
-    [B, H, NQ] float32 tensor. Rows beyond NQ, keys beyond NK and head-dim lanes beyond D are masked (zeros in,
-    nothing out).
+    Strides are given for dims (b, h, n), the last one is 1: Q and DQ share theirs, K and DK theirs, V and DV theirs,
+    Out (O) and DOut (dO) theirs; LSE is a contiguous [B, H, NQ] float32 tensor. Rows beyond NQ, keys beyond NK and
+    head-dim lanes beyond D are masked (zeros in, nothing out).
 
     UPCAST (set for bfloat16 under Triton's interpreter, whose tl.dot mishandles bfloat16 operands): operands are
     widened to float32 after loading, and P is rounded to bfloat16 and widened back, so the products are the ones a
@@ -38,6 +38,7 @@ def attention_fwd(Q, K, V, DQ, DK, DV, Out, DOut, LSE,
     dims = tl.arange(0, BLOCK_D)
     q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
     q_mask = (rows[:, None] < NQ) & (dims[None, :] < D)
+    o_off = b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :]
     q = tl.load(Q + q_off, mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -95,9 +96,9 @@ def attention_fwd(Q, K, V, DQ, DK, DV, Out, DOut, LSE,
         m = m_new
 
     o = acc / l_sum[:, None]
-    tl.store(Out + q_off, o.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(Out + o_off, o.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(LSE + pid_bh * NQ + rows, (m + tl.log2(l_sum)) / LOG2E, mask=rows < NQ)  # natural-log logsumexp of S
     if TANGENT:
         do = acc_t / l_sum[:, None] - (r / l_sum)[:, None] * o
-        tl.store(DOut + q_off, do.to(DOut.dtype.element_ty), mask=q_mask)
+        tl.store(DOut + o_off, do.to(DOut.dtype.element_ty), mask=q_mask)
 

@@ -90,7 +90,7 @@ def kernel_status(device: torch.device | str | None = None) -> str | None:
 def _blocks(head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a head dim: two float32 [BLOCK_M x BLOCK_D] accumulators must fit
     in registers. Chosen by the usual flash-attention sizes, not tuned on a GPU yet."""
-    block_d = max(16, triton_next_power_of_2(head_dim))
+    block_d = max(16, 1 << (head_dim - 1).bit_length())  # the next power of two
     if block_d <= 64:
         return 64, 64, block_d, 4
     if block_d <= 128:
@@ -98,19 +98,15 @@ def _blocks(head_dim: int) -> tuple[int, int, int, int]:
     return 32, 32, block_d, 8
 
 
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _like(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """The tangent `t` with the strides of its primal `x` (the kernel reads both with one set of strides)."""
-    if t is None or t.stride() == x.stride():
-        return None if t is None else t.to(x.dtype)
-    return torch.empty_like(x).copy_(t)
+def _pair(x: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A primal and its tangent (or None) as the kernel reads them: one set of strides for both, the last one 1
+    (diffusers' transposed views pass as they are; tangents laid out otherwise than their primals are copied)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if t is None:
+        return x, None
+    t = t.to(x.dtype)
+    return (x, t) if t.stride() == x.stride() else (x.contiguous(), t.contiguous())
 
 
 def _launch(q, k, v, dq, dk, dv, scale, tangent, block_m, block_n):
@@ -118,13 +114,11 @@ def _launch(q, k, v, dq, dk, dv, scale, tangent, block_m, block_n):
     from ._jvp_triton import attention_fwd
 
     B, H, NQ, D = q.shape
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    if tangent:
-        dq, dk, dv = _like(dq, q), _like(dk, k), _like(dv, v)
-    else:
+    if not tangent:
         dq = dk = dv = None
-    o = torch.empty_like(q)
-    do = torch.empty_like(q) if tangent else o.new_empty(0)
+    (q, dq), (k, dk), (v, dv) = _pair(q, dq), _pair(k, dk), _pair(v, dv)
+    o = torch.empty_like(q)  # q's layout where it is dense (diffusers' [B, N, H, D] memory: its reshape is free)
+    do = torch.empty_like(o) if tangent else o.new_empty(0)
     lse = torch.empty(B, H, NQ, device=q.device, dtype=torch.float32)
     bm, bn, block_d, warps = _blocks(D)
     block_m, block_n = block_m or bm, block_n or bn
@@ -132,7 +126,7 @@ def _launch(q, k, v, dq, dk, dv, scale, tangent, block_m, block_n):
     attention_fwd[(-(-NQ // block_m), B * H)](
         q, k, v, q if dq is None else dq, k if dk is None else dk, v if dv is None else dv, o, do, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), H, NQ, k.shape[2], D, scale,
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), H, NQ, k.shape[2], D, scale,
         TANGENT=tangent, HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None,
         PRECISION=precision, UPCAST=interpreting() and q.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)

@@ -77,7 +77,7 @@ def test_head_dim_128_scale_and_missing_tangents():
 
 def test_strided_inputs_and_tangents_with_other_strides():
     """diffusers' AttnProcessor2_0 hands SDPA transposed views ([B, N, H, D] memory); forward-mode tangents may come
-    with other strides than their primals."""
+    with other strides than their primals; broadcast keys and a head dim that is not the innermost in memory."""
     q, k, v, dq, dk, dv = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in tensors(21, 18, 32, torch.float32))
     dq = dq.contiguous()
     assert not q.is_contiguous() and dq.stride() != q.stride()
@@ -85,6 +85,12 @@ def test_strided_inputs_and_tangents_with_other_strides():
     want_o, want_do = torch.func.jvp(math_attention, (q, k, v), (dq, dk, dv))
     assert_near(o, want_o, torch.float32, "O")
     assert_near(do, want_do, torch.float32, "dO")
+    k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)  # one head's keys broadcast (stride 0), queries transposed
+    q = q.transpose(2, 3).contiguous().transpose(2, 3)  # a unit stride that is not the last one
+    o, do = J.attention_jvp(q, k, v, dq, dk, dv, block=(16, 16))
+    want_o, want_do = torch.func.jvp(math_attention, (q, k.contiguous(), v.contiguous()), (dq, dk, dv))
+    assert_near(o, want_o, torch.float32, "O, broadcast keys")
+    assert_near(do, want_do, torch.float32, "dO, broadcast keys")
 
 
 def test_autograd_function_forward_mode_both_apis_and_backward():
