@@ -243,3 +243,22 @@ def test_scm_jvp_flash_without_a_kernel_warns_and_uses_the_math_path(latents, mo
     with pytest.warns(UserWarning, match="objective.jvp=flash: the Triton kernel needs a CUDA device.*math backend"):
         b.objective.velocity_and_tangent(x, torch.tensor([0.3, 1.2]), cond, torch.randn_like(x), torch.rand(2))
     assert b.objective.jvp_mode == "forward"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the script's GPU run is scripts/device_check.sh jvp")
+def test_timing_script_at_tiny_size_appends_rows_with_the_kernels_error(tmp_path):
+    """scripts/jvp_attention_check.py, the device check's timing part, on tiny shapes: the code a GPU runs."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("jvp_attention_check", Path("scripts/jvp_attention_check.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report = tmp_path / "gpu.md"
+    assert script.main(["--tiny", "--dtypes", "fp32", "--steps", "1", "--warmup", "0", "--report", str(report)]) == 0
+    rows = [line.split("|") for line in report.read_text().splitlines() if line.startswith(("| attention", "| unet"))]
+    assert [(r[2].strip(), r[5].strip()) for r in rows] == [
+        ("tiny self", "kernel"), ("tiny self", "math"), ("tiny cross", "kernel"), ("tiny cross", "math"),
+        ("tiny UNet JVP", "kernel"), ("tiny UNet JVP", "math")]
+    assert all(float(r[7]) > 0 for r in rows)  # tokens/s
+    assert all(float(r[9]) < 1e-4 for r in rows if r[5].strip() == "kernel")  # dO error against the math path
