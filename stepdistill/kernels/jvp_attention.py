@@ -122,7 +122,10 @@ def _launch(q, k, v, dq, dk, dv, scale, tangent, block_m, block_n):
     lse = torch.empty(B, H, NQ, device=q.device, dtype=torch.float32)
     bm, bn, block_d, warps = _blocks(D)
     block_m, block_n = block_m or bm, block_n or bn
-    precision = "tf32" if q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # float32 products in IEEE float32 unless torch allows TF32 (as its own matmuls do); half-precision products are
+    # what they are, and get Triton's default setting (which only concerns float32 operands)
+    ieee = q.dtype == torch.float32 and not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    precision = "ieee" if ieee else "tf32"
     attention_fwd[(-(-NQ // block_m), B * H)](
         q, k, v, q if dq is None else dq, k if dk is None else dk, v if dv is None else dv, o, do, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
