@@ -4,7 +4,10 @@ import os
 import pytest
 import torch
 
-from stepdistill.models.tokenizer import byte_level_clip_tokenizer, text_config
+if not torch.cuda.is_available():  # Triton's interpreter runs the Triton kernels on the CPU (tests/kernels/
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # test_jvp_attention.py); set before triton's first import
+
+from stepdistill.models.tokenizer import byte_level_clip_tokenizer, text_config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes are referenced as configs/...

@@ -25,7 +25,10 @@ seen through the same conversion; logvar is a small module of its own rather tha
 `trigflow: scm` keeps Lu & Song's unscaled pixel data.
 
 The JVP uses forward-mode AD (`torch.func.jvp`); where a network has an op without a forward-mode rule, `jvp: auto`
-falls back to central finite differences (FastGen's fallback) and says so once.
+falls back to central finite differences (FastGen's fallback) and says so once. Attention inside the JVP runs SDPA's
+math backend (memory quadratic in the sequence length), or with `jvp: flash` the Triton kernel of
+kernels/jvp_attention.py, which computes attention's output and tangent in one flash-style pass (O(N) memory); where
+that kernel cannot run (no CUDA device, no Triton) a warning names the math fallback.
 
 `adv_weight > 0` is SANA-Sprint's sCM + LADD: the generator's loss adds adv_weight x LADD's adversarial loss on the
 consistency estimate (or, with probability `adv_largest_time`, on the one-step sample from pure noise, SANA's
@@ -55,7 +58,7 @@ from .base import Batch, LossOutput, Objective, Phase
 from .ladd import adversarial_loss, discriminator_phase
 from .terms import sample_generator
 
-JVP_MODES = ("auto", "forward", "finite_difference")
+JVP_MODES = ("auto", "forward", "flash", "finite_difference")
 
 
 @dataclass
@@ -76,7 +79,8 @@ class SCMConfig:
     tangent_warmup: int = 4000  # iterations over which r ramps from 0 to 1 (0: no warm-up)
     tangent_norm: float = 0.1  # c in g / (||g|| + c)
     adaptive_weight: bool = True  # learned logvar(theta); off: logvar = 0
-    jvp: Literal["auto", "forward", "finite_difference"] = "auto"
+    jvp: Literal["auto", "forward", "flash", "finite_difference"] = "auto"  # flash: forward with the Triton
+    #   attention kernel (kernels/jvp_attention.py); auto: forward (math attention), finite differences if that fails
     fd_eps: float = 1e-4  # finite-difference step: small, as time embeddings of native DDPM steps vary fast
     adv_weight: float = 0.0  # LADD's weight in the generator loss (SANA-Sprint 0.5); > 0 adds the discriminator
     adv_largest_time: float = 0.5  # share of adversarial passes on the one-step sample from pure noise
@@ -105,21 +109,34 @@ def normalized_tangent(g: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.T
 
 
 @contextmanager
-def forward_ad_ready(module: nn.Module):
+def forward_ad_ready(module: nn.Module, flash: bool = False):
     """Work around two gaps in PyTorch's forward-mode AD for the duration: fused attention kernels (SDPA's and
-    xformers') have no JVP rule (use SDPA's math backend, as SANA-Sprint's `jvp=True` attention does), and group norm
-    rejects a tangent whose strides differ from its input's (as after diffusers' attention reshapes), so its inputs
-    are made contiguous first."""
+    xformers') have no JVP rule (use SDPA's math backend, as SANA-Sprint's `jvp=True` attention does; with `flash`,
+    the SDPA calls the Triton kernel of kernels/jvp_attention.py can take go there instead), and group norm rejects a
+    tangent whose strides differ from its input's (as after diffusers' attention reshapes), so its inputs are made
+    contiguous first."""
     def contiguous(_, args):
         return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
 
     hooks = [m.register_forward_pre_hook(contiguous) for m in module.modules() if isinstance(m, nn.GroupNorm)]
     try:
-        with without_xformers(module), sdpa_kernel(SDPBackend.MATH):
+        with without_xformers(module), sdpa_kernel(SDPBackend.MATH), flash_jvp_attention(flash):
             yield
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextmanager
+def flash_jvp_attention(on: bool):
+    """SDPA calls routed to the Triton JVP kernel for the duration when `on` (kernels/jvp_attention.py)."""
+    if not on:
+        yield
+        return
+    from ..kernels.jvp_attention import sdpa_to_kernel
+
+    with sdpa_to_kernel():
+        yield
 
 
 def central_difference(f, x: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor, dtheta: torch.Tensor,
@@ -156,7 +173,8 @@ class SCM(Objective):
         super().__init__(cfg, nets, shape)
         self.trig = TrigFlowSpace.of(cfg.trigflow, cfg.sigma_data)
         self.logvar = AdaptiveWeight() if cfg.adaptive_weight else None
-        self.jvp_mode = "forward" if cfg.jvp == "auto" else cfg.jvp
+        self.jvp_mode = "forward" if cfg.jvp == "auto" else cfg.jvp  # the mode in use: forward, flash or
+        #   finite_difference (a failing forward / flash one gives way, once, with a warning)
         self.r = 0.0
 
     def parameters(self, network: str) -> list[nn.Parameter]:
@@ -208,13 +226,21 @@ class SCM(Objective):
         def f(x_, theta_):
             return self.student_velocity(x_, theta_, cond)
 
+        if self.jvp_mode == "flash":
+            from ..kernels.jvp_attention import kernel_status
+
+            if (reason := kernel_status(x.device)) is not None:
+                warnings.warn(f"objective.jvp=flash: {reason}; the JVP's attention runs SDPA's math backend instead "
+                              "(forward-mode AD as with objective.jvp=forward: memory quadratic in the sequence "
+                              "length)", stacklevel=2)
+                self.jvp_mode = "forward"
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # tangents in float32 (FastGen too)
-            if self.jvp_mode == "forward":
+            if self.jvp_mode in ("forward", "flash"):
                 try:
-                    with forward_ad_ready(self.nets.generator):
+                    with forward_ad_ready(self.nets.generator, flash=self.jvp_mode == "flash"):
                         return torch.func.jvp(f, (x, theta), (dx, dtheta))
                 except (RuntimeError, NotImplementedError) as e:
-                    if self.cfg.jvp == "forward":
+                    if self.cfg.jvp in ("forward", "flash"):
                         raise RuntimeError(f"forward-mode AD (torch.func.jvp) failed on this network: {e}. Set "
                                            "objective.jvp=finite_difference (or auto) to use central finite "
                                            "differences instead.") from e
