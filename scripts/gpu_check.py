@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stepdistill.bench import machine  # noqa: E402
+from stepdistill.bench import append_report, machine  # noqa: E402
 from stepdistill.kernels import xformers_status  # noqa: E402
 from stepdistill.recipe import load_recipe  # noqa: E402
 from stepdistill.speed import measure  # noqa: E402
@@ -179,14 +179,7 @@ def write_report(rows: list[dict], planned: int, card: str, peak: float | None, 
     text = markdown(rows, card, peak, command, a)
     if len(rows) < planned:
         text += f"\nStopped (time limit or interrupt) after {len(rows)} of {planned} configurations.\n"
-    print(text)
-    report = Path(a.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    if not report.exists():
-        report.write_text("# GPU benchmarks (scripts/gpu_check.py)\n\nOne section per run, newest last.\n\n")
-    with open(report, "a") as f:
-        f.write(text + "\n")
-    print(f"appended to {report}")
+    append_report(a.report, text)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stepdistill.bench import machine  # noqa: E402
+from stepdistill.bench import append_report, machine  # noqa: E402
 
 # name: (batch, heads, query tokens, key tokens, head dim)
 ATTENTION = {
@@ -210,14 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         text = markdown(rows, card, command, a)
         if done < len(configs):
             text += f"\nStopped (time limit or interrupt) after {done} of {len(configs)} configurations.\n"
-        print(text)
-        report = Path(a.report)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        if not report.exists():
-            report.write_text("# GPU benchmarks (scripts/gpu_check.py)\n\nOne section per run, newest last.\n\n")
-        with open(report, "a") as f:
-            f.write(text + "\n")
-        print(f"appended to {report}")
+        append_report(a.report, text)
     return 0
 
 

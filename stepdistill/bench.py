@@ -69,6 +69,19 @@ def machine() -> str:
             f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def append_report(path: str | Path, text: str) -> None:
+    """Append one run's section to a GPU speed report (scripts/gpu_check.py, scripts/jvp_attention_check.py), creating
+    it with its title; prints the section and where it went."""
+    print(text)
+    report = Path(path)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    if not report.exists():
+        report.write_text("# GPU benchmarks (scripts/gpu_check.py)\n\nOne section per run, newest last.\n\n")
+    with open(report, "a") as f:
+        f.write(text + "\n")
+    print(f"appended to {report}")
+
+
 def overrides(suite: Suite, seed: int, recipe: str) -> list[str]:
     """The suite's settings as `stepdistill train` overrides. A wall-time budget lifts the recipe's iteration cap, so
     every run stops on time alone; multi-student runs split it among their students (the budget applies to each)."""
