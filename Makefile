@@ -1,5 +1,5 @@
 # make demo: set up (if needed) and distil the bundled Fashion-MNIST teacher into a one-step student (~5 min, CPU).
-# make test: set up (if needed, with the FID stack) and run the test suite (about 30 min on 2 CPU cores).
+# make test: set up (if needed, with the FID stack) and run the test suite (about 40 min on 2 CPU cores).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
