@@ -225,3 +225,15 @@ def make_tiny_clip_folder(path, image_size: int = 32):
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size),
                   tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def same_newest_checkpoint(a, b):
+    """Assert that two run folders' newest checkpoints hold bitwise equal weights; returns both (step, weights, state)
+    for further checks."""
+    from stepdistill.train.state import load_latest
+
+    (sa, wa, ra), (sb, wb, rb) = load_latest(a / "checkpoints"), load_latest(b / "checkpoints")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    return (sa, wa, ra), (sb, wb, rb)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import same_newest_checkpoint
 from torch import nn
 
 from stepdistill.recipe import RecipeError, load_recipe
@@ -41,11 +42,7 @@ def test_a_healthy_run_trains_bitwise_as_with_the_watch_off(tmp_path):
     """The watch samples under fork_rng with its own seeds; saving the best state (rollback mode) changes nothing."""
     Trainer(_recipe("train.on_collapse=rollback"), tmp_path / "on", quiet=True).run()
     Trainer(_recipe("train.watch_every=0"), tmp_path / "off", quiet=True).run()
-    _, won, _ = load_latest(tmp_path / "on" / "checkpoints")
-    _, woff, _ = load_latest(tmp_path / "off" / "checkpoints")
-    assert won.keys() == woff.keys()
-    for k in won:
-        assert torch.equal(won[k], woff[k]), k
+    same_newest_checkpoint(tmp_path / "on", tmp_path / "off")
     on, off = _stats(tmp_path / "on" / "stats.jsonl"), _stats(tmp_path / "off" / "stats.jsonl")
     assert [{k: v for k, v in r.items() if not k.startswith("watch/")} for r in on] == off
     assert all(r["watch/alarms"] == 0 and r["watch/distance"] > 0 for r in on)
@@ -155,11 +152,7 @@ def test_resume_after_a_crash_with_the_watch_on_is_bitwise_identical(crash, tmp_
     resumed = Trainer(recipe, tmp_path / "b", quiet=True)
     resumed.run()
     assert resumed.optimizers["generator"].param_groups[0]["base_lr"] == pytest.approx(recipe.train.lr / 2)
-    _, wa, sa = load_latest(tmp_path / "a" / "checkpoints")
-    _, wb, sb = load_latest(tmp_path / "b" / "checkpoints")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    same_newest_checkpoint(tmp_path / "a", tmp_path / "b")
     a, b = _stats(tmp_path / "a" / "stats.jsonl"), _stats(tmp_path / "b" / "stats.jsonl")
     assert a == b and a[-1]["watch/rollbacks"] == 1
 
