@@ -16,13 +16,10 @@ from typing import Any, Literal
 import yaml
 
 from . import registry
+from .errors import RecipeError  # noqa: F401  (re-exported: `from stepdistill.recipe import RecipeError`)
 
 # attention projections, the default of diffusers' LoRA training scripts (models/lora.py uses the same)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used as written; the message names the key and the fix."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import RunFolderError  # noqa: F401  (re-exported for callers of train.state)
 from ..hashing import file_sha256
 
 try:
@@ -28,10 +29,6 @@ except ImportError:  # Windows: no advisory locks, run folders are not locked
     fcntl = None
 
 FILES = ("weights.safetensors", "state.pt")
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used now (held by another command, read-only, full); the message says why."""
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .. import parallel
 from .. import recipe as recipe_mod
+from ..errors import NonFiniteError
 from ..kernels import configure_networks
 from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
@@ -42,10 +43,6 @@ from .state import (
     save_checkpoint,
     unprefixed,
 )
-
-
-class NonFiniteError(RuntimeError):
-    """Too many steps produced a non-finite loss or gradient, or the weights themselves became non-finite."""
 
 
 class Interrupted(KeyboardInterrupt):
