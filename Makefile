@@ -1,10 +1,11 @@
 # make demo: set up (if needed) and distil the bundled Fashion-MNIST teacher into a one-step student (~5 min, CPU).
 # make test: set up (if needed, with the FID stack) and run the test suite (about 40 min on 2 CPU cores).
+# make test-fast: the same without the tests listed in tests/slow_tests.txt (unit and contract tests, a few minutes).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-fid demo test lint clean device-wheels
+.PHONY: setup setup-fid demo test test-fast lint clean device-wheels
 
 $(BIN)/stepdistill: setup.py
 	$(PY) -m venv $(VENV)
@@ -31,8 +32,12 @@ demo: setup
 	rm -rf runs/demo_fashion_vsd_1step
 	$(BIN)/stepdistill train configs/fashion/vsd_1step.yaml --outdir runs/demo_fashion_vsd_1step
 
+# --durations lists every test over 5 s at the end: where tests/slow_tests.txt comes from (see tests/conftest.py).
 test: setup-fid
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=0 --durations-min=5 tests
+
+test-fast: setup-fid
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(BIN)/ruff check stepdistill tests scripts

@@ -13,6 +13,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes are referenced as configs/...
 
 
+SLOW_LIST = os.path.join("tests", "slow_tests.txt")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over about 5 s on 2 CPU cores (tests/slow_tests.txt); `make test-fast` "
+                                       "runs the others")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests tests/slow_tests.txt names (node ids from `make test`'s --durations list, or whole files) slow,
+    so the list lives in one file rather than as decorators spread over the suite."""
+    if not os.path.exists(SLOW_LIST):
+        return
+    with open(SLOW_LIST) as f:
+        slow = {line.split("#")[0].strip() for line in f} - {""}
+    for item in items:
+        if item.nodeid in slow or item.nodeid.split("::")[0] in slow or item.nodeid.split("[")[0] in slow:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
