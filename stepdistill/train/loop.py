@@ -31,7 +31,7 @@ class Run:
     """What the stages set up for the loop and the end of one run() call (it lives no longer than that call)."""
     stats: Path
     curve: Path
-    main: bool = field(default_factory=parallel.is_main)
+    main: bool  # process 0: it writes the run's files
     resumed: bool = False
     curve_every: int = 0
     watch: object = None  # train/watch.py's Watch, when train.watch_every > 0
@@ -155,7 +155,7 @@ def run(t) -> dict | None:
     """Train (or resume) trainer t to train.steps, holding the run folder (state.run_lock) throughout; returns the
     final evaluation's metrics (None when there is none)."""
     with locked(t.outdir):
-        r = Run(t.outdir / "stats.jsonl", t.outdir / "curve.jsonl")
+        r = Run(t.outdir / "stats.jsonl", t.outdir / "curve.jsonl", parallel.is_main())
         for stage in STAGES:
             stage(t, r)
         after = hooks(t, r)

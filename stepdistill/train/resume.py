@@ -1,5 +1,6 @@
-"""Resume rules: who may hold a run folder, which recipe changes a rerun may make, and how a resumed run's logs are
-cut back to its checkpoint, so that rerunning the same command continues exactly as an uninterrupted run would."""
+"""Resume rules: who may hold a run folder, which recipe changes a rerun may make, which checkpoint it resumes from,
+and how a resumed run's logs are cut back to that checkpoint, so that rerunning the same command continues exactly as
+an uninterrupted run would."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 from .. import parallel
 from .. import recipe as recipe_mod
 from ..recipe import Recipe, RecipeError
-from .state import RunFolderError, list_checkpoints, run_lock
+from .state import RunFolderError, list_checkpoints, load_latest, run_lock
 
 
 @contextmanager
@@ -78,3 +79,16 @@ def truncate_stats(path: Path, step: int) -> int:
             keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
     return len(lines) - len(keep)
+
+
+def newest_checkpoint(outdir: Path) -> tuple[int, dict, dict] | None:
+    """(step, weights, state) of the newest intact checkpoint in outdir/checkpoints (damaged ones are skipped with a
+    warning), or None: the run starts afresh. When every checkpoint is damaged, a RecipeError: starting over would
+    overwrite them and the run's logs, so refuse and lose nothing."""
+    found = load_latest(outdir / "checkpoints")
+    if found is None:
+        saved = list_checkpoints(outdir / "checkpoints")
+        if saved:
+            raise RecipeError(f"all {len(saved)} checkpoints in {outdir / 'checkpoints'} are damaged (see the "
+                              "warnings above); move them away to start the run over, or choose another --outdir")
+    return found

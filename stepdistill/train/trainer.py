@@ -20,15 +20,19 @@ from ..errors import NonFiniteError
 from ..kernels import configure_networks
 from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
-from ..recipe import Recipe, RecipeError
+from ..recipe import Recipe
 from . import loop
 from .build import build, check_batch, check_fsdp, real_data
 from .cadence import Clock, Interrupted  # noqa: F401  (Interrupted re-exported for callers of train.trainer)
 from .ema import EMA
-from .state import list_checkpoints, load_latest, non_finite, prefixed, save_checkpoint, unprefixed
+from .resume import newest_checkpoint
+from .state import list_checkpoints, non_finite, prefixed, save_checkpoint, unprefixed
 
 
 class Trainer:
+    """One run: its built networks, EMA, optimisers, step and checkpoints; `train_step` is one iteration and `run`
+    the whole loop (train/loop.py)."""
+
     def __init__(self, recipe: Recipe, outdir: str | Path, quiet: bool = False,
                  classes: list[int] | None = None) -> None:
         """`classes`: train one MSD student on these classes only (no evaluation at the end: the ensemble is
@@ -141,12 +145,9 @@ class Trainer:
         return f"the newest good checkpoint is {saved[-1]}" if saved else "the run has no checkpoint yet"
 
     def restore(self) -> bool:
-        found = load_latest(self.outdir / "checkpoints")
+        """Load the newest intact checkpoint (resume.newest_checkpoint), if any; True when the run resumes."""
+        found = newest_checkpoint(self.outdir)
         if found is None:
-            saved = list_checkpoints(self.outdir / "checkpoints")
-            if saved:  # starting over would overwrite them and the run's logs: refuse, lose nothing
-                raise RecipeError(f"all {len(saved)} checkpoints in {self.outdir / 'checkpoints'} are damaged (see the "
-                                  "warnings above); move them away to start the run over, or choose another --outdir")
             return False
         step, weights, state = found
         for name in self.objective.trains:
