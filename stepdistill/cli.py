@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> int:
     from . import parallel
     from .recipe import dump, load_recipe
-    from .train.trainer import build, train
+    from .train.build import build
+    from .train.students import train
 
     recipe = load_recipe(a.recipe, a.overrides)
     if a.dry_run:

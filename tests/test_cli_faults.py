@@ -296,7 +296,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     any other file the command writes (the file is named)."""
     import errno
 
-    from stepdistill.train import state, trainer
+    from stepdistill.train import loop, state
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "stats.jsonl"))
@@ -306,6 +306,6 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
         err = _one_line_error(capsys, "train", *GMM, "--quiet", "--outdir", str(tmp_path / "r"))
         assert "no space left on the device of" in err and "a checkpoint needs about" in err
     assert not list((tmp_path / "r" / "checkpoints").iterdir())
-    monkeypatch.setattr(trainer, "_append_jsonl", full)
+    monkeypatch.setattr(loop, "append_jsonl", full)  # the loop's and the curve's log lines
     err = _one_line_error(capsys, "train", *GMM, "--quiet", "--outdir", str(tmp_path / "r"))
     assert f"cannot write {tmp_path / 'r' / 'stats.jsonl'}: No space left on device" in err

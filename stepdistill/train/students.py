@@ -6,6 +6,7 @@ classes (models/multi_student.py: class c goes to student c * K // num_classes).
 train.steps and train.max_minutes apply to each. Rerunning the command skips every student whose folder has a
 train_summary.json and resumes the first unfinished one from its newest checkpoint. OUTDIR then gets the recipe,
 samples/final.png and metrics.json of the ensemble, which `stepdistill sample | eval | export` load like any run.
+`train` is the entry for every recipe: one Trainer, or the K students; this module sits above train/trainer.py.
 """
 from __future__ import annotations
 
@@ -20,7 +21,18 @@ from ..models.multi_student import describe, partition
 from ..recipe import Recipe
 from ..run import load_run, student_dir
 from ..teachers import build_teacher
-from .trainer import Trainer, check_generator, check_resumable, locked
+from .build import check_generator
+from .resume import check_resumable, locked
+from .trainer import Trainer
+
+
+def train(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:
+    """Train (or resume) a run in `outdir`; returns the metrics written to metrics.json (None if eval.at_end is off).
+    With generator.students = K > 1, K ordinary runs in outdir/students/k/ and the routed ensemble's metrics."""
+    parallel.init()
+    if recipe.generator.students != 1:
+        return train_students(recipe, outdir, quiet=quiet)
+    return Trainer(recipe, outdir, quiet=quiet).run()
 
 
 def train_students(recipe: Recipe, outdir: str | Path, quiet: bool = False) -> dict | None:

@@ -25,15 +25,14 @@ generators: training with the watch on draws the same numbers as with it off, un
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from tqdm import tqdm
 
 from .. import parallel
+from ..errors import NonFiniteError
 from ..models.lora import load_saved_state
 from .state import load_latest, save_checkpoint, unprefixed
-from .trainer import NonFiniteError
 
 SEED = 20_250_601  # noise of the reference and of the student's watch samples: a stream of their own
 COLLAPSE = 0.1  # spread below this share of the best check's: the output collapsed to (nearly) one sample
@@ -91,12 +90,12 @@ class Watch:
 
     def __init__(self, trainer) -> None:
         self.t, self.cfg = trainer, trainer.cfg
-        e, t0 = trainer.recipe.eval, time.time()
-        with trainer.gathered(), torch.random.fork_rng(devices=[]):
-            samples = reference_samples(trainer.built.teacher, self.cfg.watch_n, e.batch_size, e.teacher_nfe,
-                                        e.guidance_scale, trainer.classes)
-        self.ref = parallel.on_main(lambda: Reference(samples, trainer.built.teacher.is_image))
-        trainer.paused += time.time() - t0  # not charged to train.max_minutes, like curve points
+        e = trainer.recipe.eval
+        with trainer.clock.excluded():  # not charged to train.max_minutes, like curve points
+            with trainer.gathered(), torch.random.fork_rng(devices=[]):
+                samples = reference_samples(trainer.built.teacher, self.cfg.watch_n, e.batch_size, e.teacher_nfe,
+                                            e.guidance_scale, trainer.classes)
+            self.ref = parallel.on_main(lambda: Reference(samples, trainer.built.teacher.is_image))
         self.alarm: str | None = None  # the last check's alarm, for the progress bar
 
     # the watch's state is its logged values (saved with each checkpoint as Trainer.last_logs)
@@ -120,7 +119,10 @@ class Watch:
 
     def check(self) -> str | None:
         """Sample, compare, log; on an alarm say so and act as train.on_collapse says. Returns the alarm's name."""
-        t0 = time.time()
+        with self.t.clock.excluded():  # like curve points, the watch's time is not charged to the budget
+            return self._check()
+
+    def _check(self) -> str | None:
         with self.t.gathered():
             xs = self.samples()
         s = parallel.on_main(lambda: self.ref.compare(xs))
@@ -143,7 +145,6 @@ class Watch:
                 self._save_best()
         elif kind is not None:
             self._act(kind, s)
-        self.t.paused += time.time() - t0  # like curve points, the watch's time is not charged to the budget
         return kind
 
     def _describe(self, kind: str, s: dict) -> str:

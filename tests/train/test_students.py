@@ -8,7 +8,8 @@ import torch
 from stepdistill.cli import main
 from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.trainer import Trainer, build, train
+from stepdistill.train.students import train
+from stepdistill.train.trainer import Trainer, build
 
 MSD = ["configs/toy/gmm_msd.yaml", "teacher.hidden=32", "generator.students=2", "train.steps=4",
        "train.batch_size=64", "train.checkpoint_every=2", "eval.n=256"]

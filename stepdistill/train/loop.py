@@ -1,0 +1,221 @@
+"""The training loop behind Trainer.run: pre-loop stages in order, then iterations whose cadences are hooks, then the
+end of the run (last checkpoint, sample grid, summary, final evaluation).
+
+STAGES run once, in order, before the first iteration; each is a function of (trainer, run). After every iteration
+the hooks run in the order `hooks` lists them; each is `every(n, fn)`: fn() after every n-th iteration. Between
+iterations the loop stops on a signal (with a checkpoint, resumable) or when train.max_minutes is spent. The clock
+(cadence.Clock) counts training seconds: curve points and the watch are not charged to train.max_minutes.
+This module holds no networks: it drives a Trainer (train/trainer.py) through its public methods.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import parallel
+from .. import recipe as recipe_mod
+from ..models.score import warm_start_guidance
+from .cadence import Interrupted, every, stop_requests
+from .resume import check_resumable, locked, truncate_stats
+
+
+@dataclass
+class Run:
+    """What the stages set up for the loop and the end of one run() call (it lives no longer than that call)."""
+    stats: Path
+    curve: Path
+    main: bool  # process 0: it writes the run's files
+    resumed: bool = False
+    curve_every: int = 0
+    watch: object = None  # train/watch.py's Watch, when train.watch_every > 0
+    writer: object = None  # TensorBoard, on process 0
+    bar: object = None
+    first: int = 0  # the loop's first iteration and the clock then: the progress bar's rate
+    loop_start: float = 0.0
+    logs: dict = field(default_factory=dict)  # the last iteration's own logs (the progress bar's losses)
+
+
+# ---- stages, before the first iteration --------------------------------------------------------------------------
+def dump_recipe(t, r: Run) -> None:
+    """A rerun must use the recipe of the run it resumes (resume.check_resumable); the folder then holds this one."""
+    check_resumable(t.outdir, t.recipe)
+    parallel.barrier()  # every process has read the saved recipe before process 0 rewrites it
+    if r.main:
+        (t.outdir / "recipe.yaml").write_text(recipe_mod.dump(t.recipe))
+
+
+def resume(t, r: Run) -> None:
+    torch.manual_seed(t.cfg.seed)  # after building: only the loop's draws depend on this stream
+    r.resumed = t.restore()
+    t.clock.start()  # train.max_minutes budgets the warm start too, not curve points
+
+
+def warm_start(t, r: Run) -> None:
+    """generator.tsm_steps and generator.warm_start_steps of a fresh run, then a checkpoint: a crash never redoes
+    them."""
+    g = t.recipe.generator
+    if r.resumed or not (g.tsm_steps > 0 or g.warm_start_steps > 0):
+        return
+    if g.tsm_steps > 0:
+        t.teacher_score_matching()
+    if g.warm_start_steps > 0:
+        from .warm_start import regression_warm_start
+
+        loss = regression_warm_start(t.nets.generator, t.built.teacher, g.warm_start_lr or t.cfg.lr,
+                                     g.warm_start_steps, g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size,
+                                     t.quiet, classes=t.classes, guidance_scale=warm_start_guidance(t.recipe.objective))
+        t.last_logs["loss/warm_start"] = loss
+    if t.ema is not None:
+        t.ema.model.load_state_dict(t.nets.generator.state_dict())
+    t.broadcast()  # every process ran the same warm start: keep them bitwise equal all the same
+    t.save()
+
+
+def truncate_logs(t, r: Run) -> None:
+    """stats.jsonl and curve.jsonl lose the lines past the resumed iteration (resume.truncate_stats)."""
+    if not r.main:
+        return
+    for path in (r.stats, r.curve):
+        dropped = truncate_stats(path, t.step)
+        if dropped and not r.resumed:
+            warnings.warn(f"{t.outdir} has no checkpoint to resume from, so the run starts over at iteration 0: "
+                          f"{dropped} lines of an earlier run's {path.name} are dropped", stacklevel=2)
+
+
+def first_checks(t, r: Run) -> None:
+    """The watch's teacher samples and its first check, and the curve's first point, where they apply."""
+    from .watch import Watch
+
+    r.curve_every = t.recipe.eval.curve_every if t.built.teacher.domain != "none" else 0
+    r.watch = Watch(t) if t.cfg.watch_every else None  # teacher samples to watch the student against
+    if r.watch is not None and t.step == 0:  # (a warm start's checkpoint is at 0, before this check)
+        r.watch.check()
+    if r.curve_every and not r.resumed:
+        t.curve_point(r.curve, t.clock())
+
+
+def open_logs(t, r: Run) -> None:
+    """TensorBoard (process 0), the progress bar and what the run says before its first iteration."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    c = t.cfg
+    r.writer = SummaryWriter(str(t.outdir / "tb")) if r.main else None
+    r.bar = tqdm(total=c.steps, initial=t.step, desc="distilling", unit="it", disable=t.quiet, dynamic_ncols=True)
+    if parallel.world() > 1 and not t.quiet:
+        tqdm.write(f"{parallel.world()} processes, {parallel.local_batch(c.batch_size)} of the "
+                   f"train.batch_size={c.batch_size} samples each{t.sharding_note()}")
+    if r.resumed and not t.quiet:
+        tqdm.write(f"resumed from iteration {t.step} in {t.outdir / 'checkpoints'}")
+    r.first, r.loop_start = t.step, t.clock()
+
+
+STAGES = [dump_recipe, resume, warm_start, truncate_logs, first_checks, open_logs]
+
+
+# ---- hooks, after every iteration --------------------------------------------------------------------------------
+def hooks(t, r: Run) -> list[Callable[[int], None]]:
+    c = t.cfg
+    return [every(c.watch_every, lambda: r.watch.check()),  # before the log line and checkpoint: a rollback is in both
+            every(1, lambda: progress(t, r)),
+            every(c.log_every, lambda: log(t, r), also=(c.steps,)),
+            every(c.checkpoint_every, lambda: t.save()),
+            every(c.sample_every, lambda: t.sample_grid(f"step_{t.step:07d}")),
+            every(r.curve_every, lambda: t.curve_point(r.curve, t.clock()))]
+
+
+def progress(t, r: Run) -> None:
+    """The bar ends where the run will: at train.steps, or where the budget runs out at the rate so far."""
+    if t.cfg.max_minutes:
+        rate = (t.step - r.first) / max(t.clock() - r.loop_start, 1e-9)
+        left = max(t.cfg.max_minutes * 60 - t.clock(), 0.0)
+        r.bar.total = min(t.cfg.steps, t.step + int(rate * left))
+    r.bar.update(1)
+    r.bar.set_postfix({**{k.split("/")[-1]: f"{v:.3g}" for k, v in r.logs.items() if k.startswith("loss/")},
+                       **(r.watch.postfix() if r.watch is not None else {})})
+
+
+def log(t, r: Run) -> None:
+    values = parallel.mean_values(t.last_logs)  # each process logged its own rows' losses
+    if r.main:
+        append_jsonl(r.stats, {"step": t.step, "time": round(t.clock(), 3), **values})
+    if r.writer is not None:
+        for k, v in values.items():
+            r.writer.add_scalar(k, v, t.step)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+def run(t) -> dict | None:
+    """Train (or resume) trainer t to train.steps, holding the run folder (state.run_lock) throughout; returns the
+    final evaluation's metrics (None when there is none)."""
+    with locked(t.outdir):
+        r = Run(t.outdir / "stats.jsonl", t.outdir / "curve.jsonl", parallel.is_main())
+        for stage in STAGES:
+            stage(t, r)
+        after = hooks(t, r)
+        with stop_requests() as signalled:
+            try:
+                while t.step < t.cfg.steps:
+                    r.logs = t.train_step()
+                    t.step += 1
+                    t.last_logs.update(r.logs)  # each value's latest reading: generator losses come every few steps
+                    for hook in after:
+                        hook(t.step)
+                    if not parallel.all_true(not signalled[0]):  # a signal (on any process): stop here, resumable
+                        stop(t, r, signalled[0] or signal.SIGTERM)
+                    if t.cfg.max_minutes and not parallel.all_true(t.clock() <= t.cfg.max_minutes * 60):
+                        r.bar.total = t.step  # the budget may run out inside a checkpoint, after the bar's estimate
+                        r.bar.refresh()
+                        if r.main:
+                            tqdm.write(f"stopping at iteration {t.step}: train.max_minutes={t.cfg.max_minutes} "
+                                       "reached")
+                        break
+            finally:
+                r.bar.close()
+                if r.writer is not None:
+                    r.writer.close()
+        return finish(t, r)
+
+
+def stop(t, r: Run, signum: int) -> None:
+    """Stop on a signal with a checkpoint of this iteration (unless its hook just wrote one): raises Interrupted."""
+    if not (t.cfg.checkpoint_every and t.step % t.cfg.checkpoint_every == 0):
+        t.save()
+    if r.main:
+        tqdm.write(f"{signal.Signals(signum).name} at iteration {t.step}: checkpoint saved in "
+                   f"{t.outdir / 'checkpoints'}; rerun the same command to resume")
+    raise Interrupted(signum)
+
+
+def finish(t, r: Run) -> dict | None:
+    """The last checkpoint, curve point, sample grid and train_summary.json; then eval.at_end's evaluation (not for
+    one MSD student: train/students.py evaluates the ensemble)."""
+    from ..eval.harness import evaluate, write_metrics
+
+    t.save()
+    if r.curve_every and t.step % r.curve_every:
+        t.curve_point(r.curve, t.clock())
+    values = parallel.mean_values(t.last_logs)
+    t.sample_grid("final")
+    if r.main:
+        summary = {"iterations": t.step, "train_seconds": round(t.clock(), 1), **values}
+        (t.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    parallel.barrier()  # the run's files are complete for every process once run() returns
+    if not t.recipe.eval.at_end or t.classes is not None:
+        return None
+    with t.gathered():
+        metrics = evaluate(t.recipe, t.built.teacher, t.student(), quiet=t.quiet)
+    if r.main:
+        write_metrics(t.outdir, metrics)
+    return metrics
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
