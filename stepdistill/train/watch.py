@@ -31,9 +31,9 @@ import torch
 from tqdm import tqdm
 
 from .. import parallel
+from ..errors import NonFiniteError
 from ..models.lora import load_saved_state
 from .state import load_latest, save_checkpoint, unprefixed
-from .trainer import NonFiniteError
 
 SEED = 20_250_601  # noise of the reference and of the student's watch samples: a stream of their own
 COLLAPSE = 0.1  # spread below this share of the best check's: the output collapsed to (nearly) one sample
