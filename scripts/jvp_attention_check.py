@@ -102,7 +102,7 @@ def attention_rows(name, shape, dtype_name, a) -> list[dict]:
 def unet_rows(size, a) -> list[dict]:
     from diffusers import UNet2DConditionModel
 
-    from stepdistill.objectives.scm import forward_ad_ready
+    from stepdistill.kernels.forward_ad import forward_ad_ready
     from stepdistill.teachers.synthetic import SIZES
 
     cfg = SIZES[size]

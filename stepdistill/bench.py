@@ -140,7 +140,14 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
 def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) -> dict[int, dict]:
     """The teacher's metric at each NFE under the first recipe's protocol (its quality.json entry where the protocol
     matches exactly; otherwise sampled now and cached in OUTDIR/teacher.json)."""
-    from .eval.harness import _cached_teacher, domain_reference, domain_score, generate_teacher, main_metric, protocol
+    from .eval.harness import (
+        cached_teacher_metrics,
+        domain_reference,
+        domain_score,
+        generate_teacher,
+        main_metric,
+        protocol,
+    )
     from .recipe import load_recipe
     from .teachers import build_teacher
 
@@ -153,7 +160,7 @@ def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) 
             continue
         r = replace(recipe, eval=replace(recipe.eval, teacher_nfe=nfe))
         e = r.eval
-        score = _cached_teacher(teacher, protocol(r, teacher))
+        score = cached_teacher_metrics(teacher, protocol(r, teacher))
         if score is None:
             print(f"== teacher at {nfe} NFE ({e.n} samples)", flush=True)
             reference = domain_reference(teacher, e.n, e.seed, split=e.split)

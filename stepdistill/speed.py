@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .kernels.execution import backbone
+from .kernels.forward_ad import forward_ad_ready
 
 
 @dataclass
@@ -137,8 +138,6 @@ def replay(net: nn.Module, p: Pass, device_type: str) -> None:
     try:
         with amp:
             if p.jvp:
-                from .objectives.scm import forward_ad_ready
-
                 def f(x_):
                     return _first_tensor(net(x_, *args[1:], **kwargs))
 

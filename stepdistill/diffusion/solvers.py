@@ -9,11 +9,16 @@ from collections.abc import Callable
 
 import torch
 
-from .. import parallel
 from .parametrization import Prediction
 from .schedules import Schedule, bcast
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], Prediction]
+
+
+def cpu_randn_like(x: torch.Tensor) -> torch.Tensor:
+    """Unit Gaussian noise shaped like x, drawn from the CPU stream and moved to x's device (the same numbers on any
+    device)."""
+    return torch.randn(x.shape, dtype=x.dtype).to(x.device)
 
 
 def ode_times(steps: int, schedule: Schedule, rho: float = 7.0, ve_max: float = 80.0,
@@ -83,17 +88,18 @@ def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int
 
 
 def rollout(denoise: Denoise, z: torch.Tensor, schedule: Schedule, times: list[float],
-            noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+            noise: Callable[[torch.Tensor], torch.Tensor] = cpu_randn_like) -> torch.Tensor:
     """Few-step (consistency-style) sampling: x0 = G(x_t1); x_t2 = alpha x0 + sigma * fresh noise; ... (DMD2, LCM).
 
-    `noise()` supplies the fresh noise of each intermediate step (defaults to torch.randn_like); drawing it the
-    way diffusers' LCMScheduler does makes our samples and an exported pipeline's agree for the same seed.
+    `noise(x0)` supplies the fresh noise of each intermediate step, shaped like x0 (default: from the CPU stream;
+    models/generator.py passes parallel.randn_like, or noise drawn the way diffusers' LCMScheduler does, which makes
+    our samples and an exported pipeline's agree for the same seed).
     """
     x = z
     n = len(z)
     for i, t in enumerate(times):
         x0 = denoise(x, torch.full((n,), t, device=z.device)).x0
         if i + 1 < len(times):
-            eps = noise() if noise is not None else parallel.randn_like(x0)
+            eps = noise(x0)
             x = schedule.add_noise(x0, eps, torch.full((n,), times[i + 1], device=z.device))
     return x0

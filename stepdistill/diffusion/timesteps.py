@@ -1,19 +1,28 @@
 """Samplers of canonical time t in [0, 1]."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .. import parallel
 from .schedules import Schedule
 
 
+def cpu_rand(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """torch.rand(n) from the CPU stream, moved to `device`: the same numbers on any device."""
+    return torch.rand(n).to(device)
+
+
 def uniform_t(n: int, t_min: float, t_max: float, schedule: Schedule,
-              device: torch.device | str | None = None) -> torch.Tensor:
+              device: torch.device | str | None = None,
+              rand: Callable[..., torch.Tensor] = cpu_rand) -> torch.Tensor:
     """(n,) times uniform in [t_min, t_max], snapped onto the schedule's grid (0.02..0.98 -> integers 20..980).
-    Drawn from the CPU stream; returned on `device` (the samples' device, where the times will meet them)."""
+    `rand(n, device=device)` draws the (n,) uniforms on `device` (the samples' device, where the times will meet
+    them): by default from the CPU stream; the training code passes parallel.rand, which draws this process's rows
+    of the global batch the same way (one process: the same numbers)."""
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    t = t_min + (t_max - t_min) * parallel.rand(n, device=device)
+    t = t_min + (t_max - t_min) * rand(n, device=device)
     return schedule.snap(t)
 
 

@@ -228,7 +228,9 @@ def curve_score(e, teacher, student: Generator, classes: list[int] | None = None
     return score
 
 
-def _cached_teacher(teacher, proto: dict) -> dict | None:
+def cached_teacher_metrics(teacher, proto: dict) -> dict | None:
+    """The teacher's metrics under protocol `proto` from its folder's quality.json (naming that file as `cached`), or
+    None where the teacher has no folder, no such file or no entry with exactly this protocol."""
     path = getattr(teacher, "folder", None)
     if path is None or not (path / "quality.json").exists():
         return None
@@ -261,7 +263,7 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
     result = {"student": {"nfe": student.steps, **parallel.on_main(lambda: score(xs, "student"))}}
     if hasattr(student, "routing"):  # a multi-student ensemble: say how labels were routed
         result["student"]["routing"] = student.routing()
-    cached = None if recompute_teacher else parallel.on_main(lambda: _cached_teacher(teacher, proto))
+    cached = None if recompute_teacher else parallel.on_main(lambda: cached_teacher_metrics(teacher, proto))
     if cached is not None:
         result["teacher"] = cached
     else:

@@ -31,7 +31,7 @@ def _shares_weights(a: nn.Module, b: nn.Module) -> bool:
 def enable_gradient_checkpointing(module: nn.Module, role: str) -> None:
     """Recompute the activations of `module`'s diffusers models in the backward pass (less memory, one more forward).
     A network without support is an error naming it."""
-    from ..recipe import RecipeError
+    from ..errors import RecipeError
 
     models = diffusers_models(module)
     unsupported = [type(m).__name__ for m in models if not getattr(m, "_supports_gradient_checkpointing", False)]
@@ -75,7 +75,7 @@ def configure_networks(nets, cfg, also: tuple[nn.Module, ...] = ()) -> dict[str,
     what each role got, for logs and reports.
 
     Call it after any deep copy of a network (the EMA): a compiled module's copy would still run the original."""
-    from ..recipe import RecipeError
+    from ..errors import RecipeError
 
     roles = _roles(nets)
     report: dict[str, dict[str, str]] = {}

@@ -14,6 +14,14 @@ from .score import ScoreModel
 START_NOISE = ("pure", "schedule")
 
 
+def fresh_noise(noise: Callable[[], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rollout's noise function for a generator's `noise` argument: that callable's tensors when given, else this
+    process's rows of the global batch's noise (parallel.randn_like)."""
+    if noise is None:
+        return parallel.randn_like
+    return lambda x0: noise()
+
+
 class Generator(nn.Module):
     """G(z, cond) = x0 after K steps: predict x0 at the first time t_1 from the prior sample, re-noise to t_2 with fresh
     noise, predict again, ... (DMD2's multi-step generator; the same rule as diffusers' LCMScheduler).
@@ -52,7 +60,7 @@ class Generator(nn.Module):
                 noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """(N, ...) unit noise -> (N, ...) samples using the `steps`-step grid from start_t (default: the trained K)."""
         return rollout(lambda x, t: self.net(x, t, cond), self.prior(z, steps), self.schedule, self.times_for(steps),
-                       noise)
+                       fresh_noise(noise))
 
     def times_for(self, steps: int | None) -> list[float]:
         """The times of the `steps`-step grid from start_t (None: the trained K)."""

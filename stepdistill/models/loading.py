@@ -53,7 +53,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     return folder
 
 
-def _from_pretrained(cls, where: Path, subfolder: str, **kw):
+def from_pretrained_locally(cls, where: Path, subfolder: str, **kw):
+    """`cls.from_pretrained` on `subfolder` of the local folder `where`, offline; a missing or unreadable part is a
+    FileNotFoundError naming it."""
     try:  # `where` is always a local folder (resolve_path fetched hub ids): never go online here
         return cls.from_pretrained(str(where), subfolder=subfolder, local_files_only=True, **kw)
     except OSError as e:
@@ -113,8 +115,8 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
                                     "save_pretrained (a pipeline folder, or unet/ and scheduler/)")
     model_cls = diffusers_class(where / subfolder / "config.json")
     sched_cls = diffusers_class(where / "scheduler" / "scheduler_config.json")
-    net = _from_pretrained(model_cls, where, subfolder, torch_dtype=dtype)
-    scheduler = _from_pretrained(sched_cls, where, "scheduler")
+    net = from_pretrained_locally(model_cls, where, subfolder, torch_dtype=dtype)
+    scheduler = from_pretrained_locally(sched_cls, where, "scheduler")
     schedule, kind = schedule_from_scheduler(scheduler)
     if isinstance(net, diffusers.UNet2DModel):
         n_cls = net.config.num_class_embeds

@@ -14,13 +14,7 @@ import torch
 from torch import nn
 
 from ..recipe import DEFAULT_LORA_TARGETS
-from .score import ScoreModel
-
-
-def is_lora(module: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+from .score import ScoreModel, is_lora  # noqa: F401  (is_lora re-exported: `from stepdistill.models.lora import ...`)
 
 
 def _targets(net: nn.Module, targets: list[str]) -> dict[str, nn.Module]:

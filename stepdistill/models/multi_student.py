@@ -14,7 +14,7 @@ from torch import nn
 
 from ..diffusion.parametrization import Prediction
 from ..diffusion.solvers import rollout
-from .generator import Generator
+from .generator import Generator, fresh_noise
 
 
 def student_of(cond: torch.Tensor, students: int, num_classes: int) -> torch.Tensor:
@@ -104,4 +104,4 @@ class MultiStudent(nn.Module):
         """(N, ...) unit noise and (N,) labels -> (N, ...) samples (Generator.forward, routed per sample)."""
         self.route(cond)  # fail before sampling when cond is missing or out of range
         return rollout(lambda x, t: self.predict(x, t, cond), self.prior(z, steps), self.schedule,
-                       self.students[0].times_for(steps), noise)
+                       self.students[0].times_for(steps), fresh_noise(noise))

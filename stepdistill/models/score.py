@@ -178,6 +178,14 @@ def guidance_inputs(score: ScoreModel, w: torch.Tensor | None) -> Iterator[None]
         score.guidance_input = kept
 
 
+def is_lora(module: nn.Module) -> bool:
+    """Whether the network carries peft LoRA adapters (models/lora.py adds them; here so that this module, which
+    models/lora.py builds on, needs nothing from it)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
 def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidance_set") -> ScoreModel:
     """Give a trainable text-conditional network a guidance-scale input that starts switched off, so that it still
     predicts exactly what it did, and set its default scale to `scale` (in place; returns `score`).
@@ -188,8 +196,6 @@ def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidan
     becomes SanaCombinedTimestepGuidanceEmbeddings with the old time embedder's weights and a zero-initialised
     guidance embedder's output layer, fed scale x guidance_embeds_scale (as SanaSprintPipeline does)."""
     from diffusers import SanaTransformer2DModel, UNet2DConditionModel
-
-    from .lora import is_lora
 
     net, name = score.net, type(score.net).__name__
     if score.conditioning != "text":
@@ -230,7 +236,7 @@ def student_guidance(score: ScoreModel, objective) -> ScoreModel:
     """The generator's network for an objective's recipe section: with a guidance embedding at the evaluation scale
     when it sets guidance_set (sCM and TBCM), else unchanged. Training and loading a run both build it so; bad
     guidance keys are a RecipeError naming the fix."""
-    from ..recipe import RecipeError
+    from ..errors import RecipeError
 
     scales, evaluated = getattr(objective, "guidance_set", None), getattr(objective, "eval_guidance", None)
     if scales is None:

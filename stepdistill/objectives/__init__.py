@@ -1,3 +1,2 @@
-"""Objectives, one file per paper, registered by name."""
-from . import asd, disback, fdiv, ladd, scm, sid, tbcm, vsd  # noqa: F401
+"""Objectives, one file per paper, registered by name (registry.py finds every module here)."""
 from .base import Batch, LossOutput, Nets, Objective, Phase  # noqa: F401

@@ -39,18 +39,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import TrigFlowSpace
-from ..kernels import without_xformers
+from ..kernels.forward_ad import forward_ad_ready
 from ..models.mlp import TimeFeatures
 from ..models.score import drawn_guidance
 from ..registry import register
@@ -106,37 +104,6 @@ def normalized_tangent(g: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.T
     """g / (||g|| + c) per sample (norm over all non-batch dims), and the norms before normalising."""
     norm = g.flatten(1).norm(dim=1)
     return g / bcast(norm + c, g), norm
-
-
-@contextmanager
-def forward_ad_ready(module: nn.Module, flash: bool = False):
-    """Work around two gaps in PyTorch's forward-mode AD for the duration: fused attention kernels (SDPA's and
-    xformers') have no JVP rule (use SDPA's math backend, as SANA-Sprint's `jvp=True` attention does; with `flash`,
-    the SDPA calls the Triton kernel of kernels/jvp_attention.py can take go there instead), and group norm rejects a
-    tangent whose strides differ from its input's (as after diffusers' attention reshapes), so its inputs are made
-    contiguous first."""
-    def contiguous(_, args):
-        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
-
-    hooks = [m.register_forward_pre_hook(contiguous) for m in module.modules() if isinstance(m, nn.GroupNorm)]
-    try:
-        with without_xformers(module), sdpa_kernel(SDPBackend.MATH), flash_jvp_attention(flash):
-            yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-@contextmanager
-def flash_jvp_attention(on: bool):
-    """SDPA calls routed to the Triton JVP kernel for the duration when `on` (kernels/jvp_attention.py)."""
-    if not on:
-        yield
-        return
-    from ..kernels.jvp_attention import sdpa_to_kernel
-
-    with sdpa_to_kernel():
-        yield
 
 
 def central_difference(f, x: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor, dtheta: torch.Tensor,

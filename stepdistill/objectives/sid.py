@@ -194,7 +194,7 @@ class SiD(Objective):
         cfg, nets = self.cfg, self.nets
         teacher_s, fake_s, _ = self.scales()
         x_g = sample_generator(self, batch, grad=True).float()
-        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule, x_g.device)
+        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, nets.teacher.schedule, x_g.device, rand=parallel.rand)
         x_t = nets.teacher.schedule.add_noise(x_g, parallel.randn_like(x_g), t)
         with frozen(nets.fake_score, nets.discriminator):  # gradients reach x_g through both nets, not their weights
             y_r = nets.teacher.guided(x_t, t, batch.cond, teacher_s).x0

@@ -45,7 +45,7 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
         raise ValueError(f"unknown denoising-loss weighting {weighting!r}; choose v or swiftbrush")
     fake = obj.nets.fake_score
     cond = drop_cond(fake, batch.cond, cond_dropout)
-    t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
+    t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device, rand=parallel.rand)
     x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
     alpha, sigma = fake.schedule.alpha_sigma(t)
     top = alpha ** 4 if weighting == "swiftbrush" else alpha ** 2 + sigma ** 2
@@ -83,7 +83,7 @@ def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real
     fake, head = obj.nets.fake_score, obj.nets.discriminator
     logits = []
     for x0 in (fake_x0, real_x0.to(fake_x0)):
-        t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
+        t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device, rand=parallel.rand)
         x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits.append(discriminate(fake, head, x_t, t, batch.cond)[1])
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
@@ -96,7 +96,7 @@ def generator_adv_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: fl
     noise at times drawn in [t_min, t_max] (DMD2's compute_generator_clean_cls_loss with diffusion_gan). Gradients
     reach x0 through the fake score and the head, whose parameters get none."""
     fake, head = obj.nets.fake_score, obj.nets.discriminator
-    t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device)
+    t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device, rand=parallel.rand)
     x_t = fake.schedule.add_noise(x0, parallel.randn_like(x0), t)
     with frozen(fake, head):
         _, logits = discriminate(fake, head, x_t, t, batch.cond)

@@ -117,7 +117,7 @@ class VSD(Objective):
         real_scale, fake_scale = self.scales
         x0 = sample_generator(self, batch, grad=True)
         schedule = nets.teacher.schedule
-        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, schedule, x0.device)
+        t = uniform_t(batch.n, cfg.t_min, cfg.t_max, schedule, x0.device, rand=parallel.rand)
         x_t = schedule.add_noise(x0, parallel.randn_like(x0), t)
         logits, x0_fake = None, None
         if self.logits_at_dm_pass and nets.discriminator is not None:  # one fake-score pass: prediction and logits

@@ -1,7 +1,7 @@
 """Built-in teachers, registered by name: gmm (analytic), fashion-mnist (bundled), diffusers (any pixel UNet folder),
 sd (Stable Diffusion pipeline folders: latent, text-to-image), synthetic-unet (random weights at SD1.5/SDXL size, for
-speed checks)."""
-from . import diffusers_teacher, gmm, sd, synthetic  # noqa: F401
+speed checks). registry.py finds every module here.
+"""
 from .base import Teacher
 
 

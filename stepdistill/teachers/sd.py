@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..models.loading import _from_pretrained, bundled_path, load_diffusers_score, read_json, resolve_path
+from ..models.loading import bundled_path, from_pretrained_locally, load_diffusers_score, read_json, resolve_path
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
@@ -64,7 +64,7 @@ def _text_encoder(where: Path, index: dict, family: str, null: str, width: int |
         spec = index.get(name, ["transformers", "CLIPTokenizer" if "token" in name else "CLIPTextModel"])
         if spec is None or spec[1] is None:
             return None
-        return _from_pretrained(getattr(transformers, spec[1]), where, name)
+        return from_pretrained_locally(getattr(transformers, spec[1]), where, name)
 
     names = {"sd": ("",), "sana": ("",), "sdxl": ("", "_2"), "flux": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
     from ..models.conditioning import TextEncoder
@@ -118,7 +118,7 @@ class SDTeacher(Teacher):
         if cfg.eval_prompts:
             warn_truncated(self.text, self.eval_prompts, "teacher.eval_prompts")
         vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])  # SANA: AutoencoderDC
-        self.codec = VAECodec(_from_pretrained(vae_cls, where, "vae"))
+        self.codec = VAECodec(from_pretrained_locally(vae_cls, where, "vae"))
         c, factor = score.net.config, self.codec.factor
         size = cfg.resolution or (1024 if self.family == "flux" else c.sample_size * factor)
         if size % (2 * factor if self.family == "flux" else factor):

@@ -21,7 +21,7 @@ from ..models.score import ScoreModel, device_of
 
 def tsm_loss(student: ScoreModel, teacher: ScoreModel, x0: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """Weighted MSE between student and teacher x0 predictions at one random noising of x0 (N, ...)."""
-    t = uniform_t(len(x0), 0.0, 1.0, teacher.schedule, x0.device)
+    t = uniform_t(len(x0), 0.0, 1.0, teacher.schedule, x0.device, rand=parallel.rand)
     x_t = teacher.schedule.add_noise(x0, parallel.randn_like(x0), t)
     with torch.no_grad():  # the teacher is the target, not a network being trained
         target = teacher(x_t, t, cond).x0

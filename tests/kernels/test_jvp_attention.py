@@ -158,7 +158,7 @@ def test_a_unet_with_the_processor_gives_the_math_paths_jvp_and_gradients(monkey
     from diffusers.models.attention_processor import AttnProcessor2_0
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from stepdistill.objectives.scm import forward_ad_ready
+    from stepdistill.kernels.forward_ad import forward_ad_ready
 
     unet = tiny_unet().to(DEVICE)
     g = torch.Generator().manual_seed(1)
