@@ -27,12 +27,6 @@ LAYERS = [
     ({"bench", "speed", "cli", "__main__", ""}, "entry points: commands and the public API"),
 ]
 
-# Known edges left out of the cycle check while they are being removed elsewhere; the list must shrink to empty.
-KNOWN_EDGES = {
-    ("stepdistill.train.trainer", "stepdistill.train.students"),  # removed on branch trainer
-}
-
-
 def modules() -> dict[str, tuple[Path, bool]]:
     """Dotted name -> (file, is a package's __init__) for every module under stepdistill/."""
     out = {}
@@ -129,8 +123,6 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle():
     edges, _ = graph()
-    for a, b in KNOWN_EDGES:
-        edges[a].discard(b)
     cycle = find_cycle(edges)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
