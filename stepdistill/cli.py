@@ -46,6 +46,10 @@ Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished r
   stepdistill export --run runs/fashion_vsd --format diffusers --out exports/fashion_1step
   stepdistill export --run runs/fashion_vsd --format safetensors --out exports/fashion_1step.safetensors
   stepdistill export --run runs/sd15_lora --format lora --out exports/sd15_lora   (diffusers + kohya files)""",
+    "plan": """examples:
+  stepdistill plan configs/plan/sdxl_dmd2.yaml --gpus 1 --gpu-memory 80GiB
+  stepdistill plan configs/plan/flux_dev_dmd2.yaml train.fsdp=true --gpus 8 --gpu-memory 80GiB --json
+Networks are built at their real size on the meta device: no weights, no GPU (stepdistill/plan.py).""",
 }
 
 
@@ -129,7 +133,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="safetensors: the student's weights (LoRA fused); diffusers: a pipeline folder with a "
                         "few-step LCMScheduler; lora: a LoRA run's adapter in the diffusers and kohya layouts")
     x.add_argument("--out", required=True)
+
+    pl = add("plan", "per-GPU peak memory and FLOPs of a recipe's training iteration, whether it fits, and the "
+                     "cheapest changes that make it fit (no weights, no GPU)")
+    pl.add_argument("recipe", help="YAML recipe, e.g. configs/plan/sdxl_dmd2.yaml")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the run is launched on")
+    pl.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 141GB, 24GiB")
+    pl.add_argument("--json", action="store_true", help="print the plan and suggestions as JSON")
+    pl.add_argument("--no-suggestions", action="store_true", help="do not re-plan changes that would make it fit")
     return p
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .plan import run_plan
+
+    print(run_plan(a.recipe, a.overrides, a.gpus, a.gpu_memory, a.json, not a.no_suggestions))
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -366,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         code = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "eval-ref": cmd_eval_ref,
-                "bench": cmd_bench, "export": cmd_export}[args.command](args)
+                "bench": cmd_bench, "export": cmd_export, "plan": cmd_plan}[args.command](args)
         from . import parallel
 
         return parallel.finish(code)  # launched on several processes: leave together

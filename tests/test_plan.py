@@ -1,0 +1,88 @@
+"""stepdistill plan (stepdistill/plan.py): parameter counts, the planned peak against a measured CPU iteration, the
+SDXL-size plan, and the command line."""
+from __future__ import annotations
+
+import torch
+
+from stepdistill.plan import GiB, LiveBytes, build_meta, parse_bytes, plan
+from stepdistill.recipe import load_recipe
+
+
+def tiny(**train):
+    return load_recipe(None, data={"teacher": {"name": "synthetic-unet", "size": "tiny"},
+                                   "objective": {"name": "vsd", "update_ratio": 1},
+                                   "train": {"batch_size": 4, "ema": 0.99, **train}, "eval": {"at_end": False}})
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("141GB") == 141 * 10 ** 9
+
+
+def test_param_counts_match_real_networks():
+    from stepdistill.train.trainer import build
+
+    for lora in (0, 4):
+        recipe = load_recipe(data={"teacher": {"name": "synthetic-unet", "size": "tiny"},
+                                   "objective": {"name": "vsd"}, "generator": {"lora_rank": lora}})
+        real = build(recipe).nets
+        p = plan(recipe, activations=False)
+        assert p.params["teacher"] == sum(x.numel() for x in real.teacher.parameters())
+        trained = sum(x.numel() for n in (real.generator, real.fake_score) for x in n.parameters() if x.requires_grad)
+        assert p.trainable == trained
+        if lora:  # adapters only; the base is the teacher's, counted once
+            assert p.params["generator"] < p.params["teacher"] / 2
+
+
+def test_fsdp_divides_sharded_state():
+    one = plan(tiny(), 1, activations=False)
+    four = plan(tiny(fsdp=True), 4, activations=False)
+    assert abs(four.components["generator weights"] * 4 - one.components["generator weights"]) <= 4
+
+
+def test_planned_peak_matches_measured_cpu_iteration(tmp_path):
+    """The plan's peak against an iteration of the real trainer on the CPU: the bytes of every tensor alive before
+    it (weights, AdamW moments, EMA) plus the peak of those it allocates (LiveBytes on real tensors)."""
+    from stepdistill.train.trainer import Trainer
+
+    recipe = tiny()
+    trainer = Trainer(recipe, tmp_path, quiet=True)
+    trainer.train_step()  # the first step creates the AdamW moments
+    trainer.step = 1
+    held = {}
+    for m in (trainer.nets.teacher, trainer.nets.generator, trainer.nets.fake_score, trainer.ema.model):
+        for x in [*m.parameters(), *m.buffers()]:
+            held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    for o in trainer.optimizers.values():
+        for state in o.state.values():
+            for x in state.values():
+                if torch.is_tensor(x) and x.numel() > 1:
+                    held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    with LiveBytes() as tracker:
+        trainer.train_step()
+    measured = sum(held.values()) + tracker.peak
+    planned = plan(recipe).peak
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+def test_sdxl_plan_counts_sdxl_unet():
+    recipe = load_recipe("configs/plan/sdxl_dmd2.yaml")
+    p = plan(recipe, 64, 80 * GiB, activations=False)
+    assert 2.56e9 < p.params["teacher"] < 2.58e9  # SDXL's UNet: 2.567B
+    assert not p.fits or p.peak > 0
+
+
+def test_cli_prints_verdict_and_suggestions(capsys):
+    from stepdistill.cli import main
+
+    assert main(["plan", "configs/plan/sd15_dmd2.yaml", "train.batch_size=2", "train.ema=0.5", "generator.steps=1",
+                 "teacher.size=tiny", "--gpu-memory", "80GiB"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["plan", "configs/plan/sd15_dmd2.yaml", "train.batch_size=4", "teacher.size=tiny",
+                 "--gpu-memory", "8MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and " - " in out
+
+
+def test_build_meta_allocates_no_weights():
+    built, _ = build_meta(load_recipe("configs/plan/sdxl_dmd2.yaml"))
+    assert all(x.is_meta for x in built.nets.generator.parameters())
