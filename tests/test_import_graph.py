@@ -24,7 +24,7 @@ LAYERS = [
     ({"eval"}, "sampling and metrics of students and teachers; the trainer calls it, plug-ins never do"),
     ({"train", "run"}, "the training loop and the run folders it writes (run.py reads them back, as resume does)"),
     ({"export"}, "writes a trained student out; training never needs it"),
-    ({"bench", "speed", "cli", "__main__", ""}, "entry points: commands and the public API"),
+    ({"bench", "speed", "plan", "cli", "__main__", ""}, "entry points: commands and the public API"),
 ]
 
 def modules() -> dict[str, tuple[Path, bool]]:
