@@ -9,7 +9,7 @@
 # Writes into $OUT (default runs/device_check): env.txt, gpu_check.log and benchmarks_gpu.md (scripts/gpu_check.py:
 # SD1.5- and SDXL-size networks, vsd and sid steps in bf16 with SDPA and xformers where installed; then torch.compile
 # of one of them, SD1.5 vsd: compiling a UNet takes minutes),
-# test_gpu.log (tests/train/test_gpu.py: GPU training matches CPU training). Each part has its own time limit, so a
+# test_gpu.log (tests/training/test_gpu.py: GPU training matches CPU training). Each part has its own time limit, so a
 # slow compile cannot cost the other parts their output. Copy the new section of benchmarks_gpu.md into
 # docs/benchmarks_gpu.md.
 #
@@ -48,5 +48,5 @@ timeout 200 python3 scripts/gpu_check.py --backends sdpa xformers --steps 5 --wa
 timeout 170 python3 scripts/gpu_check.py --backends compile --sizes sd15 --objectives vsd --steps 5 --warmup 3 \
     --report "$report" --flops-cache "$OUT/flops.json" 2>&1 | tee -a "$OUT/gpu_check.log"
 xdist=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8')  # the recipes' GPU and CPU runs side by side
-OMP_NUM_THREADS=2 timeout 150 python3 -m pytest -q -p no:cacheprovider $xdist tests/train/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
+OMP_NUM_THREADS=2 timeout 150 python3 -m pytest -q -p no:cacheprovider $xdist tests/training/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
 echo "device check done: $OUT"

@@ -75,7 +75,7 @@ def count_flops(trainer) -> float:
 
 
 def check(size: str, objective: str, backend: str, a, flops_cache: dict) -> dict:
-    from stepdistill.train.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     row = {"size": size, "objective": objective, "backend": backend}
     if backend == "xformers" and xformers_status(a.device) is not None:

@@ -20,7 +20,7 @@ def load_recipe(path=None, overrides=None, data=None):
 
 
 def train(recipe, outdir, quiet: bool = False):
-    from .train.students import train as _train
+    from .training.students import train as _train
 
     return _train(recipe, outdir, quiet=quiet)
 

@@ -155,8 +155,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from . import parallel
     from .recipe import dump, load_recipe
-    from .train.build import build
-    from .train.students import train
+    from .training.build import build
+    from .training.students import train
 
     recipe = load_recipe(a.recipe, a.overrides)
     if a.dry_run:
@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .train.state import RunFolderError
-    from .train.trainer import Interrupted, NonFiniteError
+    from .training.state import RunFolderError
+    from .training.trainer import Interrupted, NonFiniteError
 
     def on_sigterm(signum, frame):  # SIGTERM (SLURM, Kubernetes, `timeout`) ends a command as Ctrl-C does
         raise Interrupted(signum)

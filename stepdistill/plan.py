@@ -182,8 +182,8 @@ def build_meta(recipe: Recipe):
     """The run's networks as trainer.Trainer builds them (trainer.build, then the EMA copy), weights on meta."""
     from accelerate import init_empty_weights
 
-    from .train.ema import EMA
-    from .train.trainer import build
+    from .training.ema import EMA
+    from .training.trainer import build
 
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
         built = build(recipe)
@@ -193,7 +193,7 @@ def build_meta(recipe: Recipe):
 
 def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations: bool = True) -> Plan:
     """Per-GPU memory and FLOPs of one iteration of `recipe` on `gpus` GPUs of `gpu_memory` bytes (module doc)."""
-    from .train.trainer import check_fsdp
+    from .training.trainer import check_fsdp
 
     t = recipe.train
     if gpus < 1 or t.batch_size % (gpus * t.grad_accum):

@@ -17,7 +17,7 @@ from .models.multi_student import MultiStudent
 from .models.score import student_guidance
 from .recipe import Recipe, load_recipe
 from .teachers import Teacher, build_teacher
-from .train.state import list_checkpoints, load_latest, unprefixed
+from .training.state import list_checkpoints, load_latest, unprefixed
 
 
 @dataclass

@@ -199,7 +199,7 @@ def measure(trainer, steps: int = 10, warmup: int = 3, recipe: str = "") -> Spee
 
 def measure_recipe(path: str, overrides: list[str] | None = None, steps: int = 10, warmup: int = 3) -> SpeedResult:
     from .recipe import load_recipe
-    from .train.trainer import Trainer
+    from .training.trainer import Trainer
 
     recipe = load_recipe(path, ["eval.at_end=false", *(overrides or [])])
     torch.manual_seed(recipe.train.seed)

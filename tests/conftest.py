@@ -63,7 +63,7 @@ def gmm_built():
     """build() for a gmm recipe with a narrow student MLP and the objective's defaults: gmm_built("objective.name=sid",
     ...), or gmm_built(..., recipe="configs/toy/...")."""
     from stepdistill.recipe import load_recipe
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     def make(*overrides: str, recipe: str | None = None):
         data = None if recipe else {"teacher": {"name": "gmm"}, "objective": {"name": "vsd"}}
@@ -212,7 +212,7 @@ def train_tiny_sd_run(root, *overrides: str):
     (batch 4, lr 1e-2, no evaluation); returns the loaded run."""
     from stepdistill.recipe import load_recipe
     from stepdistill.run import load_run
-    from stepdistill.train.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     folder = make_tiny_sd_folder(root / "sd")
     (root / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\n")
@@ -250,7 +250,7 @@ def make_tiny_clip_folder(path, image_size: int = 32):
 def same_newest_checkpoint(a, b):
     """Assert that two run folders' newest checkpoints hold bitwise equal weights; returns both (step, weights, state)
     for further checks."""
-    from stepdistill.train.state import load_latest
+    from stepdistill.training.state import load_latest
 
     (sa, wa, ra), (sb, wb, rb) = load_latest(a / "checkpoints"), load_latest(b / "checkpoints")
     assert wa.keys() == wb.keys()

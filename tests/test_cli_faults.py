@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from stepdistill.cli import main
-from stepdistill.train.state import load_latest
+from stepdistill.training.state import load_latest
 
 TRAIN = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.batch_size=64", "train.steps=20",
          "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
@@ -25,8 +25,8 @@ DRIVER = """
 import os, signal, sys, time
 from pathlib import Path
 from stepdistill.cli import main
-from stepdistill.train import state
-from stepdistill.train.trainer import Trainer
+from stepdistill.training import state
+from stepdistill.training.trainer import Trainer
 
 step = Trainer.train_step
 def slow(self):
@@ -238,7 +238,7 @@ def test_bench_report_must_be_a_markdown_file(tmp_path):
 def test_non_finite_weights_are_refused_by_sample_eval_and_export(trained, tmp_path, capsys):
     import shutil
 
-    from stepdistill.train.state import save_checkpoint
+    from stepdistill.training.state import save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -296,7 +296,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     any other file the command writes (the file is named)."""
     import errno
 
-    from stepdistill.train import loop, state
+    from stepdistill.training import loop, state
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "stats.jsonl"))

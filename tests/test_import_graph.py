@@ -22,7 +22,7 @@ LAYERS = [
     ({"kernels"}, "how the models' networks execute (attention, compile, checkpointing, forward-mode AD)"),
     ({"objectives", "teachers"}, "the plug-ins, registered by name; they build on models and kernels"),
     ({"eval"}, "sampling and metrics of students and teachers; the trainer calls it, plug-ins never do"),
-    ({"train", "run"}, "the training loop and the run folders it writes (run.py reads them back, as resume does)"),
+    ({"training", "run"}, "the training loop and the run folders it writes (run.py reads them back, as resume does)"),
     ({"export"}, "writes a trained student out; training never needs it"),
     ({"bench", "speed", "plan", "cli", "__main__", ""}, "entry points: commands and the public API"),
 ]
@@ -158,3 +158,13 @@ def test_the_registry_finds_every_registered_plug_in_on_its_own():
                          cwd=PACKAGE.parent).stdout.splitlines()
     assert [ast.literal_eval(line) for line in out[-2:]] == [sorted(declared["objective"]),
                                                             sorted(declared["teacher"])]
+
+
+def test_no_subpackage_shadows_a_top_level_function():
+    """Importing a subpackage sets it as an attribute of its parent, so a subpackage named like one of the top-level
+    functions (stepdistill.train was one) replaces that function after its first call."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    modules = {p.stem if p.suffix == ".py" else p.name for p in PACKAGE.iterdir()
+               if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert functions and not functions & modules

@@ -19,7 +19,7 @@ def test_parse_bytes():
 
 
 def test_param_counts_match_real_networks():
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     for lora in (0, 4):
         recipe = load_recipe(data={"teacher": {"name": "synthetic-unet", "size": "tiny"},
@@ -42,7 +42,7 @@ def test_fsdp_divides_sharded_state():
 def test_planned_peak_matches_measured_cpu_iteration(tmp_path):
     """The plan's peak against an iteration of the real trainer on the CPU: the bytes of every tensor alive before
     it (weights, AdamW moments, EMA) plus the peak of those it allocates (LiveBytes on real tensors)."""
-    from stepdistill.train.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     recipe = tiny()
     trainer = Trainer(recipe, tmp_path, quiet=True)

@@ -218,7 +218,7 @@ def test_run_evaluation_with_kid(cache, tmp_path):
     (The domain FD is left out: it needs more than 128 samples.)"""
     from stepdistill.eval.harness import evaluate, format_table
     from stepdistill.recipe import load_recipe
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     ref = tmp_path / "ref"
     ref.mkdir()

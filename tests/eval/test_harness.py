@@ -8,7 +8,7 @@ import torch
 
 from stepdistill.eval.harness import evaluate, fashion_fd, protocol, solver_for_nfe
 from stepdistill.recipe import load_recipe
-from stepdistill.train.trainer import build
+from stepdistill.training.trainer import build
 
 BUNDLED = Path(__file__).resolve().parents[2] / "checkpoints" / "fashion-mnist"
 pytestmark = pytest.mark.skipif(not (BUNDLED / "unet").exists(), reason="bundled teacher not present")

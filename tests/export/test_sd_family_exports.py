@@ -13,7 +13,7 @@ from stepdistill.export.diffusers_folder import pipeline_guidance
 from stepdistill.export.lora import load_lora
 from stepdistill.recipe import load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 N, SEED = 2, 3
 

@@ -10,7 +10,7 @@ from stepdistill.eval.harness import generate_student
 from stepdistill.export import export_diffusers, export_lora, export_safetensors
 from stepdistill.recipe import load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 N, SEED = 4, 3
 

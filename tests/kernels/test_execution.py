@@ -10,7 +10,7 @@ from stepdistill.kernels import set_attention, xformers_status
 from stepdistill.kernels.execution import enable_gradient_checkpointing
 from stepdistill.models.mlp import MLPDenoiser
 from stepdistill.recipe import RecipeError, load_recipe
-from stepdistill.train.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 
 def tiny_unet():

@@ -199,7 +199,7 @@ def latents(tmp_path_factory):
 
 def scm_on_fashion_t2i(latents, jvp: str, *overrides: str):
     from stepdistill.recipe import load_recipe
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     return build(load_recipe(None, ["train.batch_size=2", f"data.path={latents}", f"objective.jvp={jvp}", *overrides],
                              data={"teacher": {"name": "fashion-t2i"}, "objective": {"name": "scm"}}))

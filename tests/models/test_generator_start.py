@@ -148,7 +148,7 @@ class ODETeacher:
 def test_warm_start_pairs_start_from_the_generators_input(start_t, noise, t0):
     """'schedule': the teacher ODE starts at the start time from the generator's own input; 'pure' (DMD2's 399):
     the ODE starts at t = 1 from the same unit noise the generator is given (DMD2's SDXL ODE pairs)."""
-    from stepdistill.train.warm_start import teacher_pairs
+    from stepdistill.training.warm_start import teacher_pairs
 
     teacher = ODETeacher(VP)
     gen = Generator(Recorder(VP), 1, start_t=start_t, start_noise=noise)
@@ -178,7 +178,7 @@ def test_recipe_keys_default_to_the_old_start_and_are_checked():
 
 def test_a_trained_run_records_the_start_and_reloads_it(tmp_path):
     from stepdistill.run import load_run
-    from stepdistill.train.trainer import Trainer
+    from stepdistill.training.trainer import Trainer
 
     r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=16", "train.steps=1", "eval.at_end=false",
                                                  "train.batch_size=8", "generator.start_t=0.5",

@@ -11,7 +11,7 @@ from stepdistill.models.discriminator import TeacherFeatureDiscriminator, featur
 from stepdistill.objectives.tbcm import route, scm_route
 from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.teachers import build_teacher
-from stepdistill.train.trainer import build
+from stepdistill.training.trainer import build
 
 
 def _unet_teacher(folder):

@@ -6,7 +6,7 @@ import torch
 from stepdistill.objectives.base import TRAINABLE
 from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.registry import names
-from stepdistill.train.trainer import build
+from stepdistill.training.trainer import build
 
 # every objective with every optional network switched on, so the contract covers them
 FULL = {"vsd": ["objective.gan_weight=0.01"], "fdiv": ["objective.gan_weight=0.01"],

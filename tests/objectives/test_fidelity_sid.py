@@ -137,7 +137,7 @@ def test_sida_with_encoder_mean_on_a_unet(tiny_unet_folder, tmp_path):
     only the fake score, the generator phase (after both warm-ups) only the generator, through D's logits."""
     import numpy as np
 
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     np.savez(tmp_path / "real.npz", x=np.random.default_rng(0).uniform(-1, 1, (40, 1, 8, 8)).astype(np.float32),
              labels=np.arange(40) % 3)

@@ -76,7 +76,7 @@ def test_fdiv_generator_weight_reads_each_samples_time(gmm_built, monkeypatch):
 
 def test_fdiv_needs_a_generator_adversarial_weight():
     """FastGen asserts gan_loss_weight_gen > 0 for f-distill; its default is 1e-3."""
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     def fdiv(*overrides):
         return build(load_recipe(None, ["teacher.hidden=64", *overrides],
@@ -207,7 +207,7 @@ def test_swiftbrush_fake_loss_is_the_alpha_weighted_eps_mse(gmm_built, monkeypat
     space with weight alpha^4 / sigma^2."""
     b = gmm_built("objective.name=vsd", "objective.weighting=swiftbrush")
     t = torch.tensor([0.1, 0.3, 0.6, 0.9])
-    monkeypatch.setattr(terms, "uniform_t", lambda n, lo, hi, *a: t)
+    monkeypatch.setattr(terms, "uniform_t", lambda n, lo, hi, *a, **k: t)
     assert (b.objective.cfg.fake_t_min, b.objective.cfg.fake_t_max) == (0.0, 1.0)  # SwiftBrush: U{0..999}
     seen = {}
     fake = b.nets.fake_score

@@ -12,7 +12,7 @@ import torch
 from stepdistill.eval.harness import domain_reference, domain_score, generate_student
 from stepdistill.recipe import load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.students import train
+from stepdistill.training.students import train
 
 RING8 = [line for line in Path("configs/toy/ring8/overrides.txt").read_text().splitlines()
          if line and not line.startswith("#")]

@@ -65,7 +65,7 @@ def test_jvp_agrees_with_finite_differences_through_a_unet_with_attention(tiny_u
     forward_ad_ready() works around both, so the exact JVP runs through a diffusers UNet."""
     import numpy as np
 
-    from stepdistill.train.trainer import build
+    from stepdistill.training.trainer import build
 
     np.savez(tmp_path / "real.npz", x=np.zeros((6, 1, 8, 8), np.float32), labels=np.arange(6) % 3)
     b = build(load_recipe(None, [f"teacher.path={tiny_unet_folder}", f"data.path={tmp_path / 'real.npz'}"],

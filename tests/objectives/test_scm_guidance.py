@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from stepdistill.eval.harness import generate_student
 from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.trainer import Trainer, build
+from stepdistill.training.trainer import Trainer, build
 
 SET = [4.0, 4.5, 5.0]
 N, SEED = 4, 3

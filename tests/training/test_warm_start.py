@@ -3,8 +3,8 @@ import torch
 
 from stepdistill.eval.metrics import energy_distance
 from stepdistill.recipe import load_recipe
-from stepdistill.train.trainer import Trainer
-from stepdistill.train.warm_start import regression_warm_start, teacher_pairs
+from stepdistill.training.trainer import Trainer
+from stepdistill.training.warm_start import regression_warm_start, teacher_pairs
 
 
 def test_warm_start_moves_the_generator_onto_the_teachers_ode_map(gmm_built):
@@ -31,7 +31,7 @@ def test_trainer_warm_starts_once_and_checkpoints_it(tmp_path):
     assert (tmp_path / "run" / "checkpoints").exists()
     t2 = Trainer(r, tmp_path / "run", quiet=True)  # a rerun resumes from the checkpoint and does not redo it
     calls = []
-    import stepdistill.train.warm_start as ws
+    import stepdistill.training.warm_start as ws
     original = ws.regression_warm_start
     ws.regression_warm_start = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
@@ -50,7 +50,7 @@ def test_pairs_follow_the_objectives_guided_teacher(gmm_built, tmp_path, monkeyp
         pairs[scale] = teacher_pairs(b.teacher, 64, 8, guidance_scale=scale)
     assert torch.equal(pairs[1.0][0], pairs[3.0][0]) and torch.equal(pairs[1.0][1], pairs[3.0][1])  # same z, labels
     assert not torch.allclose(pairs[1.0][2], pairs[3.0][2])
-    import stepdistill.train.warm_start as ws
+    import stepdistill.training.warm_start as ws
     seen = []
     monkeypatch.setattr(ws, "regression_warm_start", lambda *a, **k: seen.append(k["guidance_scale"]) or 0.0)
     r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "teacher.conditional=true", "train.steps=1",

@@ -8,9 +8,9 @@ from conftest import same_newest_checkpoint
 from torch import nn
 
 from stepdistill.recipe import RecipeError, load_recipe
-from stepdistill.train.state import list_checkpoints, load_latest
-from stepdistill.train.trainer import Trainer
-from stepdistill.train.watch import BEST, CollapseError, Reference, Watch
+from stepdistill.training.state import list_checkpoints, load_latest
+from stepdistill.training.trainer import Trainer
+from stepdistill.training.watch import BEST, CollapseError, Reference, Watch
 
 BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=20", "train.checkpoint_every=5", "train.log_every=1",
         "train.ema=0.9", "eval.at_end=false", "train.watch_every=5", "train.watch_n=64"]

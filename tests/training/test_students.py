@@ -8,8 +8,8 @@ import torch
 from stepdistill.cli import main
 from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.students import train
-from stepdistill.train.trainer import Trainer, build
+from stepdistill.training.students import train
+from stepdistill.training.trainer import Trainer, build
 
 MSD = ["configs/toy/gmm_msd.yaml", "teacher.hidden=32", "generator.students=2", "train.steps=4",
        "train.batch_size=64", "train.checkpoint_every=2", "eval.n=256"]
@@ -123,7 +123,7 @@ def test_diffusers_export_writes_one_pipeline_per_student(tmp_path, tiny_unet_fo
 
 def test_smaller_student_learns_the_teacher_by_score_matching(gmm_built):
     from stepdistill.diffusion.timesteps import uniform_t
-    from stepdistill.train.tsm import teacher_score_matching
+    from stepdistill.training.tsm import teacher_score_matching
 
     b = gmm_built("teacher.conditional=true", "generator.width=0.5", "generator.tsm_steps=1")
     student, teacher = b.nets.generator.net, b.nets.teacher
@@ -146,7 +146,7 @@ def test_smaller_student_learns_the_teacher_by_score_matching(gmm_built):
 
 
 def test_trainer_runs_tsm_once_and_starts_the_fake_score_from_it(tmp_path, monkeypatch):
-    from stepdistill.train.state import load_latest, unprefixed
+    from stepdistill.training.state import load_latest, unprefixed
 
     r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "generator.width=0.5", "generator.tsm_steps=5",
                                                  "train.steps=0", "train.batch_size=32", "eval.at_end=false"])
@@ -156,7 +156,7 @@ def test_trainer_runs_tsm_once_and_starts_the_fake_score_from_it(tmp_path, monke
     _, weights, _ = load_latest(tmp_path / "run" / "checkpoints")
     gen, fake = unprefixed("generator", weights), unprefixed("fake_score", weights)
     assert all(torch.equal(gen["net." + k], v) for k, v in fake.items())
-    import stepdistill.train.tsm as tsm
+    import stepdistill.training.tsm as tsm
 
     monkeypatch.setattr(tsm, "teacher_score_matching", lambda *a, **k: pytest.fail("TSM repeated on resume"))
     Trainer(r, tmp_path / "run", quiet=True).run()

@@ -12,9 +12,9 @@ import torch
 from conftest import same_newest_checkpoint
 
 from stepdistill.recipe import RecipeError, load_recipe
-from stepdistill.train import state
-from stepdistill.train.state import RunFolderError, list_checkpoints, load_latest, run_lock, save_checkpoint
-from stepdistill.train.trainer import Interrupted, NonFiniteError, Trainer
+from stepdistill.training import state
+from stepdistill.training.state import RunFolderError, list_checkpoints, load_latest, run_lock, save_checkpoint
+from stepdistill.training.trainer import Interrupted, NonFiniteError, Trainer
 
 BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=12", "train.checkpoint_every=5",
         "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]

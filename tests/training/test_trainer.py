@@ -9,8 +9,8 @@ from conftest import same_newest_checkpoint
 from stepdistill.objectives.base import LossOutput
 from stepdistill.recipe import dump as recipe_mod_dump
 from stepdistill.recipe import load_recipe
-from stepdistill.train.state import list_checkpoints, load_latest
-from stepdistill.train.trainer import NonFiniteError, Trainer
+from stepdistill.training.state import list_checkpoints, load_latest
+from stepdistill.training.trainer import NonFiniteError, Trainer
 
 BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=20",
         "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]

@@ -132,7 +132,7 @@ def test_one_process_draws_exactly_what_torch_draws():
 
 def test_fsdp_refuses_what_it_cannot_shard_naming_the_fix():
     from stepdistill.recipe import RecipeError, load_recipe
-    from stepdistill.train.trainer import check_fsdp
+    from stepdistill.training.trainer import check_fsdp
 
     with pytest.raises(RecipeError, match=r"generator.lora_rank=4.*Set train.fsdp=false"):
         check_fsdp(load_recipe("configs/toy/gmm_vsd.yaml", [FSDP, "generator.lora_rank=4"]))

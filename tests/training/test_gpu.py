@@ -1,5 +1,5 @@
 """Training, sampling and evaluation on a GPU (skipped without CUDA; run them where a GPU is at hand:
-`python -m pytest tests/train/test_gpu.py`).
+`python -m pytest tests/training/test_gpu.py`).
 
 Every random draw comes from the CPU's stream (parallel.py), so a GPU run sees the same noise, times and batches as a
 CPU run: its losses and weights must match the CPU's to float rounding (TF32 convolutions and reduction order).

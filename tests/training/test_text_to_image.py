@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from stepdistill.recipe import load_recipe
 from stepdistill.run import load_run
-from stepdistill.train.trainer import Trainer
+from stepdistill.training.trainer import Trainer
 
 
 def sd_recipe(folder, *overrides):
