@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..models.generator import Generator
-from ..models.score import ScoreModel, device_of, move_modules
+from ..models.score import ScoreModel, device_of, move_modules, warm_start_guidance
 
 
 @dataclass
@@ -80,6 +80,13 @@ class Objective(ABC):
     @classmethod
     def needs_for(cls, cfg) -> frozenset[str]:
         return cls.needs
+
+    @classmethod
+    def warm_start_guidance(cls, cfg) -> float:
+        """The teacher's guidance scale for the regression warm start's ODE pairs: the distribution the generator
+        is trained toward. By default the config's `guidance_scale` (1 without one), or the scale a student with an
+        embedded guidance set exports at; objectives that keep the teacher's scale under another name override it."""
+        return warm_start_guidance(cfg)
 
     def __init__(self, cfg, nets: Nets, shape: tuple[int, ...]) -> None:
         self.cfg, self.nets, self.shape = cfg, nets, shape  # shape: one sample's shape, (C, H, W) or (D,)

@@ -135,14 +135,19 @@ class SiD(Objective):
                              "gan_scale 1e-4, gan_d_weight 1, d_sigma_data 0.5)")
         super().__init__(cfg, nets, shape)
 
+    @classmethod
+    def warm_start_guidance(cls, cfg: SiDConfig) -> float:
+        """The teacher's scale in the generator loss (kappa4; 1 under zero_cfg): the guided teacher the student is
+        pulled toward, so a warm start regresses onto that teacher's ODE pairs, not the unguided ones."""
+        return 1.0 if cfg.guidance == "zero_cfg" else cfg.kappa4
+
     def scales(self) -> tuple[float, float, float]:
         """(teacher, fake in the generator loss, fake in its own training) guidance scales."""
         c = self.cfg
+        teacher = self.warm_start_guidance(c)
         if c.guidance == "zero_cfg":
-            return 1.0, 0.0, c.kappa1
-        if c.guidance == "anti_cfg":
-            return c.kappa4, c.anti_scale, c.kappa1
-        return c.kappa4, c.kappa2, c.kappa1
+            return teacher, 0.0, c.kappa1
+        return teacher, c.anti_scale if c.guidance == "anti_cfg" else c.kappa2, c.kappa1
 
     def phases(self, step: int) -> list[Phase]:
         fake = fake_phase(self, self.fake_loss)  # SiD: fake first, then G

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from .. import parallel
 from .. import recipe as recipe_mod
-from ..models.score import warm_start_guidance
 from .cadence import Interrupted, every, stop_requests
 from .resume import check_resumable, locked, truncate_stats
 
@@ -68,9 +67,10 @@ def warm_start(t, r: Run) -> None:
     if g.warm_start_steps > 0:
         from .warm_start import regression_warm_start
 
+        scale = type(t.objective).warm_start_guidance(t.recipe.objective)  # the objective says which teacher
         loss = regression_warm_start(t.nets.generator, t.built.teacher, g.warm_start_lr or t.cfg.lr,
                                      g.warm_start_steps, g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size,
-                                     t.quiet, classes=t.classes, guidance_scale=warm_start_guidance(t.recipe.objective))
+                                     t.quiet, classes=t.classes, guidance_scale=scale)
         t.last_logs["loss/warm_start"] = loss
     if t.ema is not None:
         t.ema.model.load_state_dict(t.nets.generator.state_dict())

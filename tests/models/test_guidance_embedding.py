@@ -113,3 +113,19 @@ def test_warm_start_pairs_use_the_scale_the_student_embeds():
     assert warm_start_guidance(scm(guidance_set=[4.0, 4.5, 5.0], eval_guidance=5.0)) == 5.0
     assert warm_start_guidance(scm(guidance_scale=2.0)) == 2.0
     assert warm_start_guidance(SimpleNamespace(name="ladd")) == 1.0  # objectives without guidance keys
+
+
+def test_each_objective_names_the_teacher_its_warm_start_regresses_onto():
+    """SiD keeps the teacher's scale in kappa4 (its guidance_scale does not exist): a SiD-LSG warm start regresses
+    onto pairs of the kappa4-guided teacher, zero_cfg onto the unguided one; VSD onto its guidance_scale."""
+    from stepdistill import registry
+    from stepdistill.recipe import load_recipe
+
+    def scale(*overrides):
+        r = load_recipe(None, ["teacher.name=gmm", *overrides], data={"teacher": {}, "objective": {}})
+        return registry.get("objective", r.objective.name).warm_start_guidance(r.objective)
+
+    assert scale("objective.name=sid", "objective.kappa4=1.5", "objective.kappa1=1.5") == 1.5
+    assert scale("objective.name=sid", "objective.kappa4=1.5", "objective.guidance=zero_cfg") == 1.0
+    assert scale("objective.name=vsd", "objective.guidance_scale=3.0") == 3.0
+    assert scale("objective.name=ladd") == 1.0
