@@ -133,6 +133,9 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)  # real samples, for objectives that need them
+    # Python files imported before the sections are read: an objective or teacher of your own, registered with
+    # @register("objective", "name") in one file, without editing the package. They run as any script would.
+    plugins: list[str] = field(default_factory=list)
 
 
 def _type_name(tp: Any) -> str:
@@ -218,6 +221,7 @@ def from_dict(data: dict) -> Recipe:
     if unknown:
         raise RecipeError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                           f"allowed: {', '.join(allowed)}")
+    plugins = load_plugins(data.get("plugins"))
     for required in ("teacher", "objective"):
         if required not in data:
             raise RecipeError(f"missing section `{required}`; known {required}s: {', '.join(registry.names(required))}")
@@ -226,9 +230,23 @@ def from_dict(data: dict) -> Recipe:
                     generator=build_dataclass(GeneratorConfig, data.get("generator"), "generator"),
                     train=build_dataclass(TrainConfig, data.get("train"), "train"),
                     eval=build_dataclass(EvalConfig, data.get("eval"), "eval"),
-                    data=build_dataclass(DataConfig, data.get("data"), "data"))
+                    data=build_dataclass(DataConfig, data.get("data"), "data"), plugins=plugins)
     check_ranges(recipe)
     return recipe
+
+
+def load_plugins(paths: Any) -> list[str]:
+    """Import the recipe's `plugins` files (absolute paths kept, so a resumed or reopened run finds them again)."""
+    paths = _coerce(paths or [], list[str], "plugins")
+    resolved = []
+    for p in paths:
+        path = Path(p).expanduser().resolve()
+        if path.suffix != ".py" or not path.is_file():
+            raise RecipeError(f"plugins: {p} is not a Python file (resolved to {path}); list .py files that register "
+                              "an objective or teacher")
+        registry.load_file(str(path))
+        resolved.append(str(path))
+    return resolved
 
 
 def check_ranges(r: Recipe) -> None:

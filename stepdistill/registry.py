@@ -2,12 +2,16 @@
 
 A leaf module: it imports nothing from the package. The plug-ins import it to `register` themselves, and it finds
 them by scanning their packages (every module of stepdistill/objectives/ and stepdistill/teachers/) the first time a
-kind's names are asked for, so a new objective or teacher is one new file and no list to update.
+kind's names are asked for, so a new objective or teacher is one new file and no list to update. A file outside the
+package registers the same way when a recipe lists it under `plugins` (`load_file`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import pkgutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -48,3 +52,20 @@ def _load_builtins(kind: str) -> None:
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
     _scanned.add(kind)
+
+
+def load_file(path: str) -> None:
+    """Import a plug-in module from a Python file (a recipe's `plugins`), once per file: its @register decorators add
+    its objectives or teachers. Registered in sys.modules under a name derived from the path, so its dataclasses'
+    type hints resolve as a package module's do."""
+    name = "stepdistill_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a failed import leaves nothing half-registered under that name
+        raise

@@ -34,6 +34,8 @@ class ASDConfig(VSDConfig):
 
 @register("objective", "asd")
 class ASD(VSD):
+    contract_overrides = ("generator.steps=3",)
+    guided_overrides = ()
     Config = ASDConfig
 
     @classmethod

@@ -76,6 +76,11 @@ class Objective(ABC):
     Config: ClassVar[type]
     needs: ClassVar[frozenset[str]] = frozenset({"teacher"})
     discriminator_on: ClassVar[str] = "fake_score"  # or "teacher"
+    # Overrides that switch on every optional network and term, and the guidance settings for a class-conditional
+    # teacher: tests/objectives/test_contract.py runs every registered objective's contract with them, so a new
+    # objective needs no test edit (and gets its defaults checked without them).
+    contract_overrides: ClassVar[tuple[str, ...]] = ()
+    guided_overrides: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def needs_for(cls, cfg) -> frozenset[str]:

@@ -35,6 +35,8 @@ class DisBackConfig(VSDConfig):
 
 @register("objective", "disback")
 class DisBack(VSD):
+    contract_overrides = ("objective.gan_weight=0.01", "objective.record_steps=2", "objective.record_every=1")
+    guided_overrides = ()
     Config = DisBackConfig
 
     def __init__(self, cfg: DisBackConfig, nets, shape: tuple[int, ...]) -> None:

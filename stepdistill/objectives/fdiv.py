@@ -75,6 +75,8 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
 
 @register("objective", "fdiv")
 class FDiv(VSD):
+    contract_overrides = ("objective.gan_weight=0.01",)
+    guided_overrides = ()
     Config = FDivConfig
     logits_at_dm_pass = True
 

@@ -114,6 +114,8 @@ def sida_generator_loss(x_g: torch.Tensor, y_r: torch.Tensor, y_f: torch.Tensor,
 
 @register("objective", "sid")
 class SiD(Objective):
+    contract_overrides = ("objective.adversarial=true",)
+    guided_overrides = ("objective.kappa1=2", "objective.kappa2=2", "objective.kappa4=2")
     Config = SiDConfig
     needs = frozenset({"teacher", "fake_score"})
 

@@ -80,6 +80,7 @@ def scm_route(m: int, points: int, p_mean: float, p_std: float, sigma_d: float) 
 
 @register("objective", "tbcm")
 class TBCM(SCM):
+    contract_overrides = ("objective.route_points=4",)
     Config = TBCMConfig
     needs = frozenset({"teacher"})
 

@@ -67,6 +67,8 @@ class VSDConfig:
 
 @register("objective", "vsd")
 class VSD(Objective):
+    contract_overrides = ("objective.gan_weight=0.01",)
+    guided_overrides = ("objective.guidance_range=[1.0,3.0]",)
     Config = VSDConfig
     needs = frozenset({"teacher", "fake_score"})
     logits_at_dm_pass: bool = False  # f-distill: D's logits at the distribution-matching x_t feed weight() and the GAN

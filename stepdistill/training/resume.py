@@ -45,8 +45,9 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
         return  # nothing to resume (a run that failed before its first checkpoint): this recipe starts afresh
     saved = recipe_mod.to_dict(recipe_mod.load_recipe(saved_path))
     new = recipe_mod.to_dict(recipe)
-    diffs = []
-    for section in new:
+    diffs = [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in new
+             if not isinstance(new[k], dict) and new[k] != saved.get(k)]  # top-level keys (plugins)
+    for section in (k for k in new if isinstance(new[k], dict)):
         for key in set(new[section]) | set(saved.get(section, {})):
             if (section, key) in RESUME_MAY_CHANGE:
                 continue

@@ -5,16 +5,8 @@ import torch
 
 from stepdistill.objectives.base import TRAINABLE
 from stepdistill.recipe import RecipeError, load_recipe
-from stepdistill.registry import names
+from stepdistill.registry import get, names
 from stepdistill.training.trainer import build
-
-# every objective with every optional network switched on, so the contract covers them
-FULL = {"vsd": ["objective.gan_weight=0.01"], "fdiv": ["objective.gan_weight=0.01"],
-        "sid": ["objective.adversarial=true"], "disback": ["objective.gan_weight=0.01", "objective.record_steps=2",
-                                                           "objective.record_every=1"],
-        "scm": ["objective.adv_weight=0.5"], "ladd": [], "tbcm": ["objective.route_points=4"],
-        "asd": ["generator.steps=3"]}
-
 
 def _phases_run(b, steps, seed):
     """Run `steps` iterations' phases by hand; check where gradients land; return the losses."""
@@ -47,7 +39,8 @@ def test_objective_contract_on_gmm(name, gmm_built):
     generator works; the same seed gives the same losses, another seed others."""
     def run(seed):
         torch.manual_seed(0)
-        return _phases_run(gmm_built(f"objective.name={name}", "generator.steps=2", *FULL[name]), 4, seed)
+        return _phases_run(gmm_built(f"objective.name={name}", "generator.steps=2",
+                                        *get("objective", name).contract_overrides), 4, seed)
 
     assert run(0) == run(0)
     assert run(0) != run(1)
@@ -58,10 +51,9 @@ def test_objective_contract_on_a_class_conditional_unet(name, tiny_unet_folder, 
     """The same on a diffusers UNet with class labels and CFG, real data given as data.path (labels included)."""
     x = np.random.default_rng(0).uniform(-1, 1, (40, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "real.npz", x=x, labels=np.arange(40) % 3)
-    guidance = {"vsd": ["objective.guidance_range=[1.0,3.0]"], "sid": ["objective.kappa1=2", "objective.kappa2=2",
-                                                                      "objective.kappa4=2"]}.get(name, [])
+    cls = get("objective", name)
     r = load_recipe(None, ["teacher.name=diffusers", f"teacher.path={tiny_unet_folder}", f"objective.name={name}",
-                           f"data.path={tmp_path / 'real.npz'}", *FULL[name], *guidance],
+                           f"data.path={tmp_path / 'real.npz'}", *cls.contract_overrides, *cls.guided_overrides],
                     data={"teacher": {}, "objective": {}})
     torch.manual_seed(0)
     _phases_run(build(r), 3, 0)
