@@ -65,17 +65,27 @@ def _adapter(run):
 
 
 def base_fingerprint(unet: torch.nn.Module, modules: list[str]) -> str:
-    """SHA-256 (16 hex) of the base weights of the adapted modules, as float32: identifies the base a LoRA belongs
-    to whatever file it was loaded from (fp16, another layout), without the adapters."""
+    """SHA-256 (16 hex) of the base weights of the adapted modules rounded to bfloat16: identifies the base a LoRA
+    belongs to whether it was loaded in fp32 or bf16 (the norm for SD3, FLUX, SANA), without the adapters. A base
+    stored in fp16 or fine-tuned reads as another base (a warning, not a refusal: see load_lora)."""
     import hashlib
 
     h = hashlib.sha256()
     for name in sorted(modules):
-        module = unet.get_submodule(name)
-        weight = getattr(module, "base_layer", module).weight
         h.update(name.encode())
-        h.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(_base_weight(unet, name).detach().to(torch.bfloat16).view(torch.int16).cpu().contiguous().numpy()
+                 .tobytes())
     return h.hexdigest()[:16]
+
+
+def _base_weight(net: torch.nn.Module, name: str) -> torch.Tensor:
+    module = net.get_submodule(name)
+    return getattr(module, "base_layer", module).weight
+
+
+def adapted_shapes(net: torch.nn.Module, modules: list[str]) -> dict[str, list[int]]:
+    """The base weight shape of each adapted module: what must match for the LoRA to fit at all."""
+    return {name: list(_base_weight(net, name).shape) for name in sorted(modules)}
 
 
 def _adapted_modules(peft_state: dict[str, torch.Tensor]) -> list[str]:
@@ -83,8 +93,12 @@ def _adapted_modules(peft_state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load_lora(pipe, folder: str | Path, kohya: bool = False) -> None:
-    """`pipe.load_lora_weights` for an exported student, after checking that `pipe` has the base it was trained on
-    (a LoRA on another base loads silently in diffusers and gives wrong images)."""
+    """`pipe.load_lora_weights` for an exported student. Refuses a pipeline whose denoiser lacks an adapted layer or
+    has it in another shape (another architecture: the LoRA cannot fit); warns, and loads, when the base weights
+    differ from those it was distilled on (a fine-tune of that base, or the base stored in fp16), which is how
+    step-distillation LoRAs are often used (LCM-LoRA, DMD2-LoRA) but may change the images."""
+    import warnings
+
     folder = Path(folder)
     info_path = folder / "stepdistill.json"
     if not info_path.exists():
@@ -96,15 +110,17 @@ def load_lora(pipe, folder: str | Path, kohya: bool = False) -> None:
     if missing:
         raise ValueError(f"{folder} adapts layers this pipeline's denoiser does not have (e.g. {missing[0]}): it was "
                          f"exported for another architecture (base {info['base']})")
-    try:
-        found = base_fingerprint(net, modules)
-    except (AttributeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{folder} does not fit this pipeline's denoiser ({e}); it was exported for {info['base']}") \
-            from None
+    expected, found_shapes = info.get("adapted_shapes", {}), adapted_shapes(net, modules)
+    wrong = [m for m in expected if expected[m] != found_shapes[m]]
+    if wrong:
+        raise ValueError(f"{folder} does not fit this pipeline's denoiser: layer {wrong[0]} has shape "
+                         f"{found_shapes[wrong[0]]} here and {expected[wrong[0]]} in the base it was exported for "
+                         f"({info['base']}): another architecture")
+    found = base_fingerprint(net, modules)
     if found != info["base_fingerprint"]:
-        raise ValueError(f"{folder} was trained on another base: its base weights have fingerprint "
-                         f"{info['base_fingerprint']} ({info['base']}), this pipeline's denoiser has {found}. Load it "
-                         "on the model it was distilled from.")
+        warnings.warn(f"{folder} was distilled on other base weights (fingerprint {info['base_fingerprint']}, "
+                      f"{info['base']}; this pipeline's denoiser has {found}): loading it all the same, as on a "
+                      "fine-tune of that base; the images may differ from the student's", stacklevel=2)
     pipe.load_lora_weights(folder, weight_name=f"{folder.name}_kohya.safetensors" if kohya else None)
 
 
@@ -161,7 +177,8 @@ def export_lora(run, out: str | Path) -> Path:
         kohya = f"{out.name}_kohya.safetensors"
         save_file(kohya_state(state, config.lora_alpha, f"lora_{denoiser}_"), tmp / kohya, metadata=meta)
         info = {k.removeprefix("stepdistill."): v for k, v in meta.items() if k != "stepdistill.recipe"}
-        info.update(base=str(teacher.folder), adapted_modules=modules, base_fingerprint=fingerprint)
+        info.update(base=str(teacher.folder), adapted_modules=modules, adapted_shapes=adapted_shapes(net, modules),
+                    base_fingerprint=fingerprint)
         (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
         (tmp / "README.md").write_text(USAGE.format(
             name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,

@@ -76,18 +76,31 @@ def test_kohya_file_has_that_layout_with_the_real_alpha_and_loads_in_diffusers(l
     torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_checked_loader_refuses_a_lora_on_another_base(lora_run, tmp_path):
+def test_checked_loader_warns_on_other_base_weights_and_refuses_another_architecture(lora_run, tmp_path):
+    """The same base loads silently in fp32 or bf16; other base weights (a fine-tune) load with a warning; a layer of
+    another shape is refused. (Before 2026-12-03 other weights were refused too: issue 24 asked for a warning.)"""
+    import warnings
+
     from stepdistill.export.lora import load_lora
 
     run, _, expected = lora_run
     out = export_lora(run, tmp_path / "lora")
     pipe = base_pipeline(run, out)
-    load_lora(pipe, out, kohya=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_lora(pipe, out, kohya=True)
+        load_lora(base_pipeline(run, out).to(torch.bfloat16), out)
     torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
-    other = base_pipeline(run, out)
+    tuned = base_pipeline(run, out)
+    block = tuned.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     with torch.no_grad():
-        other.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.add_(0.01)
-    with pytest.raises(ValueError, match="was trained on another base: its base weights have fingerprint"):
+        block.to_q.weight.add_(0.01)
+    with pytest.warns(UserWarning, match="was distilled on other base weights"):
+        load_lora(tuned, out)
+    other = base_pipeline(run, out)
+    block = other.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    block.to_q = torch.nn.Linear(block.to_q.in_features + 2, block.to_q.out_features, bias=False)
+    with pytest.raises(ValueError, match=r"to_q has shape \[\d+, \d+\] here and \[\d+, \d+\] in the base"):
         load_lora(other, out)
 
 
