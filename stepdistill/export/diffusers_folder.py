@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import recipe as recipe_mod
+from .. import registry
 
 USAGE = """# {name}: a {steps}-step student distilled by stepdistill
 
@@ -195,7 +196,12 @@ def lcm_scheduler(run):
 
     A DDPM student that starts below t = 1 (generator.start_t, its grid over the teacher's first D timesteps) gets an
     LCMScheduler of those D timesteps: `num_train_timesteps=D` and `trained_betas` the teacher's first D betas, so
-    alphabar_t is the teacher's for every t < D and `set_timesteps(K)` yields the student's times (DMD2's 399)."""
+    alphabar_t is the teacher's for every t < D and `set_timesteps(K)` yields the student's times (DMD2's 399).
+
+    How many steps a pipeline may ask for: a consistency-family student (sCM, TBCM: `Objective.multistep`) any
+    number (`original_inference_steps` = D, whose K-step subset is the same LCM grid), so `pipe(prompt)` with the
+    pipeline's default 50 runs; any other student only its trained K (LCMScheduler refuses more: a DMD-style
+    student's images come from its trained steps alone)."""
     from diffusers import FlowMatchLCMScheduler, LCMScheduler
 
     student = run.student
@@ -216,10 +222,12 @@ def lcm_scheduler(run):
     elif student.schedule.discrete:
         keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
                 "rescale_betas_zero_snr")
-        config = dict({key: v for key, v in teacher_sched.items() if key in keep}, original_inference_steps=k,
-                      clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0)
-        scheduler = LCMScheduler(**config)
         d = round(start_t * student.schedule.num_steps)
+        multistep = registry.get("objective", run.recipe.objective.name).multistep
+        config = dict({key: v for key, v in teacher_sched.items() if key in keep},
+                      original_inference_steps=d if multistep else k, clip_sample=False, set_alpha_to_one=True,
+                      timestep_spacing="leading", timestep_scaling=10.0)
+        scheduler = LCMScheduler(**config)
         if d < scheduler.config.num_train_timesteps:  # the teacher's first d timesteps
             full = scheduler.alphas_cumprod
             scheduler = LCMScheduler(**dict(config, num_train_timesteps=d, trained_betas=scheduler.betas[:d].tolist(),

@@ -79,6 +79,9 @@ class Objective(ABC):
     # Overrides that switch on every optional network and term, and the guidance settings for a class-conditional
     # teacher: tests/objectives/test_contract.py runs every registered objective's contract with them, so a new
     # objective needs no test edit (and gets its defaults checked without them).
+    # True for consistency models: their students may be sampled with more steps than trained (the few-step rule),
+    # so exports let a pipeline ask for any number of steps; other students' exports allow only the trained K.
+    multistep: ClassVar[bool] = False
     contract_overrides: ClassVar[tuple[str, ...]] = ()
     guided_overrides: ClassVar[tuple[str, ...]] = ()
 

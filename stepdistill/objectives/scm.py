@@ -120,6 +120,7 @@ def central_difference(f, x: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor
 
 @register("objective", "scm")
 class SCM(Objective):
+    multistep = True
     contract_overrides = ("objective.adv_weight=0.5",)
     Config = SCMConfig
     needs = frozenset({"teacher", "data"})

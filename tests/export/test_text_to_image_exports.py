@@ -1,6 +1,7 @@
 """Exports of a LoRA student of a tiny Stable Diffusion teacher load in plain diffusers and reproduce its samples."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -119,6 +120,37 @@ def test_pipeline_folder_samples_the_trained_steps_with_from_pretrained_alone(lo
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert fused.keys() == unet.state_dict().keys()
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in fused.items())
+
+
+def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lora_run, tmp_path):
+    """An sCM student's pipeline runs with diffusers' default call (50 steps) and reproduces the student at its own
+    step counts; a VSD student's pipeline asked for more than its trained 2 steps is refused by its scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import make_tiny_sd_folder
+
+    folder = make_tiny_sd_folder(tmp_path / "sd")
+    (tmp_path / "prompts.txt").write_text("a red shirt\na blue bag\n")
+    np.savez(tmp_path / "latents.npz", x=np.random.default_rng(0).normal(size=(8, 4, 8, 8)).astype(np.float32))
+    recipe = load_recipe(None, ["train.steps=2", "train.batch_size=2", "eval.at_end=false",
+                                f"data.path={tmp_path / 'latents.npz'}"],
+                         data={"teacher": {"name": "sd", "path": str(folder), "prompts": str(tmp_path / "prompts.txt")},
+                               "objective": {"name": "scm"}})
+    Trainer(recipe, tmp_path / "run", quiet=True).run()
+    run = load_run(tmp_path / "run")
+    pipe = StableDiffusionPipeline.from_pretrained(export_diffusers(run, tmp_path / "pipe"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = run.teacher.eval_prompt_list(N)
+    assert pipe(prompts[:1], output_type="latent").images.isfinite().all()  # the default call: 50 steps
+    for k in (1, 4):
+        got = pipe(prompts, num_inference_steps=k, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(SEED)).images
+        torch.testing.assert_close(got, generate_student(run.student, run.teacher, N, SEED, N, steps=k),
+                                   rtol=1e-4, atol=1e-5)
+    vsd = StableDiffusionPipeline.from_pretrained(export_diffusers(lora_run[0], tmp_path / "vsd"),
+                                                  local_files_only=True)
+    with pytest.raises(ValueError, match="reduce `num_inference_steps`"):  # diffusers names the limit
+        vsd(prompts[:1], num_inference_steps=3, output_type="latent")
 
 
 def test_lora_export_of_a_full_weight_run_names_the_fix(tiny_unet_folder, tmp_path):
