@@ -2,6 +2,8 @@
 (`build` -> `Built`), and the recipe checks that must fail before any training starts."""
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +113,34 @@ def check_eval(recipe: Recipe, teacher: Teacher) -> None:
         if used and n <= d:
             raise RecipeError(f"{key}={n} is too few for the Fashion FD (a covariance of {d} classifier features): "
                               f"set {key} to more than {d}")
+
+
+def resolve_eval(recipe: Recipe, teacher: Teacher) -> tuple[Recipe, str | None]:
+    """The recipe with the evaluation this teacher can run, and a note to print once at the start when that is not
+    what the recipe says; a RecipeError now (not after training) for an evaluation that cannot run. A teacher without
+    a built-in metric (`sd`, `diffusers`: domain "none") turns the default eval.metrics=[domain] into Inception FID
+    against eval.reference when one is given, else into no final evaluation."""
+    e = recipe.eval
+    image = [m for m in e.metrics if m != "domain"]
+    if e.at_end and image and not teacher.is_image:
+        raise RecipeError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
+                          f"{teacher.shape} vectors; use eval.metrics=[domain]")
+    if teacher.domain != "none" or not e.at_end:
+        return recipe, None
+    if image and e.reference is None:
+        raise RecipeError(f"eval.metrics {list(e.metrics)} needs a reference for teacher {recipe.teacher.name!r} "
+                          "(it has no built-in data): set eval.reference to a stats .npz (`stepdistill eval ref`), an "
+                          "image folder or a dataset name, or eval.at_end=false")
+    if "domain" not in e.metrics:
+        return recipe, None
+    metrics = image or (["fid"] if e.reference is not None else [])
+    new = dataclasses.replace(recipe, eval=dataclasses.replace(e, metrics=metrics, at_end=bool(metrics)))
+    if metrics:
+        return new, (f"teacher {recipe.teacher.name!r} has no built-in metric: the final evaluation scores "
+                     f"{', '.join(metrics)} against eval.reference ({e.reference})")
+    return new, (f"teacher {recipe.teacher.name!r} has no built-in metric and no eval.reference is set: no final "
+                 "evaluation (set eval.metrics=[fid] eval.reference=<stats .npz or image folder> to score at the end, "
+                 "or score the run later with `stepdistill eval --run`)")
 
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:

@@ -22,7 +22,7 @@ from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
 from ..recipe import Recipe
 from . import loop
-from .build import build, check_batch, check_fsdp, real_data
+from .build import build, check_batch, check_fsdp, real_data, resolve_eval
 from .cadence import Clock, Interrupted  # noqa: F401  (Interrupted re-exported for callers of train.trainer)
 from .ema import EMA
 from .resume import newest_checkpoint
@@ -54,6 +54,9 @@ class Trainer:
         # differently in every process, so without this no two runs, nor two processes, would start alike
         torch.manual_seed(self.cfg.seed)
         self.built = build(recipe, classes).to(self.accelerator.device)
+        self.recipe, note = resolve_eval(recipe, self.built.teacher)  # what the final evaluation can score
+        if note and not self.quiet:
+            print(f"note: {note}")
         self.nets, self.objective = self.built.nets, self.built.objective
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
         # after the EMA copy: a copy of a compiled network would run the original (kernels/execution.py)

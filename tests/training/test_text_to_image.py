@@ -34,3 +34,23 @@ def test_lora_vsd_on_sd_trains_adapters_only_resumes_exactly_and_reloads(tiny_sd
     run = load_run(tmp_path / "full")
     z, cond = torch.randn(3, 4, 8, 8), run.teacher.eval_cond(3)
     assert torch.equal(run.student(z, cond), full.student()(z, cond))
+
+
+def test_a_first_run_on_an_sd_folder_with_default_evaluation_finishes(tiny_sd_folder, tmp_path, capsys):
+    """teacher sd has no built-in metric: the default eval.metrics=[domain] becomes no final evaluation, said once at
+    the start (before, the run exited 2 after training); an evaluation that cannot run is refused before training."""
+    import pytest
+
+    from stepdistill.errors import RecipeError
+
+    data = {"teacher": {"name": "sd", "path": str(tiny_sd_folder), "prompts": str(tmp_path / "prompts.txt")},
+            "objective": {"name": "vsd"}}
+    recipe = load_recipe(None, ["train.steps=1", "train.batch_size=2"], data=data)
+    assert recipe.eval.at_end and recipe.eval.metrics == ["domain"]
+    trainer = Trainer(recipe, tmp_path / "run")
+    assert "no built-in metric and no eval.reference is set: no final evaluation" in capsys.readouterr().out
+    trainer.run()
+    assert (tmp_path / "run" / "train_summary.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    assert load_run(tmp_path / "run").recipe.eval.at_end is False  # the recipe.yaml says what was done
+    with pytest.raises(RecipeError, match=r"eval.metrics \['fid'\] needs a reference for teacher 'sd'"):
+        Trainer(load_recipe(None, ["train.steps=1", "eval.metrics=[fid]"], data=data), tmp_path / "run2", quiet=True)
