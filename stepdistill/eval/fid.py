@@ -6,40 +6,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import dataset_images, load_folder, load_reference, reference_key, save_reference, stats_or_none
+from .images import (dataset_images, folder_batches, folder_files, load_reference, reference_key, save_reference,
+                     stats_or_none)
 from .inception import InceptionFeatures, cache_dir
 from .metrics import frechet_distance, gaussian_stats, kernel_inception_distance
 
 IMAGE_METRICS = ("fid", "kid")
 
 
-def reference_protocol(features: InceptionFeatures, source: str, images: torch.Tensor) -> dict:
-    return {**features.protocol(), "reference": source, "reference_n": len(images),
-            "resolution": f"{images.shape[2]}x{images.shape[3]}"}
+def reference_protocol(features: InceptionFeatures, source: str, n: int, resolution: str) -> dict:
+    return {**features.protocol(), "reference": source, "reference_n": n, "resolution": resolution}
 
 
-def reference_from_images(images: torch.Tensor, features: InceptionFeatures, source: str,
-                          out: str | Path | None = None, quiet: bool = True) -> dict:
-    """Reference statistics of uint8 `images` (written to `out` when given)."""
-    f = features(images, desc=f"Inception features of {source}", quiet=quiet)
-    proto = reference_protocol(features, source, images)
+def resolution(sizes) -> str:
+    """"HxW", or the sizes seen in a mixed folder (each image is resized to 299x299 on its own)."""
+    return ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+
+
+def folder_features(folder: str | Path, features: InceptionFeatures, quiet: bool = True) -> tuple[np.ndarray, str]:
+    """(Inception features, resolution) of an image folder, read batch by batch: memory holds one batch of images."""
+    sizes: set = set()
+    f = features.stream(folder_batches(folder, features.batch_size, quiet=True, sizes=sizes),
+                        desc=f"Inception features of {folder}", quiet=quiet, total=len(folder_files(folder)))
+    return f, resolution(sizes)
+
+
+def reference_from_features(f: np.ndarray, proto: dict, out: str | Path | None = None) -> dict:
+    """Reference statistics of features (written to `out` when given: mu and sigma as clean-fid's and pytorch-fid's
+    statistics files hold them, plus the features for KID and the protocol)."""
     mu, sigma = stats_or_none(f)
     if out is not None:
         save_reference(out, f, proto, stats=(mu, sigma))
     return {"mu": mu, "sigma": sigma, "features": f, "protocol": proto}
 
 
+def reference_from_images(images: torch.Tensor, features: InceptionFeatures, source: str,
+                          out: str | Path | None = None, quiet: bool = True) -> dict:
+    """Reference statistics of uint8 `images` (written to `out` when given)."""
+    f = features(images, desc=f"Inception features of {source}", quiet=quiet)
+    proto = reference_protocol(features, source, len(images), resolution([tuple(images.shape[2:])]))
+    return reference_from_features(f, proto, out)
+
+
+def reference_from_folder(folder: str | Path, features: InceptionFeatures, out: str | Path | None = None,
+                          quiet: bool = True) -> dict:
+    f, res = folder_features(folder, features, quiet)
+    return reference_from_features(f, reference_protocol(features, f"folder {folder}", len(f), res), out)
+
+
 def reference_for(spec: str, features: InceptionFeatures, quiet: bool = True, split: str = "test") -> dict:
-    """Reference statistics from an npz file, an image folder, or a built-in dataset name (computed once per
-    protocol and cached under $STEPDISTILL_CACHE/refs)."""
+    """Reference statistics from an npz file (ours, or clean-fid's / pytorch-fid's mu and sigma), an image folder
+    (streamed), or a built-in dataset name (computed once per protocol and cached under $STEPDISTILL_CACHE/refs)."""
     path = Path(spec)
     if path.suffix == ".npz":
         return load_reference(path, expect=features.protocol())
     if path.is_dir():
-        return reference_from_images(load_folder(path, quiet=quiet), features, f"folder {path}", quiet=quiet)
+        return reference_from_folder(path, features, quiet=quiet)
     images = dataset_images(spec, split)
     source = f"{spec} {split} split ({len(images)} images)"
-    cached = cache_dir() / "refs" / f"{spec}_{split}_{reference_key(reference_protocol(features, source, images))}.npz"
+    proto = reference_protocol(features, source, len(images), resolution([tuple(images.shape[2:])]))
+    cached = cache_dir() / "refs" / f"{spec}_{split}_{reference_key(proto)}.npz"
     if cached.exists():
         return load_reference(cached, expect=features.protocol())
     return reference_from_images(images, features, source, out=cached, quiet=quiet)
@@ -49,10 +75,20 @@ def image_scores(images: torch.Tensor, reference: dict, features: InceptionFeatu
                  metrics: tuple[str, ...] = IMAGE_METRICS, kid_subset_size: int = 1000, seed: int = 0,
                  quiet: bool = True, desc: str = "Inception features") -> dict:
     """{"fid", "kid", "kid_std"} (those asked for) of uint8 images against `reference`."""
+    check_metrics(metrics)
+    return feature_scores(features(images, desc=desc, quiet=quiet), reference, metrics, kid_subset_size, seed)
+
+
+def check_metrics(metrics: tuple[str, ...]) -> None:
     unknown = set(metrics) - set(IMAGE_METRICS)
     if unknown:
         raise ValueError(f"unknown image metric(s) {sorted(unknown)}; choose from {', '.join(IMAGE_METRICS)}")
-    f = features(images, desc=desc, quiet=quiet)
+
+
+def feature_scores(f: np.ndarray, reference: dict, metrics: tuple[str, ...] = IMAGE_METRICS,
+                   kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """{"fid", "kid", "kid_std"} (those asked for) of Inception features against `reference`."""
+    check_metrics(metrics)
     out = {}
     if "fid" in metrics:
         if reference["mu"] is None:

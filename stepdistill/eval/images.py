@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +17,58 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
 DATASETS = ("fashion-mnist",)
 
 
-def load_folder(folder: str | Path, limit: int | None = None, quiet: bool = True) -> torch.Tensor:
-    """Every image file under `folder` (recursively, sorted by path) as uint8 (N, 3, H, W). All must share one size;
-    unreadable files are listed in the error, not skipped."""
+def folder_files(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """The image files under `folder`, recursively, sorted by path (the order prompts and outputs follow)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS)
     if not files:
         raise ValueError(f"no image files ({', '.join(sorted(EXTENSIONS))}) under {folder}")
-    files = files[:limit] if limit else files
-    images, bad = [], []
+    return files[:limit] if limit else files
+
+
+def folder_batches(folder: str | Path, batch_size: int = 100, quiet: bool = True, sizes: set | None = None,
+                   limit: int | None = None) -> Iterator[torch.Tensor]:
+    """The folder's images as uint8 (B, 3, H, W) batches, read as they are used, so memory holds one batch whatever
+    the folder's size. Images of different sizes are allowed (a batch ends where the size changes; Inception resizes
+    each image to 299x299); the sizes seen are added to `sizes`. Unreadable files are listed in one error at the
+    end, not skipped."""
+    folder = Path(folder)
+    files = folder_files(folder, limit)
+    batch, bad = [], []
     for f in tqdm(files, desc=f"reading {folder}", disable=quiet, leave=False):
         try:
             with Image.open(f) as img:
-                images.append(np.asarray(img.convert("RGB")))
+                a = np.asarray(img.convert("RGB"))
         except (UnidentifiedImageError, OSError) as e:
             bad.append(f"{f.name} ({type(e).__name__})")
+            continue
+        if batch and (len(batch) == batch_size or a.shape != batch[0].shape):
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            batch = []
+        batch.append(a)
+        if sizes is not None:
+            sizes.add(a.shape[:2])
     if bad:
         raise ValueError(f"{len(bad)} unreadable file(s) in {folder}: {', '.join(bad[:5])}"
                          + (" ..." if len(bad) > 5 else "") + "; remove or fix them")
-    sizes = sorted({a.shape[:2] for a in images})
+    if batch:
+        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_folder(folder: str | Path, limit: int | None = None, quiet: bool = True) -> torch.Tensor:
+    """Every image file under `folder` (recursively, sorted by path) as one uint8 (N, 3, H, W) tensor, for scores that
+    need all images at once (CLIP score); FID and KID stream the folder (folder_batches). All must share one size;
+    unreadable files are listed in the error, not skipped."""
+    files = folder_files(folder, limit)
+    sizes: set = set()
+    batches = list(folder_batches(folder, len(files), quiet, sizes, limit))
     if len(sizes) > 1:
-        raise ValueError(f"images in {folder} have {len(sizes)} different sizes (e.g. {sizes[0]} and {sizes[-1]}); "
-                         "FID needs one resolution: resize them consistently first")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        ordered = sorted(sizes)
+        raise ValueError(f"images in {folder} have {len(sizes)} different sizes (e.g. {ordered[0]} and "
+                         f"{ordered[-1]}); resize them consistently first")
+    return batches[0]
 
 
 def as_uint8(images: torch.Tensor) -> torch.Tensor:

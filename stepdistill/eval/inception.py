@@ -20,6 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -185,15 +186,25 @@ class InceptionFeatures:
         arrays = batch.permute(0, 2, 3, 1).numpy()
         return torch.from_numpy(np.stack([self.resize(a) for a in arrays])).permute(0, 3, 1, 2)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, desc: str = "Inception features", quiet: bool = True) -> np.ndarray:
         images = check_uint8_images(images)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
+        return self.stream((images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size)), desc,
+                           quiet, total=len(images))
+
+    @torch.no_grad()
+    def stream(self, batches: Iterable[torch.Tensor], desc: str = "Inception features", quiet: bool = True,
+               total: int | None = None) -> np.ndarray:
+        """Features of uint8 (B, C, H, W) batches taken one at a time (a folder read as it is used: images of any
+        count and of mixed sizes, each resized to 299x299)."""
         out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=quiet, leave=False):
-            x = self._prepare(images[i:i + self.batch_size].contiguous()).to(self.device)
-            out.append(self.net(x).double().cpu().numpy())
+        with tqdm(total=total, desc=desc, disable=quiet, leave=False, unit="img") as bar:
+            for batch in batches:
+                batch = check_uint8_images(batch)
+                batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+                out.append(self.net(self._prepare(batch.contiguous()).to(self.device)).double().cpu().numpy())
+                bar.update(len(batch))
+        if not out:
+            raise ValueError("no images given")
         return np.concatenate(out)
 
 

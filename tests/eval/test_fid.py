@@ -234,3 +234,31 @@ def test_run_evaluation_with_kid(cache, tmp_path):
                                                                                             m["teacher"]["kid"])
     assert m["protocol"]["inception"]["backend"] == "clean-fid" and m["protocol"]["metrics"] == ["kid"]
     assert "KID" in format_table(m)
+
+
+def test_a_folder_streams_in_batches_of_mixed_sizes(tmp_path):
+    """FID reads a folder batch by batch (never the whole folder at once), allows mixed sizes (each image is resized
+    on its own) and gives the features of the stacked images where sizes agree."""
+    from stepdistill.eval.fid import folder_features
+    from stepdistill.eval.images import folder_batches
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "9.png")
+    sizes = set()
+    assert [tuple(b.shape) for b in folder_batches(tmp_path, 2, sizes=sizes)] == [
+        (2, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8), (1, 3, 12, 10)]
+    assert sizes == {(8, 8), (12, 10)}
+
+    class Recorder:  # stands in for InceptionFeatures: records what reaches it, returns a per-image feature
+        batch_size = 2
+
+        def stream(self, batches, desc, quiet, total):
+            seen = [b.shape for b in batches]
+            self.largest = max(s[0] for s in seen)
+            return np.stack([np.zeros(3)] * sum(s[0] for s in seen))
+
+    rec = Recorder()
+    f, res = folder_features(tmp_path, rec)
+    assert len(f) == 6 and rec.largest == 2 and res == "8x8, 12x10"
