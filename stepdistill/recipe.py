@@ -77,6 +77,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    # experiment trackers, by accelerate's names (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, ...):
+    # losses and learning rates every log_every, sample grids, curve points and the final scores; [] for none
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     sample_every: int = 0  # write a sample grid every N iterations (0: only at the end)
     max_nonfinite: int = 20  # skipped non-finite steps tolerated before the run stops
     max_minutes: float = 0.0  # stop early (with a checkpoint) after this much wall time, warm start included; 0 = off

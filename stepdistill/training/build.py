@@ -115,6 +115,20 @@ def check_eval(recipe: Recipe, teacher: Teacher) -> None:
                               f"set {key} to more than {d}")
 
 
+def check_trackers(cfg) -> None:
+    """train.log_with: trackers accelerate knows and this environment has, before any training."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in cfg.log_with:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise RecipeError(f"train.log_with: unknown tracker {name!r}; accelerate knows "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if name not in available:
+            raise RecipeError(f"train.log_with: {name} is not installed here (pip install {name}), or leave it out "
+                              f"(available: {', '.join(sorted(available)) or 'none'})")
+
+
 def resolve_eval(recipe: Recipe, teacher: Teacher) -> tuple[Recipe, str | None]:
     """The recipe with the evaluation this teacher can run, and a note to print once at the start when that is not
     what the recipe says; a RecipeError now (not after training) for an evaluation that cannot run. A teacher without

@@ -34,7 +34,6 @@ class Run:
     resumed: bool = False
     curve_every: int = 0
     watch: object = None  # train/watch.py's Watch, when train.watch_every > 0
-    writer: object = None  # TensorBoard, on process 0
     bar: object = None
     first: int = 0  # the loop's first iteration and the clock then: the progress bar's rate
     loop_start: float = 0.0
@@ -101,12 +100,18 @@ def first_checks(t, r: Run) -> None:
         t.curve_point(r.curve, t.clock())
 
 
-def open_logs(t, r: Run) -> None:
-    """TensorBoard (process 0), the progress bar and what the run says before its first iteration."""
-    from torch.utils.tensorboard import SummaryWriter
+def open_trackers(t, r: Run) -> None:
+    """The trackers of train.log_with (written by process 0; TensorBoard's in OUTDIR/tb). A resumed run's TensorBoard
+    events past its checkpoint are purged, as stats.jsonl is truncated, so its curves read like an uninterrupted
+    run's."""
+    if t.cfg.log_with:
+        purge = {"purge_step": t.step + 1} if r.resumed else {}
+        t.accelerator.init_trackers("tb", init_kwargs={"tensorboard": purge})
 
+
+def open_logs(t, r: Run) -> None:
+    """The progress bar and what the run says before its first iteration."""
     c = t.cfg
-    r.writer = SummaryWriter(str(t.outdir / "tb")) if r.main else None
     r.bar = tqdm(total=c.steps, initial=t.step, desc="distilling", unit="it", disable=t.quiet, dynamic_ncols=True)
     if parallel.world() > 1 and not t.quiet:
         tqdm.write(f"{parallel.world()} processes, {parallel.local_batch(c.batch_size)} of the "
@@ -116,7 +121,7 @@ def open_logs(t, r: Run) -> None:
     r.first, r.loop_start = t.step, t.clock()
 
 
-STAGES = [dump_recipe, resume, warm_start, truncate_logs, first_checks, open_logs]
+STAGES = [dump_recipe, resume, warm_start, truncate_logs, open_trackers, first_checks, open_logs]
 
 
 # ---- hooks, after every iteration --------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def hooks(t, r: Run) -> list[Callable[[int], None]]:
             every(1, lambda: progress(t, r)),
             every(c.log_every, lambda: log(t, r), also=(c.steps,)),
             every(c.checkpoint_every, lambda: t.save()),
-            every(c.sample_every, lambda: t.sample_grid(f"step_{t.step:07d}")),
+            every(c.sample_every, lambda: sample_grid(t, f"step_{t.step:07d}")),
             every(r.curve_every, lambda: t.curve_point(r.curve, t.clock()))]
 
 
@@ -145,9 +150,32 @@ def log(t, r: Run) -> None:
     values = parallel.mean_values(t.last_logs)  # each process logged its own rows' losses
     if r.main:
         append_jsonl(r.stats, {"step": t.step, "time": round(t.clock(), 3), **values})
-    if r.writer is not None:
-        for k, v in values.items():
-            r.writer.add_scalar(k, v, t.step)
+    lrs = {f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in t.optimizers.items()}
+    t.accelerator.log({**values, **lrs}, step=t.step)
+
+
+def sample_grid(t, tag: str) -> None:
+    """samples/<tag>.png, and the same image to the trackers (TensorBoard's images tab, wandb's media)."""
+    t.sample_grid(tag)
+    if not (parallel.is_main() and t.accelerator.trackers):
+        return
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(t.outdir / "samples" / f"{tag}.png") as img:
+        image = np.asarray(img.convert("RGB"))
+    for tracker in t.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", image, t.step, dataformats="HWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"samples": [image]}, step=t.step)
+
+
+def close_trackers(t) -> None:
+    """Flush and close the trackers (not accelerator.end_training: it would also end the process group)."""
+    for tracker in t.accelerator.trackers:
+        tracker.finish()
+    t.accelerator.trackers = []
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -156,31 +184,32 @@ def run(t) -> dict | None:
     final evaluation's metrics (None when there is none)."""
     with locked(t.outdir):
         r = Run(t.outdir / "stats.jsonl", t.outdir / "curve.jsonl", parallel.is_main())
-        for stage in STAGES:
-            stage(t, r)
-        after = hooks(t, r)
-        with stop_requests() as signalled:
-            try:
-                while t.step < t.cfg.steps:
-                    r.logs = t.train_step()
-                    t.step += 1
-                    t.last_logs.update(r.logs)  # each value's latest reading: generator losses come every few steps
-                    for hook in after:
-                        hook(t.step)
-                    if not parallel.all_true(not signalled[0]):  # a signal (on any process): stop here, resumable
-                        stop(t, r, signalled[0] or signal.SIGTERM)
-                    if t.cfg.max_minutes and not parallel.all_true(t.clock() <= t.cfg.max_minutes * 60):
-                        r.bar.total = t.step  # the budget may run out inside a checkpoint, after the bar's estimate
-                        r.bar.refresh()
-                        if r.main:
-                            tqdm.write(f"stopping at iteration {t.step}: train.max_minutes={t.cfg.max_minutes} "
-                                       "reached")
-                        break
-            finally:
-                r.bar.close()
-                if r.writer is not None:
-                    r.writer.close()
-        return finish(t, r)
+        try:
+            for stage in STAGES:
+                stage(t, r)
+            after = hooks(t, r)
+            with stop_requests() as signalled:
+                try:
+                    while t.step < t.cfg.steps:
+                        r.logs = t.train_step()
+                        t.step += 1
+                        t.last_logs.update(r.logs)  # each value's latest reading: generator losses come every few
+                        for hook in after:
+                            hook(t.step)
+                        if not parallel.all_true(not signalled[0]):  # a signal (on any process): stop, resumable
+                            stop(t, r, signalled[0] or signal.SIGTERM)
+                        if t.cfg.max_minutes and not parallel.all_true(t.clock() <= t.cfg.max_minutes * 60):
+                            r.bar.total = t.step  # the budget may run out inside a checkpoint, after the estimate
+                            r.bar.refresh()
+                            if r.main:
+                                tqdm.write(f"stopping at iteration {t.step}: train.max_minutes={t.cfg.max_minutes} "
+                                           "reached")
+                            break
+                finally:
+                    r.bar.close()
+            return finish(t, r)
+        finally:
+            close_trackers(t)
 
 
 def stop(t, r: Run, signum: int) -> None:
@@ -202,7 +231,7 @@ def finish(t, r: Run) -> dict | None:
     if r.curve_every and t.step % r.curve_every:
         t.curve_point(r.curve, t.clock())
     values = parallel.mean_values(t.last_logs)
-    t.sample_grid("final")
+    sample_grid(t, "final")
     if r.main:
         summary = {"iterations": t.step, "train_seconds": round(t.clock(), 1), **values}
         (t.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -213,7 +242,19 @@ def finish(t, r: Run) -> dict | None:
         metrics = evaluate(t.recipe, t.built.teacher, t.student(), quiet=t.quiet)
     if r.main:
         write_metrics(t.outdir, metrics)
+    t.accelerator.log({f"eval/{k}": v for k, v in scalars(metrics).items()}, step=t.step)
     return metrics
+
+
+def scalars(tree: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested dict (metrics.json's), keyed by path: student/fd, teacher/fd, ..."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -32,7 +32,7 @@ def locked(outdir: Path):
 # keys a resumed run may change: the budget, how networks execute (same maths within bf16 tolerance), how often it
 # logs, samples and checkpoints, and the final evaluation (not the curve's protocol: its points must compare)
 RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing",
-                                               "fsdp", "log_every", "sample_every", "checkpoint_every",
+                                               "fsdp", "log_every", "log_with", "sample_every", "checkpoint_every",
                                                "keep_checkpoints", "on_collapse", "max_rollbacks")} | \
     {("eval", k) for k in ("n", "seed", "teacher_nfe", "guidance_scale", "batch_size", "at_end", "metrics",
                            "fid_backend", "inception", "reference", "kid_subset_size")}

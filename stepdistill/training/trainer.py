@@ -22,7 +22,7 @@ from ..models.generator import Generator
 from ..models.lora import load_saved_state, saved_state
 from ..recipe import Recipe
 from . import loop
-from .build import build, check_batch, check_fsdp, real_data, resolve_eval
+from .build import build, check_batch, check_fsdp, check_trackers, real_data, resolve_eval
 from .cadence import Clock, Interrupted  # noqa: F401  (Interrupted re-exported for callers of train.trainer)
 from .ema import EMA
 from .resume import newest_checkpoint
@@ -47,7 +47,10 @@ class Trainer:
         # CUDA_VISIBLE_DEVICES='' to train on the CPU
         # mixed_precision="no": `accelerate launch` exports the user's accelerate config, and with fp16 on a GPU
         # accelerator.backward would scale every loss by a GradScaler that nothing here unscales (train.precision rules)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        check_trackers(self.cfg)
+        # the trackers (train.log_with) write under the run folder: TensorBoard's events in OUTDIR/tb (loop.open_logs)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                                       log_with=self.cfg.log_with or None, project_dir=str(self.outdir))
         check_batch(self.cfg)
         check_fsdp(recipe)
         # build-time random initialisations (discriminator heads) from train.seed: torch seeds its default stream
@@ -266,6 +269,7 @@ class Trainer:
                 score = curve_score(self.recipe.eval, self.built.teacher, self.student(), self.classes)
             if parallel.is_main():
                 loop.append_jsonl(path, {"step": self.step, "time": round(train_seconds, 3), **score})
+            self.accelerator.log({f"curve/{k}": v for k, v in score.items()}, step=self.step)
 
     def run(self) -> dict | None:
         """Train (or resume) to train.steps, holding the run folder (state.run_lock) throughout (train/loop.py)."""

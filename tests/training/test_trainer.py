@@ -199,3 +199,42 @@ def test_lr_decay_runs_from_the_rate_after_warmup_to_zero_at_the_last_step(decay
     assert len(seen) == 12
     for step, scales in enumerate(seen):
         assert all(s == pytest.approx(want[step]) for s in scales), (step, scales)
+
+
+def _events(folder):
+    """Every event of every TensorBoard file in `folder`, file by file in write order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [list(EventFileLoader(str(f)).Load()) for f in sorted(folder.glob("events.out.tfevents.*"))]
+
+
+def test_trackers_get_losses_learning_rates_grids_and_a_resume_purges_past_its_checkpoint(tmp_path, monkeypatch):
+    original = Trainer.train_step
+
+    def crash_at_13(self):
+        if self.step == 13:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(_recipe("train.sample_every=10", "train.log_every=2"), tmp_path / "run", quiet=True).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    Trainer(_recipe("train.sample_every=10", "train.log_every=2"), tmp_path / "run", quiet=True).run()
+    first, second = _events(tmp_path / "run" / "tb")
+    tags = {(v.tag, e.step) for e in first + second for v in e.summary.value}
+    assert {("loss/generator", 2), ("lr/generator", 2), ("lr/fake_score", 2), ("samples", 10)} <= tags
+    assert ("samples", 20) in tags and ("loss/generator", 20) in tags
+    # the crashed run logged 12; the rerun resumed from its checkpoint at 10 and purged every event from 11 on
+    assert max(e.step for e in first if e.summary.value) == 12
+    purge = [e for e in second if e.HasField("session_log")]
+    assert purge and purge[0].step == 11 and purge[0].session_log.status == purge[0].session_log.START
+
+
+def test_an_unavailable_tracker_is_named_before_training(tmp_path):
+    from stepdistill.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="train.log_with: unknown tracker 'tensorbored'"):
+        Trainer(_recipe("train.log_with=[tensorbored]"), tmp_path / "a", quiet=True)
+    Trainer(_recipe("train.log_with=[]", "train.steps=2"), tmp_path / "b", quiet=True).run()
+    assert not (tmp_path / "b" / "tb").exists()
