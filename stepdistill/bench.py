@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from . import parallel
+from .errors import InputError
 from .recipe import RecipeError, build_dataclass
 
 UNCAPPED = 10**7
@@ -323,7 +324,7 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
 
 def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = None, quiet: bool = False) -> Path:
     if report is not None and (Path(report).suffix != ".md" or Path(report).is_dir()):
-        raise ValueError(f"--report {report}: give a markdown file path ending in .md")
+        raise InputError(f"--report {report}: give a markdown file path ending in .md")
     suite = load_suite(suite_path)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from .errors import RecipeError
+
 _REGISTRY: dict[str, dict[str, Any]] = {"objective": {}, "teacher": {}}
 PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__package__}.teachers"}
 
@@ -32,7 +34,7 @@ def names(kind: str) -> list[str]:
 def get(kind: str, name: str) -> Any:
     _load_builtins(kind)
     if name not in _REGISTRY[kind]:
-        raise KeyError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(names(kind))}")
+        raise RecipeError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(names(kind))}")
     return _REGISTRY[kind][name]
 
 
