@@ -124,3 +124,27 @@ def test_plain_builtin_raises_are_all_listed_with_a_reason():
     stale = [key for key in ALLOWED if not any(f == key[0] and name == key[1] and key[2] in call
                                                for f, name, call, _ in found)]
     assert not stale, f"ALLOWED lists raises that are gone: {stale}"
+
+
+def test_a_damaged_npz_is_a_user_error(tmp_path):
+    from stepdistill.data.real import load_npz
+    from stepdistill.eval.images import load_reference
+
+    for content in (b"", b"not an npz", b"PK\x03\x04 truncated"):  # empty, text, a cut-off download
+        bad = tmp_path / "bad.npz"
+        bad.write_bytes(content)
+        with pytest.raises(InputError, match=r"the reference statistics .*bad\.npz is not a readable \.npz file"):
+            load_reference(bad)
+        with pytest.raises(InputError, match=r"data\.path .*bad\.npz is not a readable \.npz file"):
+            load_npz(bad, (2,), conditional=False)
+
+
+def test_sampling_a_damaged_export_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("STEPDISTILL_DEBUG", raising=False)
+    folder = tmp_path / "export"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    (folder / "unet" / "config.json").write_text("{ not json")
+    assert cli.main(["sample", "--export", str(folder), "--n", "1", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "does not load as an exported diffusers folder" in err, err

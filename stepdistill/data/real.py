@@ -5,6 +5,7 @@ label cond[i], so real and generated batches carry the same classes. Draws use t
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,16 @@ class FunctionData:
         return self.fn(n) if cond is None else self.fn(n, cond=cond)
 
 
+def open_npz(path: Path, what: str):
+    """np.load of a user's .npz (`what` names it, e.g. "data.path"); an InputError naming the file when it is not
+    a readable .npz (a text file, an empty or truncated download)."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{what} {path} is not a readable .npz file ({type(e).__name__}: {e}); give the file "
+                         "written by numpy.savez") from None
+
+
 def load_npz(path: str | Path, shape: tuple[int, ...], conditional: bool) -> TensorData:
     """`data.path`: an .npz with `x` (N, *shape) in the teacher's space (images in [-1, 1]) and, for
     class-conditional teachers, `labels` (N,) ints."""
@@ -52,7 +63,7 @@ def load_npz(path: str | Path, shape: tuple[int, ...], conditional: bool) -> Ten
     if not p.exists():
         raise MissingFileError(f"data.path {p} does not exist; give an .npz with x (N, {', '.join(map(str, shape))})"
                                + (" and labels (N,)" if conditional else ""))
-    with np.load(p) as f:
+    with open_npz(p, "data.path") as f:
         if "x" not in f:
             raise InputError(f"data.path {p} has no array `x` (found {', '.join(f.files) or 'nothing'})")
         x = torch.from_numpy(f["x"])

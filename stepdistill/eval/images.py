@@ -10,6 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ..data.real import open_npz
 from ..errors import InputError, MissingFileError
 from .visual import to_uint8
 
@@ -88,7 +89,7 @@ def load_reference(path: str | Path, expect: dict | None = None) -> dict:
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"reference statistics not found: {path}; make them with `stepdistill eval ref`")
-    with np.load(path) as z:
+    with open_npz(path, "the reference statistics") as z:
         if "features" not in z and ("mu" not in z or "sigma" not in z):
             raise InputError(f"{path} holds {sorted(z.files)}, expected 'mu' and 'sigma' (or 'features')")
         ref = {"mu": z["mu"].astype(np.float64) if "mu" in z else None,

@@ -312,9 +312,14 @@ def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int =
                          "README.md); --export samples class-conditional and unconditional UNet2DModel folders")
     if not (folder / "unet" / "config.json").exists() or not (folder / "scheduler").exists():
         raise MissingFileError(f"{folder} is not an exported diffusers folder (expected unet/ and scheduler/)")
-    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
-    scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
-    meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").exists() else {}
+    try:  # a damaged or hand-edited folder: the libraries raise OSError, ValueError (JSON) or a safetensors error
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+        scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+        meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").exists() else {}
+    except Exception as e:  # noqa: BLE001 (each library raises its own kinds)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{folder} does not load as an exported diffusers folder ({type(e).__name__}: {first}); "
+                         "export it again with `stepdistill export --format diffusers`") from None
     steps = meta.get("student_steps", scheduler.config.original_inference_steps)
     n_cls = meta.get("null_label", unet.config.num_class_embeds)
     classes = torch.tensor(meta.get("classes") or range(n_cls or 0))  # a multi-student export's student: its own
