@@ -78,7 +78,7 @@ def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from a file; a ValueError naming the file when it is not one."""
+    """A JSON object from a file; an InputError naming the file when it is not one."""
     try:
         data = json.loads(Path(path).read_text())
     except UnicodeDecodeError:
@@ -91,7 +91,7 @@ def read_json(path: Path) -> dict:
 
 
 def diffusers_class(config: Path):
-    """The diffusers class a saved config.json names in `_class_name`; a ValueError naming the file otherwise."""
+    """The diffusers class a saved config.json names in `_class_name`; an InputError naming the file otherwise."""
     import diffusers
 
     name = read_json(config).get("_class_name")

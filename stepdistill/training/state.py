@@ -152,7 +152,7 @@ def verify(path: Path) -> str | None:
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, state) of a verified checkpoint; raises ValueError when they cannot be used."""
+    """(weights, state) of a verified checkpoint; raises InputError when they cannot be used."""
     try:
         weights = load_file(path / FILES[0])
         state = torch.load(path / FILES[1], weights_only=True, map_location="cpu")
