@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from . import parallel
-from .recipe import RecipeError, build_dataclass
+from .errors import InputError
+from .recipe import RecipeError, build_dataclass, read_yaml
 
 UNCAPPED = 10**7
 COVERAGE = ("near_share", "worst_mass_error")  # gmm mode coverage (eval.metrics.mixture_coverage), at the trained K
@@ -47,7 +47,7 @@ def load_suite(path: str | Path) -> Suite:
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"bench suite not found: {p}")
-    suite = build_dataclass(Suite, yaml.safe_load(p.read_text()), "suite")
+    suite = build_dataclass(Suite, read_yaml(p), "suite")
     if (suite.minutes > 0) == (suite.steps > 0):
         raise RecipeError(f"{p}: give exactly one budget, `minutes` (wall time) or `steps` (iterations); got "
                           f"minutes={suite.minutes}, steps={suite.steps}")
@@ -323,7 +323,7 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
 
 def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = None, quiet: bool = False) -> Path:
     if report is not None and (Path(report).suffix != ".md" or Path(report).is_dir()):
-        raise ValueError(f"--report {report}: give a markdown file path ending in .md")
+        raise InputError(f"--report {report}: give a markdown file path ending in .md")
     suite = load_suite(suite_path)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

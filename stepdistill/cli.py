@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+
+from .errors import InputError, UserError
 
 EPILOG = {
     "train": """examples:
@@ -200,7 +203,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     for flag, value in (("--n", a.n), ("--batch-size", a.batch_size)):
         if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise InputError(f"{flag} must be >= 1, got {value}")
     if a.export:
         from .export.diffusers_folder import sample_exported
 
@@ -364,8 +367,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .recipe import RecipeError
-
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "ref"]:  # `stepdistill eval ref ...` is the eval-ref command
@@ -376,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .training.state import RunFolderError
-    from .training.trainer import Interrupted, NonFiniteError
+    from .training.trainer import Interrupted
 
     def on_sigterm(signum, frame):  # SIGTERM (SLURM, Kubernetes, `timeout`) ends a command as Ctrl-C does
         raise Interrupted(signum)
@@ -390,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import parallel
 
         return parallel.finish(code)  # launched on several processes: leave together
-    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, KeyError, ModuleNotFoundError,
-            NonFiniteError, RunFolderError) as e:  # bad input, or a diverged run: one message, not a traceback
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"stepdistill {args.command}: error: {msg}", file=sys.stderr)
+    except UserError as e:  # bad input, or a diverged run: one message; anything else is a bug and keeps its traceback
+        if os.environ.get("STEPDISTILL_DEBUG") == "1":
+            raise
+        print(f"stepdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a read-only folder met while writing: one line naming the file
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):

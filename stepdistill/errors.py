@@ -30,3 +30,15 @@ class RunFolderError(UserError, RuntimeError):
 
 class NonFiniteError(UserError, RuntimeError):
     """Too many steps produced a non-finite loss or gradient, or the weights themselves became non-finite."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output path that holds something this toolkit did not write; nothing is overwritten."""
+
+
+class SetupError(UserError, RuntimeError):
+    """This machine or launch cannot run the command as configured (GPUs per process, a feature that fails here)."""
+
+
+class MissingExtraError(UserError, ModuleNotFoundError):
+    """An optional dependency (a `pip install 'stepdistill[...]'` extra) that the chosen setting needs."""

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .errors import RecipeError, SetupError
+
 T = TypeVar("T")
 BUCKET = 1 << 24  # elements per gradient all-reduce (64 MB in fp32)
 
@@ -84,9 +86,9 @@ def _state():
 
     per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
     if torch.cuda.is_available() and per_machine > gpus:
-        raise RuntimeError(f"{per_machine} processes on this machine but {gpus} GPU(s): NCCL cannot share a GPU "
-                           f"between processes. Launch at most {gpus} per machine, or set CUDA_VISIBLE_DEVICES='' to "
-                           "run them on the CPU (gloo)")
+        raise SetupError(f"{per_machine} processes on this machine but {gpus} GPU(s): NCCL cannot share a GPU "
+                         f"between processes. Launch at most {gpus} per machine, or set CUDA_VISIBLE_DEVICES='' to "
+                         "run them on the CPU (gloo)")
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=1))
 
 
@@ -105,8 +107,8 @@ def is_main() -> bool:
 def local_batch(n: int, what: str = "train.batch_size") -> int:
     """This process's share of a global batch of n; an error naming the fix when n does not split evenly."""
     if n % world():
-        raise ValueError(f"{what}={n} is the global batch, split evenly over {world()} processes: use a multiple of "
-                         f"{world()} (e.g. {what}={(n // world() + 1) * world()})")
+        raise RecipeError(f"{what}={n} is the global batch, split evenly over {world()} processes: use a multiple of "
+                          f"{world()} (e.g. {what}={(n // world() + 1) * world()})")
     return n // world()
 
 

@@ -211,8 +211,8 @@ def _named_section(kind: str, data: Any) -> Any:
         raise RecipeError(f"{kind}: needs a `name`; known {kind}s: {', '.join(registry.names(kind))}")
     try:
         config_cls = registry.get(kind, data["name"]).Config
-    except KeyError as e:
-        raise RecipeError(f"{kind}.name: {e.args[0]}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{kind}.name: {e}") from None
     return build_dataclass(config_cls, data, kind)
 
 
@@ -289,6 +289,13 @@ def check_ranges(r: Recipe) -> None:
     bad += [f"{key} must be {allowed}, got {value!r}" for key, value, ok, allowed in rules if not ok] if not bad else []
     if bad:
         raise RecipeError("; ".join(bad))
+    if g.lora_rank and g.width < 1:  # rules across keys, once their ranges hold
+        raise RecipeError(f"generator.lora_rank={g.lora_rank}: give a rank >= 1 (or 0 for full fine-tuning), and "
+                          "keep generator.width=1 with LoRA (an adapter needs the teacher's own weights)")
+    if g.width < 1 and g.tsm_steps == 0:
+        raise RecipeError(f"generator.width={g.width} builds a randomly initialised student, which must first learn "
+                          "the teacher by teacher score matching: set generator.tsm_steps (e.g. "
+                          "generator.tsm_steps=500)")
 
 
 def _floats(value: Any, key: str):

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .errors import RecipeError
+
 _REGISTRY: dict[str, dict[str, Any]] = {"objective": {}, "teacher": {}}
 PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__package__}.teachers"}
 
@@ -22,7 +24,8 @@ PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__pac
 def register(kind: str, name: str) -> Callable[[Any], Any]:
     def wrap(obj: Any) -> Any:
         if name in _REGISTRY[kind]:
-            raise ValueError(f"{kind} {name!r} is already registered")
+            raise RecipeError(f"{kind} {name!r} is already registered (by {getattr(_REGISTRY[kind][name], '__module__', '?')}): "
+                              "give the plug-in's @register another name")
         _REGISTRY[kind][name] = obj
         return obj
     return wrap
@@ -36,7 +39,7 @@ def names(kind: str) -> list[str]:
 def get(kind: str, name: str) -> Any:
     _load_builtins(kind)
     if name not in _REGISTRY[kind]:
-        raise KeyError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(names(kind))}")
+        raise RecipeError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(names(kind))}")
     return _REGISTRY[kind][name]
 
 

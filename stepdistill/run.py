@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingFileError
 from .models.generator import Generator
 from .models.lora import load_saved_state
 from .models.multi_student import MultiStudent
@@ -39,8 +40,8 @@ def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Gener
     found = load_latest(path / "checkpoints")
     if found is None:
         have = list_checkpoints(path / "checkpoints")
-        raise FileNotFoundError(f"no intact checkpoint in {path / 'checkpoints'}"
-                                + (f" ({len(have)} damaged ones were skipped)" if have else ""))
+        raise MissingFileError(f"no intact checkpoint in {path / 'checkpoints'}"
+                               + (f" ({len(have)} damaged ones were skipped)" if have else ""))
     step, weights, _ = found
     student = Generator.from_config(student_guidance(teacher.trainable_network(recipe.generator), recipe.objective),
                                     recipe.generator)
@@ -62,7 +63,7 @@ def load_run(path: str | Path, device: torch.device | str | None = None) -> Run:
 
 def _load_run(path: Path) -> Run:
     if not (path / "recipe.yaml").exists():
-        raise FileNotFoundError(f"{path} is not a training run: no recipe.yaml (train one with `stepdistill train`)")
+        raise MissingFileError(f"{path} is not a training run: no recipe.yaml (train one with `stepdistill train`)")
     recipe = load_recipe(path / "recipe.yaml")
     teacher = build_teacher(recipe.teacher)
     k = recipe.generator.students
@@ -72,8 +73,8 @@ def _load_run(path: Path) -> Run:
             try:
                 loaded.append(_load_generator(student_dir(path, i), recipe, teacher))
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"student {i + 1}/{k} of {path} is not trained yet ({e}): rerun "
-                                        "`stepdistill train` with the same recipe and --outdir to finish") from None
+                raise MissingFileError(f"student {i + 1}/{k} of {path} is not trained yet ({e}): rerun "
+                                       "`stepdistill train` with the same recipe and --outdir to finish") from None
         student = MultiStudent([g for g, _ in loaded], teacher.num_classes).eval()
         steps = [s for _, s in loaded]
         return Run(path, recipe, teacher, student, min(steps), steps)

@@ -76,10 +76,14 @@ def test_overrides_are_parsed_as_yaml():
     ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
     ("eval.metrics=[fid]", "eval.n must be > 2048 with eval.metrics fid"),
     ("generator.width=0", "generator.width must be in (0, 1], got 0"),
+    ("train.grad_accum=0", "train.grad_accum must be >= 1, got 0"),
+    ("generator.width=0.5", "generator.width=0.5 builds a randomly initialised student"),  # needs tsm_steps
+    ("generator.lora_rank=4 generator.width=0.5 generator.tsm_steps=10", "generator.lora_rank=4: give a rank >= 1"),
+    ("objective.update_ratio=0", "objective.update_ratio must be >= 1, got 0"),
 ])
 def test_out_of_range_values_name_the_key_before_anything_runs(override, message):
     """A value of the right type outside its range fails at validation, not as a traceback mid-run or after a whole
     training run (eval.*)."""
     extra = ["eval.n=500"] if "fid" in override else []
     with pytest.raises(RecipeError, match=re.escape(message)):
-        load_recipe("configs/toy/gmm_vsd.yaml", [*extra, override])
+        load_recipe("configs/toy/gmm_vsd.yaml", [*extra, *override.split()])

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, MissingFileError
+
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 RESOLUTION = 16
@@ -25,7 +27,7 @@ VAL_SIZE = 10_000
 def _root(root: str | os.PathLike | None) -> Path:
     path = Path(root or os.environ.get("STEPDISTILL_FASHION_ROOT", DEFAULT_ROOT))
     if not (path / "train-images-idx3-ubyte.gz").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST not found in {path}. Install it with `apt-get install -y dataset-fashion-mnist` "
             "(as root) or point STEPDISTILL_FASHION_ROOT at a folder holding the four IDX .gz files.")
     return path
@@ -34,7 +36,7 @@ def _root(root: str | os.PathLike | None) -> Path:
 def load_raw(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (images uint8 (N, 28, 28), labels int64 (N,)) for split 'train' (60k) or 'test' (10k)."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
     path = _root(root)
     with gzip.open(path / f"{prefix}-images-idx3-ubyte.gz") as f:
@@ -55,7 +57,7 @@ def load(split: str = "train", root: str | os.PathLike | None = None) -> tuple[t
     """Fashion-MNIST in the bundled teacher's space: ((N, 1, 16, 16) in [-1, 1], (N,) labels). Splits: train (60k),
     test (10k), and the training set cut in two: fit (its first 50k) and val (its last VAL_SIZE = 10k)."""
     if split not in ("train", "test", "fit", "val"):
-        raise ValueError(f"split must be 'train', 'test', 'fit' or 'val', got {split!r}")
+        raise InputError(f"split must be 'train', 'test', 'fit' or 'val', got {split!r}")
     images, labels = load_raw("test" if split == "test" else "train", root)
     part = {"fit": slice(0, len(images) - VAL_SIZE), "val": slice(len(images) - VAL_SIZE, None)}.get(split, slice(None))
     return to_model_space(images[part]), torch.from_numpy(labels[part])

@@ -10,6 +10,8 @@ import csv
 import json
 from pathlib import Path
 
+from ..errors import InputError, MissingFileError
+
 COLUMNS = ("prompt", "text", "caption")  # CSV columns / JSONL keys tried in this order
 
 
@@ -17,8 +19,8 @@ def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a .txt, .csv or .jsonl file, stripped, in file order."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"prompt file not found: {p} (give a .txt with one prompt per line, a .csv or a "
-                                f".jsonl with a {'/'.join(COLUMNS)} column)")
+        raise MissingFileError(f"prompt file not found: {p} (give a .txt with one prompt per line, a .csv or a "
+                               f".jsonl with a {'/'.join(COLUMNS)} column)")
     suffix = p.suffix.lower()
     if suffix == ".csv":
         prompts = _from_csv(p)
@@ -28,10 +30,10 @@ def read_prompts(path: str | Path) -> list[str]:
         prompts = [(i + 1, line) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines())]
     empty = [where for where, text in prompts if not text.strip()]
     if empty:
-        raise ValueError(f"{p}: empty prompt on line(s) {', '.join(map(str, empty[:10]))}"
+        raise InputError(f"{p}: empty prompt on line(s) {', '.join(map(str, empty[:10]))}"
                          f"{' ...' if len(empty) > 10 else ''}; remove them (one prompt per line/row)")
     if not prompts:
-        raise ValueError(f"{p} holds no prompts")
+        raise InputError(f"{p} holds no prompts")
     return [text.strip() for _, text in prompts]
 
 
@@ -39,7 +41,7 @@ def _column(names: list[str], p: Path) -> str:
     for c in COLUMNS:
         if c in names:
             return c
-    raise ValueError(f"{p}: no prompt column; expected one of {', '.join(COLUMNS)}, found {', '.join(names) or 'none'}")
+    raise InputError(f"{p}: no prompt column; expected one of {', '.join(COLUMNS)}, found {', '.join(names) or 'none'}")
 
 
 def _from_csv(p: Path) -> list[tuple[int, str]]:
@@ -57,11 +59,11 @@ def _from_jsonl(p: Path) -> list[tuple[int, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {i + 1} is not JSON ({e.msg})") from None
+            raise InputError(f"{p}: line {i + 1} is not JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{p}: line {i + 1} is not a JSON object")
+            raise InputError(f"{p}: line {i + 1} is not a JSON object")
         text = record.get(_column(list(record), p))
         if not isinstance(text, str):
-            raise ValueError(f"{p}: line {i + 1}: the prompt is {type(text).__name__}, not a string")
+            raise InputError(f"{p}: line {i + 1}: the prompt is {type(text).__name__}, not a string")
         out.append((i + 1, text))
     return out

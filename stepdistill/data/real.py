@@ -5,10 +5,13 @@ label cond[i], so real and generated batches carry the same classes. Draws use t
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import InputError, MissingFileError
 
 
 class TensorData:
@@ -16,7 +19,7 @@ class TensorData:
 
     def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         if labels is not None and len(labels) != len(x):
-            raise ValueError(f"{len(x)} examples but {len(labels)} labels")
+            raise InputError(f"{len(x)} examples but {len(labels)} labels")
         self.x, self.labels = x.float(), labels
         self.by_class = None if labels is None else {int(c): (labels == c).nonzero()[:, 0] for c in labels.unique()}
 
@@ -27,7 +30,7 @@ class TensorData:
         for c in cond.unique().tolist():
             pool = self.by_class.get(int(c))
             if pool is None:
-                raise ValueError(f"the real data has no example of class {c}")
+                raise InputError(f"the real data has no example of class {c}")
             where = (cond == c).nonzero()[:, 0]
             idx[where] = pool[torch.randint(0, len(pool), (len(where),))]
         return self.x[idx]
@@ -43,20 +46,30 @@ class FunctionData:
         return self.fn(n) if cond is None else self.fn(n, cond=cond)
 
 
+def open_npz(path: Path, what: str):
+    """np.load of a user's .npz (`what` names it, e.g. "data.path"); an InputError naming the file when it is not
+    a readable .npz (a text file, an empty or truncated download)."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{what} {path} is not a readable .npz file ({type(e).__name__}: {e}); give the file "
+                         "written by numpy.savez") from None
+
+
 def load_npz(path: str | Path, shape: tuple[int, ...], conditional: bool) -> TensorData:
     """`data.path`: an .npz with `x` (N, *shape) in the teacher's space (images in [-1, 1]) and, for
     class-conditional teachers, `labels` (N,) ints."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"data.path {p} does not exist; give an .npz with x (N, {', '.join(map(str, shape))})"
-                                + (" and labels (N,)" if conditional else ""))
-    with np.load(p) as f:
+        raise MissingFileError(f"data.path {p} does not exist; give an .npz with x (N, {', '.join(map(str, shape))})"
+                               + (" and labels (N,)" if conditional else ""))
+    with open_npz(p, "data.path") as f:
         if "x" not in f:
-            raise ValueError(f"data.path {p} has no array `x` (found {', '.join(f.files) or 'nothing'})")
+            raise InputError(f"data.path {p} has no array `x` (found {', '.join(f.files) or 'nothing'})")
         x = torch.from_numpy(f["x"])
         labels = torch.from_numpy(f["labels"]).long() if "labels" in f else None
     if tuple(x.shape[1:]) != tuple(shape):
-        raise ValueError(f"data.path {p}: x has examples of shape {tuple(x.shape[1:])}, the teacher's are {shape}")
+        raise InputError(f"data.path {p}: x has examples of shape {tuple(x.shape[1:])}, the teacher's are {shape}")
     if conditional and labels is None:
-        raise ValueError(f"data.path {p}: the teacher is class-conditional, so the file needs `labels` too")
+        raise InputError(f"data.path {p}: the teacher is class-conditional, so the file needs `labels` too")
     return TensorData(x, labels)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import InputError
 from .schedules import bcast
 
 KINDS = ("eps", "x0", "v", "flow")
@@ -42,7 +43,7 @@ def to_prediction(kind: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.
         return Prediction((a * x_t - s * out) / norm, (s * x_t + a * out) / norm)
     if kind == "flow":
         return Prediction(x_t - s * out, x_t + a * out)
-    raise ValueError(f"unknown prediction kind {kind!r}; expected one of {', '.join(KINDS)}")
+    raise InputError(f"unknown prediction kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
 def from_prediction(kind: str, pred: Prediction, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -56,4 +57,4 @@ def from_prediction(kind: str, pred: Prediction, alpha: torch.Tensor, sigma: tor
         return a * pred.eps - s * pred.x0
     if kind == "flow":
         return pred.eps - pred.x0
-    raise ValueError(f"unknown prediction kind {kind!r}; expected one of {', '.join(KINDS)}")
+    raise InputError(f"unknown prediction kind {kind!r}; expected one of {', '.join(KINDS)}")

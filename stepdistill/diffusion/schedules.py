@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..errors import InputError
+
 
 def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N, 1, 1, ...) to broadcast against a (N, ...) tensor."""
@@ -60,7 +62,7 @@ class VPDiscrete(Schedule):
     def __init__(self, alphas_cumprod: torch.Tensor) -> None:
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         if ac.ndim != 1 or len(ac) < 2 or not ((ac > 0) & (ac < 1)).all():
-            raise ValueError("alphas_cumprod must be a 1-D tensor of values in (0, 1)")
+            raise InputError("alphas_cumprod must be a 1-D tensor of values in (0, 1)")
         self.alphas_cumprod = ac
         self.log_snr = torch.log(ac) - torch.log1p(-ac)
         self.num_steps = len(ac)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import RecipeError
 from .schedules import Schedule
 
 
@@ -36,15 +37,15 @@ def step_times(steps: int, schedule: Schedule, start: float = 1.0) -> list[float
     on D training timesteps, so exported schedulers reproduce it without a custom `timesteps=` argument.
     """
     if steps < 1:
-        raise ValueError(f"a generator needs at least 1 step, got {steps}")
+        raise RecipeError(f"a generator needs at least 1 step, got {steps}")
     if not 0.0 < start <= 1.0:
-        raise ValueError(f"generator.start_t must be in (0, 1] (canonical time of the first step), got {start}")
+        raise RecipeError(f"generator.start_t must be in (0, 1] (canonical time of the first step), got {start}")
     if schedule.discrete:
         n = schedule.num_steps
         d = round(start * n)
         if d < steps:
-            raise ValueError(f"generator.start_t={start} leaves {d} of the teacher's {n} timesteps, too few for "
-                             f"{steps} steps: raise generator.start_t to at least {steps / n:g}")
+            raise RecipeError(f"generator.start_t={start} leaves {d} of the teacher's {n} timesteps, too few for "
+                              f"{steps} steps: raise generator.start_t to at least {steps / n:g}")
         k = d // steps
         return [((steps - i) * k - 1) / (n - 1) for i in range(steps)]
     return [start * (1.0 - i / steps) for i in range(steps)]

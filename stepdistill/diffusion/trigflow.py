@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .schedules import Schedule, bcast
 
 CONVENTIONS = ("sana", "scm")
@@ -47,7 +48,7 @@ class TrigFlowSpace:
     @classmethod
     def of(cls, convention: str, sigma_d: float) -> TrigFlowSpace:
         if convention not in CONVENTIONS:
-            raise ValueError(f"unknown TrigFlow convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+            raise InputError(f"unknown TrigFlow convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
         return cls(sigma_d, sigma_d if convention == "sana" else 1.0)
 
     def theta_of_ratio(self, ratio: torch.Tensor) -> torch.Tensor:

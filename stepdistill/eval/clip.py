@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError, MissingFileError
 from ..hashing import file_sha256
 from .inception import check_uint8_images
 
@@ -42,13 +43,13 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path 
     from transformers import CLIPModel, CLIPProcessor
 
     if model_path is None:
-        raise FileNotFoundError(HOW_TO_GET)
+        raise MissingFileError(HOW_TO_GET)
     path = Path(model_path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no CLIP model at {path} (config.json missing); {HOW_TO_GET}")
+        raise MissingFileError(f"no CLIP model at {path} (config.json missing); {HOW_TO_GET}")
     images = check_uint8_images(images)
     if len(prompts) != len(images):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one")
+        raise InputError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
 

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import MissingFileError
+
 
 class FashionClassifier(nn.Module):
     """(N, 1, 16, 16) images in [-1, 1] -> logits (N, 10); `features` gives the (N, 128) penultimate layer."""
@@ -44,8 +46,8 @@ def save_classifier(model: FashionClassifier, folder: str | Path, info: dict) ->
 def load_classifier(folder: str | Path) -> FashionClassifier:
     path = Path(folder) / "model.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"feature classifier not found at {path}; train it with "
-                                "`python scripts/train_fashion_classifier.py --out {folder}`")
+        raise MissingFileError(f"feature classifier not found at {path}; train it with "
+                               "`python scripts/train_fashion_classifier.py --out {folder}`")
     model = FashionClassifier()
     model.load_state_dict(load_file(path))
     return model.eval().requires_grad_(False)

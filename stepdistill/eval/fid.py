@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .images import (dataset_images, folder_batches, folder_files, load_reference, reference_key, save_reference,
                      stats_or_none)
 from .inception import InceptionFeatures, cache_dir
@@ -82,7 +83,7 @@ def image_scores(images: torch.Tensor, reference: dict, features: InceptionFeatu
 def check_metrics(metrics: tuple[str, ...]) -> None:
     unknown = set(metrics) - set(IMAGE_METRICS)
     if unknown:
-        raise ValueError(f"unknown image metric(s) {sorted(unknown)}; choose from {', '.join(IMAGE_METRICS)}")
+        raise InputError(f"unknown image metric(s) {sorted(unknown)}; choose from {', '.join(IMAGE_METRICS)}")
 
 
 def feature_scores(f: np.ndarray, reference: dict, metrics: tuple[str, ...] = IMAGE_METRICS,
@@ -92,13 +93,13 @@ def feature_scores(f: np.ndarray, reference: dict, metrics: tuple[str, ...] = IM
     out = {}
     if "fid" in metrics:
         if reference["mu"] is None:
-            raise ValueError(f"the reference set has {len(reference['features'])} images, too few for FID's "
+            raise InputError(f"the reference set has {len(reference['features'])} images, too few for FID's "
                              f"{f.shape[1]}-d covariance; use more than {f.shape[1]} reference images (KID works)")
         mu, sigma = gaussian_stats(f)
         out["fid"] = frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
     if "kid" in metrics:
         if reference.get("features") is None:
-            raise ValueError("KID needs the reference features, but these reference statistics hold only mu and "
+            raise InputError("KID needs the reference features, but these reference statistics hold only mu and "
                              "sigma; recompute them with `stepdistill eval ref` (it stores the features)")
         out["kid"], out["kid_std"] = kernel_inception_distance(f, np.asarray(reference["features"]),
                                                                subset_size=kid_subset_size, seed=seed)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .. import parallel
 from ..diffusion.solvers import ode_nfe, sample_ode
+from ..errors import InputError, RecipeError
 from ..hashing import file_sha256
 from ..models.generator import Generator
 from ..models.loading import bundled_path
@@ -32,7 +33,7 @@ def _file_sha(path: Path) -> str:
 def solver_for_nfe(nfe: int) -> tuple[str, int]:
     """Odd NFE >= 3 -> Heun with (nfe+1)/2 intervals (EDM's 18 -> 35); otherwise Euler with nfe steps."""
     if nfe < 1:
-        raise ValueError(f"teacher NFE must be >= 1, got {nfe}")
+        raise InputError(f"teacher NFE must be >= 1, got {nfe}")
     return ("heun", (nfe + 1) // 2) if nfe >= 3 and nfe % 2 == 1 else ("euler", nfe)
 
 
@@ -152,12 +153,12 @@ class ImageScorer:
         from .inception import InceptionFeatures
 
         if not teacher.is_image:
-            raise ValueError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
-                             f"{teacher.shape} vectors; use eval.metrics=[domain]")
+            raise RecipeError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
+                              f"{teacher.shape} vectors; use eval.metrics=[domain]")
         spec = e.reference or (teacher.domain if teacher.domain != "none" else None)
         if spec is None:
-            raise ValueError("FID/KID need a reference: set eval.reference to a stats .npz (`stepdistill eval ref`), "
-                             "an image folder, or a built-in dataset name")
+            raise RecipeError("FID/KID need a reference: set eval.reference to a stats .npz (`stepdistill eval ref`), "
+                              "an image folder, or a built-in dataset name")
         self.e, self.quiet = e, quiet
         self.features = InceptionFeatures(e.fid_backend, e.inception)
         self.reference = reference_for(spec, self.features, quiet=quiet)
@@ -244,7 +245,7 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
     """Metrics of student and teacher under the recipe's eval protocol (the dict written to metrics.json)."""
     e = recipe.eval
     if "domain" in e.metrics and teacher.domain == "none":
-        raise ValueError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
+        raise InputError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
                          "eval.metrics=[fid,kid] eval.reference=<stats .npz, image folder or dataset>")
     proto = protocol(recipe, teacher)
     # with several processes each generates its share of the samples; process 0 alone scores them (and computes or

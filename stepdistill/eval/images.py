@@ -11,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ..data.real import open_npz
+from ..errors import InputError, MissingFileError
 from .visual import to_uint8
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -21,10 +23,10 @@ def folder_files(folder: str | Path, limit: int | None = None) -> list[Path]:
     """The image files under `folder`, recursively, sorted by path (the order prompts and outputs follow)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise MissingFileError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS)
     if not files:
-        raise ValueError(f"no image files ({', '.join(sorted(EXTENSIONS))}) under {folder}")
+        raise InputError(f"no image files ({', '.join(sorted(EXTENSIONS))}) under {folder}")
     return files[:limit] if limit else files
 
 
@@ -51,7 +53,7 @@ def folder_batches(folder: str | Path, batch_size: int = 100, quiet: bool = True
         if sizes is not None:
             sizes.add(a.shape[:2])
     if bad:
-        raise ValueError(f"{len(bad)} unreadable file(s) in {folder}: {', '.join(bad[:5])}"
+        raise InputError(f"{len(bad)} unreadable file(s) in {folder}: {', '.join(bad[:5])}"
                          + (" ..." if len(bad) > 5 else "") + "; remove or fix them")
     if batch:
         yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
@@ -66,7 +68,7 @@ def load_folder(folder: str | Path, limit: int | None = None, quiet: bool = True
     batches = list(folder_batches(folder, len(files), quiet, sizes, limit))
     if len(sizes) > 1:
         ordered = sorted(sizes)
-        raise ValueError(f"images in {folder} have {len(sizes)} different sizes (e.g. {ordered[0]} and "
+        raise InputError(f"images in {folder} have {len(sizes)} different sizes (e.g. {ordered[0]} and "
                          f"{ordered[-1]}); resize them consistently first")
     return batches[0]
 
@@ -83,7 +85,7 @@ def dataset_images(name: str, split: str = "test") -> torch.Tensor:
         from ..data import fashion
 
         return as_uint8(fashion.load(split)[0])
-    raise ValueError(f"unknown dataset {name!r}; built in: {', '.join(DATASETS)} (or pass a folder)")
+    raise InputError(f"unknown dataset {name!r}; built in: {', '.join(DATASETS)} (or pass a folder)")
 
 
 def stats_or_none(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -114,10 +116,10 @@ def load_reference(path: str | Path, expect: dict | None = None) -> dict:
     pytorch-fid (mu and sigma only, no protocol). Keys of `expect` that the file records must match."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"reference statistics not found: {path}; make them with `stepdistill eval ref`")
-    with np.load(path) as z:
+        raise MissingFileError(f"reference statistics not found: {path}; make them with `stepdistill eval ref`")
+    with open_npz(path, "the reference statistics") as z:
         if "features" not in z and ("mu" not in z or "sigma" not in z):
-            raise ValueError(f"{path} holds {sorted(z.files)}, expected 'mu' and 'sigma' (or 'features')")
+            raise InputError(f"{path} holds {sorted(z.files)}, expected 'mu' and 'sigma' (or 'features')")
         ref = {"mu": z["mu"].astype(np.float64) if "mu" in z else None,
                "sigma": z["sigma"].astype(np.float64) if "sigma" in z else None,
                "features": z["features"].astype(np.float64) if "features" in z else None,
@@ -125,7 +127,7 @@ def load_reference(path: str | Path, expect: dict | None = None) -> dict:
     for key, want in (expect or {}).items():
         have = ref["protocol"].get(key)
         if have is not None and have != want:
-            raise ValueError(f"reference statistics {path} were computed with {key}={have!r}, this evaluation uses "
+            raise InputError(f"reference statistics {path} were computed with {key}={have!r}, this evaluation uses "
                              f"{key}={want!r}; recompute them with `stepdistill eval ref` under the same protocol")
     return ref
 

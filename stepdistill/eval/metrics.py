@@ -7,14 +7,16 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ..errors import InputError
+
 
 def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) features -> (mean (D,), covariance (D, D)), in float64."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need an (N, D) feature array with N >= 2, got shape {f.shape}")
+        raise InputError(f"need an (N, D) feature array with N >= 2, got shape {f.shape}")
     if f.shape[0] <= f.shape[1]:
-        raise ValueError(f"{f.shape[0]} samples cannot give a full-rank covariance in {f.shape[1]} dimensions; "
+        raise InputError(f"{f.shape[0]} samples cannot give a full-rank covariance in {f.shape[1]} dimensions; "
                          f"use more than {f.shape[1]} samples")
     return f.mean(0), np.cov(f, rowvar=False)
 
@@ -48,7 +50,7 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100
 
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples per side, got {len(f1)} and {len(f2)}")
+        raise InputError(f"KID needs at least 2 samples per side, got {len(f1)} and {len(f2)}")
     rng = np.random.default_rng(seed)
     a, b = torch.as_tensor(np.asarray(f1, np.float64)), torch.as_tensor(np.asarray(f2, np.float64))
     vals = torch.stack([poly_mmd(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])

@@ -21,6 +21,7 @@ import torch
 
 from .. import recipe as recipe_mod
 from .. import registry
+from ..errors import InputError, MissingFileError, OutputExistsError
 
 USAGE = """# {name}: a {steps}-step student distilled by stepdistill
 
@@ -67,8 +68,8 @@ def staging(out: Path) -> Path:
     work: exporting never deletes or overwrites a user's files."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and
                          not any((out / f).exists() for f in ("stepdistill.json", "routing.json"))):
-        raise FileExistsError(f"--out {out} exists and is not a stepdistill export (it has no stepdistill.json); "
-                              "choose another --out: nothing was written")
+        raise OutputExistsError(f"--out {out} exists and is not a stepdistill export (it has no stepdistill.json); "
+                                "choose another --out: nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
@@ -112,7 +113,7 @@ def export_diffusers(run, out: str | Path) -> Path:
         return _export_pipeline(run, Path(out))
     net = run.student.net.net
     if not isinstance(net, UNet2DModel) or run.teacher.folder is None:
-        raise ValueError(f"--format diffusers needs a student built from a diffusers UNet teacher folder; this run's "
+        raise InputError(f"--format diffusers needs a student built from a diffusers UNet teacher folder; this run's "
                          f"teacher is {run.recipe.teacher.name!r}. Use --format safetensors instead.")
     scheduler, timesteps = lcm_scheduler(run)
     out = Path(out)
@@ -210,7 +211,7 @@ def lcm_scheduler(run):
     start_t = student.start_t
     if student.schedule.name == "flow":
         if start_t < 1:
-            raise ValueError(f"generator.start_t={start_t}: a flow-matching student that starts below t = 1 has no "
+            raise InputError(f"generator.start_t={start_t}: a flow-matching student that starts below t = 1 has no "
                              "stock diffusers scheduler whose defaults reproduce it (FlowMatchLCMScheduler always "
                              "starts at sigma 1); export it with --format safetensors (its metadata has the times)")
         n = teacher_sched.get("num_train_timesteps", 1000)
@@ -239,7 +240,7 @@ def lcm_scheduler(run):
         expected = [round(t * (student.schedule.num_steps - 1)) for t in student.times]
         ok = timesteps == expected
     else:
-        raise ValueError(f"diffusers exports support DDPM-family and flow-matching teachers, not a "
+        raise InputError(f"diffusers exports support DDPM-family and flow-matching teachers, not a "
                          f"{student.schedule.name!r} schedule")
     if not ok:  # guard: the exported scheduler must reproduce the trained times
         raise RuntimeError(f"{type(scheduler).__name__} gives timesteps {timesteps}, the student was trained at "
@@ -247,7 +248,7 @@ def lcm_scheduler(run):
     scale = float(student.prior(torch.ones(1)))
     init_sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow pipelines draw plain unit noise: no such attribute
     if abs(scale - init_sigma) > 1e-6 * max(1.0, scale):
-        raise ValueError(f"generator.start_noise={student.start_noise}: the student's first input is {scale:.6g} z, "
+        raise InputError(f"generator.start_noise={student.start_noise}: the student's first input is {scale:.6g} z, "
                          f"but {type(scheduler).__name__} always starts from init_noise_sigma = "
                          f"{init_sigma} z, so no stock scheduler's defaults reproduce it; export it "
                          "with --format safetensors, or train with generator.start_noise=pure (unit noise at the "
@@ -264,7 +265,7 @@ def pipeline_guidance(run) -> float:
     g = run.student.net.guidance_input if embeds else None  # FLUX-schnell carries a scale it does not read
     if g is not None and run.teacher.family == "sana":
         # SanaPipeline never passes `guidance` to the transformer; SANA-Sprint's own pipeline and scheduler do
-        raise ValueError("a SANA student with a guidance embedding (objective.guidance_set) needs SanaSprintPipeline "
+        raise InputError("a SANA student with a guidance embedding (objective.guidance_set) needs SanaSprintPipeline "
                          "and its SCM scheduler, which this export does not write yet: export it with "
                          "--format safetensors")
     return 1.0 if g is None else float(g)
@@ -312,16 +313,21 @@ def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int =
 
     folder = Path(folder)
     if (folder / "routing.json").exists():
-        raise ValueError(f"{folder} is a multi-student export; sample each student_k/ folder (it uses its own "
+        raise InputError(f"{folder} is a multi-student export; sample each student_k/ folder (it uses its own "
                          "classes, see routing.json)")
     if (folder / "model_index.json").exists():
-        raise ValueError(f"{folder} is a text-to-image pipeline export: sample it with its diffusers pipeline (see its "
+        raise InputError(f"{folder} is a text-to-image pipeline export: sample it with its diffusers pipeline (see its "
                          "README.md); --export samples class-conditional and unconditional UNet2DModel folders")
     if not (folder / "unet" / "config.json").exists() or not (folder / "scheduler").exists():
-        raise FileNotFoundError(f"{folder} is not an exported diffusers folder (expected unet/ and scheduler/)")
-    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
-    scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
-    meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").exists() else {}
+        raise MissingFileError(f"{folder} is not an exported diffusers folder (expected unet/ and scheduler/)")
+    try:  # a damaged or hand-edited folder: the libraries raise OSError, ValueError (JSON) or a safetensors error
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+        scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+        meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").exists() else {}
+    except Exception as e:  # noqa: BLE001 (each library raises its own kinds)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{folder} does not load as an exported diffusers folder ({type(e).__name__}: {first}); "
+                         "export it again with `stepdistill export --format diffusers`") from None
     steps = meta.get("student_steps", scheduler.config.original_inference_steps)
     n_cls = meta.get("null_label", unet.config.num_class_embeds)
     classes = torch.tensor(meta.get("classes") or range(n_cls or 0))  # a multi-student export's student: its own

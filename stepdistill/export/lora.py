@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import recipe as recipe_mod
+from ..errors import InputError, MissingFileError
 from ..hashing import file_sha256
 from ..models.lora import is_lora
 from .diffusers_folder import lcm_scheduler, pipeline_guidance, staged, start_note
@@ -53,14 +54,14 @@ sampler for {steps} step(s) at CFG 1.
 def _adapter(run):
     student = run.student
     if hasattr(student, "routing"):
-        raise ValueError("--format lora exports one student; this is a multi-student run")
+        raise InputError("--format lora exports one student; this is a multi-student run")
     if not is_lora(student):
-        raise ValueError("--format lora needs a LoRA run (generator.lora_rank > 0); this run fine-tuned full weights: "
+        raise InputError("--format lora needs a LoRA run (generator.lora_rank > 0); this run fine-tuned full weights: "
                          "use --format diffusers or --format safetensors")
     from ..teachers.sd import SDTeacher
 
     if not isinstance(run.teacher, SDTeacher) or run.teacher.folder is None:
-        raise ValueError("--format lora supports LoRA students of a local text-to-image pipeline folder (teacher sd)")
+        raise InputError("--format lora supports LoRA students of a local text-to-image pipeline folder (teacher sd)")
     return student.net.net
 
 
@@ -102,18 +103,18 @@ def load_lora(pipe, folder: str | Path, kohya: bool = False) -> None:
     folder = Path(folder)
     info_path = folder / "stepdistill.json"
     if not info_path.exists():
-        raise FileNotFoundError(f"{folder} is not a stepdistill LoRA export (no stepdistill.json)")
+        raise MissingFileError(f"{folder} is not a stepdistill LoRA export (no stepdistill.json)")
     info = json.loads(info_path.read_text())
     modules = info["adapted_modules"]
     net = pipe.components.get("unet") or pipe.components.get("transformer")
     missing = [m for m in modules if not _has_module(net, m)]
     if missing:
-        raise ValueError(f"{folder} adapts layers this pipeline's denoiser does not have (e.g. {missing[0]}): it was "
+        raise InputError(f"{folder} adapts layers this pipeline's denoiser does not have (e.g. {missing[0]}): it was "
                          f"exported for another architecture (base {info['base']})")
     expected, found_shapes = info.get("adapted_shapes", {}), adapted_shapes(net, modules)
     wrong = [m for m in expected if expected[m] != found_shapes[m]]
     if wrong:
-        raise ValueError(f"{folder} does not fit this pipeline's denoiser: layer {wrong[0]} has shape "
+        raise InputError(f"{folder} does not fit this pipeline's denoiser: layer {wrong[0]} has shape "
                          f"{found_shapes[wrong[0]]} here and {expected[wrong[0]]} in the base it was exported for "
                          f"({info['base']}): another architecture")
     found = base_fingerprint(net, modules)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import recipe as recipe_mod
+from ..errors import InputError, OutputExistsError
 from ..models.lora import merged
 
 
@@ -56,10 +57,10 @@ def export_safetensors(run, out: str | Path) -> Path:
 def check_out(out: Path) -> Path:
     """`out` as a safetensors export may write it: a .safetensors path that is new or a previous export."""
     if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; --format safetensors writes one file: give a path ending in "
+        raise InputError(f"--out {out} is a directory; --format safetensors writes one file: give a path ending in "
                          ".safetensors")
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: --format safetensors writes a .safetensors file; give a path ending in "
+        raise InputError(f"--out {out}: --format safetensors writes a .safetensors file; give a path ending in "
                          ".safetensors")
     if out.exists():
         try:
@@ -68,7 +69,7 @@ def check_out(out: Path) -> Path:
         except Exception:  # noqa: BLE001 (not a safetensors file at all)
             ours = False
         if not ours:
-            raise FileExistsError(f"--out {out} exists and is not a stepdistill export; choose another --out: nothing "
-                                  "was written")
+            raise OutputExistsError(f"--out {out} exists and is not a stepdistill export; choose another --out: "
+                                    "nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 ATTENTION = ("sdpa", "xformers", "math")
 
 
@@ -71,7 +73,7 @@ def set_attention(module: nn.Module, backend: str, role: str = "network") -> str
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if backend not in ATTENTION:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION)}")
+        raise InputError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION)}")
     models = diffusers_models(module)
     if not models:
         return "n/a"

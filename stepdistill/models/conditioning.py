@@ -27,6 +27,8 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 NULLS = ("empty", "zeros")
 FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana")
 
@@ -53,10 +55,10 @@ class TextEncoder(nn.Module):
                  sana_length: int = 300) -> None:
         super().__init__()
         if null not in NULLS:
-            raise ValueError(f"unknown null condition {null!r}; expected one of {', '.join(NULLS)} (empty: the "
+            raise InputError(f"unknown null condition {null!r}; expected one of {', '.join(NULLS)} (empty: the "
                              "encoded empty prompt, as SD1.5/2.1/SD3; zeros: all-zero embeddings, as SDXL and DMD2)")
         if family not in FAMILIES:
-            raise ValueError(f"unknown text family {family!r}; expected one of {', '.join(FAMILIES)}")
+            raise InputError(f"unknown text family {family!r}; expected one of {', '.join(FAMILIES)}")
         self.family, self.null, self.width, self.instruction = family, null, width, instruction
         self.tokenizers = list(tokenizers)
         self.encoders = nn.ModuleList([e.requires_grad_(False).eval() for e in encoders if e is not None])

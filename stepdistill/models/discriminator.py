@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..diffusion.parametrization import Prediction
+from ..errors import InputError
 from .mlp import MLPDenoiser
 from .score import ScoreModel, device_of
 
@@ -28,7 +29,7 @@ def feature_module(score: ScoreModel) -> tuple[nn.Module, int, bool]:
         return net.mid_block, net.config.block_out_channels[-1], True
     if isinstance(net, MLPDenoiser):
         return net.net[-2], net.hidden, False  # the activation before the output layer
-    raise ValueError(f"a discriminator needs the fake score's features, and a {type(net).__name__} does not expose "
+    raise InputError(f"a discriminator needs the fake score's features, and a {type(net).__name__} does not expose "
                      "them: use a diffusers UNet (with a mid block) or the MLP, or set the GAN weight to 0")
 
 
@@ -42,7 +43,7 @@ def feature_levels(score: ScoreModel) -> list[tuple[nn.Module, int, bool]]:
         return levels + ([(net.mid_block, net.config.block_out_channels[-1], True)] if net.mid_block else [])
     if isinstance(net, MLPDenoiser):
         return [(m, net.hidden, False) for m in net.net if isinstance(m, nn.SiLU)]
-    raise ValueError(f"LADD reads the teacher's features, and this toolkit cannot hook the layers of a "
+    raise InputError(f"LADD reads the teacher's features, and this toolkit cannot hook the layers of a "
                      f"{type(net).__name__} (it knows diffusers UNets and the MLP). Fallback: a discriminator head on "
                      "the trainable fake score instead (objective vsd with objective.gan_weight > 0, DMD2's GAN), or "
                      "objective scm with objective.adv_weight=0")

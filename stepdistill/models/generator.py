@@ -9,6 +9,7 @@ from torch import nn
 from .. import parallel
 from ..diffusion.solvers import rollout
 from ..diffusion.timesteps import step_times
+from ..errors import RecipeError
 from .score import ScoreModel
 
 START_NOISE = ("pure", "schedule")
@@ -35,7 +36,7 @@ class Generator(nn.Module):
     def __init__(self, net: ScoreModel, steps: int = 1, start_t: float = 1.0, start_noise: str = "pure") -> None:
         super().__init__()
         if start_noise not in START_NOISE:
-            raise ValueError(f"generator.start_noise must be one of {', '.join(START_NOISE)}, got {start_noise!r}")
+            raise RecipeError(f"generator.start_noise must be one of {', '.join(START_NOISE)}, got {start_noise!r}")
         self.net, self.steps, self.start_t, self.start_noise = net, steps, start_t, start_noise
         self.times = step_times(steps, net.schedule, start_t)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..diffusion.schedules import RectifiedFlow, Schedule, VPDiscrete
+from ..errors import InputError, MissingFileError
 from .score import ScoreModel
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -30,9 +31,9 @@ def resolve_path(path: str) -> Path:
         return bundled_path(path)
     if path.count("/") == 1 and not path.startswith((".", "/")) and not path.startswith("checkpoints/"):
         return _hub_snapshot(path)
-    raise FileNotFoundError(f"teacher folder {path!r} not found; looked in {Path(path).resolve()} and "
-                            f"{(REPO_ROOT / path).resolve()}. Give a diffusers folder (with model_index.json, or unet/ "
-                            "and scheduler/) or a hub id such as org/name.")
+    raise MissingFileError(f"teacher folder {path!r} not found; looked in {Path(path).resolve()} and "
+                           f"{(REPO_ROOT / path).resolve()}. Give a diffusers folder (with model_index.json, or unet/ "
+                           "and scheduler/) or a hub id such as org/name.")
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -46,10 +47,10 @@ def _hub_snapshot(repo_id: str) -> Path:
         how = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it where the hub is reachable "
                f"(`hf download {repo_id}`) or give a local folder") if offline else (
                "check the id, your network and, for gated models, `hf auth login`; or give a local folder")
-        raise FileNotFoundError(f"could not fetch the diffusers pipeline {repo_id!r}: {how} ({type(e).__name__}: "
-                                f"{e})") from None
+        raise MissingFileError(f"could not fetch the diffusers pipeline {repo_id!r}: {how} ({type(e).__name__}: "
+                               f"{e})") from None
     if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"{repo_id} has no model_index.json: a full diffusers pipeline is needed")
+        raise MissingFileError(f"{repo_id} has no model_index.json: a full diffusers pipeline is needed")
     return folder
 
 
@@ -59,7 +60,7 @@ def from_pretrained_locally(cls, where: Path, subfolder: str, **kw):
     try:  # `where` is always a local folder (resolve_path fetched hub ids): never go online here
         return cls.from_pretrained(str(where), subfolder=subfolder, local_files_only=True, **kw)
     except OSError as e:
-        raise FileNotFoundError(f"could not load {subfolder}/ of {where}: {e}") from None
+        raise MissingFileError(f"could not load {subfolder}/ of {where}: {e}") from None
 
 
 def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
@@ -70,32 +71,32 @@ def schedule_from_scheduler(scheduler) -> tuple[Schedule, str]:
     if hasattr(scheduler, "alphas_cumprod"):
         kind = scheduler.config.get("prediction_type", "epsilon")
         if kind not in PREDICTION_TYPES:
-            raise ValueError(f"{name} has prediction_type={kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
+            raise InputError(f"{name} has prediction_type={kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
         return VPDiscrete.from_diffusers(scheduler), PREDICTION_TYPES[kind]
-    raise ValueError(f"scheduler {name} is not supported yet: need a DDPM-family scheduler (alphas_cumprod) or "
+    raise InputError(f"scheduler {name} is not supported yet: need a DDPM-family scheduler (alphas_cumprod) or "
                      "FlowMatchEulerDiscreteScheduler")
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from a file; a ValueError naming the file when it is not one."""
+    """A JSON object from a file; an InputError naming the file when it is not one."""
     try:
         data = json.loads(Path(path).read_text())
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a UTF-8 text file") from None
+        raise InputError(f"{path} is not a UTF-8 text file") from None
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        raise InputError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+        raise InputError(f"{path} must hold a JSON object, got a {type(data).__name__}")
     return data
 
 
 def diffusers_class(config: Path):
-    """The diffusers class a saved config.json names in `_class_name`; a ValueError naming the file otherwise."""
+    """The diffusers class a saved config.json names in `_class_name`; an InputError naming the file otherwise."""
     import diffusers
 
     name = read_json(config).get("_class_name")
     if not isinstance(name, str) or not name.isidentifier() or not hasattr(diffusers, name):
-        raise ValueError(f"{config}: _class_name {name!r} is not a diffusers class")
+        raise InputError(f"{config}: _class_name {name!r} is not a diffusers class")
     return getattr(diffusers, name)
 
 
@@ -111,8 +112,8 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     meta = read_json(where / "stepdistill.json") if (where / "stepdistill.json").exists() else {}
     for part in (subfolder, "scheduler"):
         if not (where / part).is_dir():
-            raise FileNotFoundError(f"{where} has no {part}/ folder: give a diffusers folder saved with "
-                                    "save_pretrained (a pipeline folder, or unet/ and scheduler/)")
+            raise MissingFileError(f"{where} has no {part}/ folder: give a diffusers folder saved with "
+                                   "save_pretrained (a pipeline folder, or unet/ and scheduler/)")
     model_cls = diffusers_class(where / subfolder / "config.json")
     sched_cls = diffusers_class(where / "scheduler" / "scheduler_config.json")
     net = from_pretrained_locally(model_cls, where, subfolder, torch_dtype=dtype)
@@ -126,5 +127,5 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     if isinstance(net, (diffusers.UNet2DConditionModel, diffusers.SD3Transformer2DModel,
                         diffusers.SanaTransformer2DModel, diffusers.FluxTransformer2DModel)):
         return ScoreModel(net, schedule, kind, "text")
-    raise ValueError(f"{type(net).__name__} is not supported yet (UNet2DModel, UNet2DConditionModel, "
+    raise InputError(f"{type(net).__name__} is not supported yet (UNet2DModel, UNet2DConditionModel, "
                      "SD3Transformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel)")

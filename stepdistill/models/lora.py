@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import InputError, RecipeError
 from ..recipe import DEFAULT_LORA_TARGETS
 from .score import ScoreModel, is_lora  # noqa: F401  (is_lora re-exported: `from stepdistill.models.lora import ...`)
 
@@ -30,20 +31,20 @@ def with_lora(score: ScoreModel, rank: int, alpha: float | None = None,
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
-        raise ValueError(f"generator.lora_rank must be >= 1, got {rank}")
+        raise RecipeError(f"generator.lora_rank must be >= 1, got {rank}")
     net, targets = score.net, list(targets)
     found = _targets(net, targets)
     if not found:
-        raise ValueError(f"generator.lora_targets {targets} match no module of {type(net).__name__}; name layers as "
-                         "in its named_modules(), e.g. to_q, to_k, to_v, to_out.0 for diffusers attention")
+        raise RecipeError(f"generator.lora_targets {targets} match no module of {type(net).__name__}; name layers as "
+                          "in its named_modules(), e.g. to_q, to_k, to_v, to_out.0 for diffusers attention")
     for name, m in found.items():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"generator.lora_targets selects {name} ({type(m).__name__}); LoRA adapts Linear and "
-                             "Conv2d layers only")
+            raise RecipeError(f"generator.lora_targets selects {name} ({type(m).__name__}); LoRA adapts Linear and "
+                              "Conv2d layers only")
         dims = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
         if rank > min(dims):
-            raise ValueError(f"generator.lora_rank={rank} is larger than layer {name} ({dims[0]} -> {dims[1]}): a "
-                             f"rank above {min(dims)} adds nothing; use a rank <= {min(dims)}")
+            raise RecipeError(f"generator.lora_rank={rank} is larger than layer {name} ({dims[0]} -> {dims[1]}): a "
+                              f"rank above {min(dims)} adds nothing; use a rank <= {min(dims)}")
     net.requires_grad_(False)
     shared = {id(t): t for t in [*net.parameters(), *net.buffers()]}
     copied = copy.deepcopy(net, shared)
@@ -69,11 +70,11 @@ def load_saved_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes differ
-        raise ValueError(f"LoRA checkpoint does not fit this network ({hint}): {str(e).splitlines()[-1].strip()}") \
+        raise InputError(f"LoRA checkpoint does not fit this network ({hint}): {str(e).splitlines()[-1].strip()}") \
             from None
     missing = [k for k in missing if "lora_" in k]
     if missing or unexpected:
-        raise ValueError(f"LoRA checkpoint does not fit this network ({hint}): missing {missing[:3]}, unexpected "
+        raise InputError(f"LoRA checkpoint does not fit this network ({hint}): missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}")
 
 

@@ -14,13 +14,14 @@ from torch import nn
 
 from ..diffusion.parametrization import Prediction
 from ..diffusion.solvers import rollout
+from ..errors import InputError
 from .generator import Generator, fresh_noise
 
 
 def student_of(cond: torch.Tensor, students: int, num_classes: int) -> torch.Tensor:
     """(N,) class labels in [0, num_classes) -> (N,) index of the student that serves each: c * K // num_classes."""
     if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}) to be routed to a student, got "
+        raise InputError(f"labels must lie in [0, {num_classes}) to be routed to a student, got "
                          f"{sorted(set(cond.tolist()) - set(range(num_classes)))[:5]}; the null (unconditional) label "
                          "has no student: each student only learned its own classes")
     return torch.div(cond.long() * students, num_classes, rounding_mode="floor")
@@ -85,7 +86,7 @@ class MultiStudent(nn.Module):
     def route(self, cond: torch.Tensor | None) -> torch.Tensor:
         """(N,) labels -> (N,) student index."""
         if cond is None:
-            raise ValueError("a multi-student generator routes each sample by its class label: pass cond, (N,) labels "
+            raise InputError("a multi-student generator routes each sample by its class label: pass cond, (N,) labels "
                              f"in [0, {self.num_classes})")
         return student_of(cond, len(self.students), self.num_classes)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 
 class NASAProcessor:
     """A diffusers attention processor for cross-attention layers (self-attention passes through unchanged)."""
@@ -59,7 +61,7 @@ def negative_prompt_attention(unet: nn.Module, negative: torch.Tensor, scale: fl
     saved = unet.attn_processors
     cross = {name for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
     if not cross:
-        raise ValueError("this network has no cross-attention layers: NASA needs a text-conditioned UNet")
+        raise InputError("this network has no cross-attention layers: NASA needs a text-conditioned UNet")
     unet.set_attn_processor({name: NASAProcessor(negative, scale, proc) if name[:-len(".processor")] in cross
                              else proc for name, proc in saved.items()})
     try:

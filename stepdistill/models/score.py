@@ -15,6 +15,7 @@ from torch import nn
 from ..diffusion.guidance import cfg_combine, guidance_scale_embedding
 from ..diffusion.parametrization import KINDS, Prediction, to_prediction
 from ..diffusion.schedules import Schedule
+from ..errors import InputError, RecipeError
 
 Conditioning = Literal["none", "class", "text"]
 GUIDANCE_EMBED_DIM = 256  # a UNet student's time_cond_proj_dim (LCM-SD's)
@@ -52,7 +53,7 @@ class ScoreModel(nn.Module):
                  time_ids: torch.Tensor | None = None, guidance_input: float | torch.Tensor | None = None) -> None:
         super().__init__()
         if prediction not in KINDS:
-            raise ValueError(f"unknown prediction kind {prediction!r}; expected one of {', '.join(KINDS)}")
+            raise InputError(f"unknown prediction kind {prediction!r}; expected one of {', '.join(KINDS)}")
         if conditioning == "class" and null_label is None:
             raise ValueError("a class-conditional ScoreModel needs null_label (the label meaning 'no class')")
         self.net, self.schedule, self.prediction = net, schedule, prediction
@@ -200,12 +201,12 @@ def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidan
     net, name = score.net, type(score.net).__name__
     if score.conditioning != "text":
         kind = "unconditional" if score.conditioning == "none" else "class-conditional"
-        raise ValueError(f"{key} trains a student for classifier-free guidance of a text-to-image teacher; this "
-                         f"teacher is {kind}: remove {key} (use objective.guidance_scale for a fixed scale)")
+        raise RecipeError(f"{key} trains a student for classifier-free guidance of a text-to-image teacher; this "
+                          f"teacher is {kind}: remove {key} (use objective.guidance_scale for a fixed scale)")
     if is_lora(net):
-        raise ValueError(f"{key} adds a guidance embedding to the student, which a LoRA student's checkpoints and "
-                         "exports do not carry yet: set generator.lora_rank=0 (full fine-tuning), or remove "
-                         f"{key}")
+        raise RecipeError(f"{key} adds a guidance embedding to the student, which a LoRA student's checkpoints and "
+                          "exports do not carry yet: set generator.lora_rank=0 (full fine-tuning), or remove "
+                          f"{key}")
     if isinstance(net, UNet2DConditionModel) and net.config.time_cond_proj_dim is None:
         emb = net.time_embedding
         emb.cond_proj = nn.Linear(GUIDANCE_EMBED_DIM, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight)
@@ -227,7 +228,7 @@ def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidan
         why = ("this teacher already takes a guidance scale as an input (it is guidance-distilled)" if already else
                f"{name} has no guidance-embedding option here (UNet2DConditionModel: SD 1.x/2.x, SDXL; "
                "SanaTransformer2DModel: SANA)")
-        raise ValueError(f"{key}: {why}; remove {key} (use objective.guidance_scale for a fixed teacher scale)")
+        raise RecipeError(f"{key}: {why}; remove {key} (use objective.guidance_scale for a fixed teacher scale)")
     score.guidance_input = float(scale)
     return score
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import parallel
+from ..errors import RecipeError
 from ..registry import register
 from .base import Batch, LossOutput
 from .terms import generator_adv_loss
@@ -44,11 +45,11 @@ class ASD(VSD):
 
     def __init__(self, cfg: ASDConfig, nets, shape: tuple[int, ...]) -> None:
         if cfg.gan_weight > 0:
-            raise ValueError("objective asd uses its discriminator for n- vs (n+1)-step outputs; set "
-                             f"objective.gan_weight=0 (got {cfg.gan_weight}) or use objective vsd for DMD2's GAN")
+            raise RecipeError("objective asd uses its discriminator for n- vs (n+1)-step outputs; set "
+                              f"objective.gan_weight=0 (got {cfg.gan_weight}) or use objective vsd for DMD2's GAN")
         if nets.generator.steps < 2:
-            raise ValueError("objective asd aligns a student's n-step outputs with its (n+1)-step ones and needs a "
-                             f"few-step student: set generator.steps >= 2 (got {nets.generator.steps})")
+            raise RecipeError("objective asd aligns a student's n-step outputs with its (n+1)-step ones and needs a "
+                              f"few-step student: set generator.steps >= 2 (got {nets.generator.steps})")
         super().__init__(cfg, nets, shape)
 
     def n_step(self, batch: Batch, n: int, grad: bool) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import RecipeError
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Phase
@@ -42,10 +43,10 @@ class DisBack(VSD):
     def __init__(self, cfg: DisBackConfig, nets, shape: tuple[int, ...]) -> None:
         super().__init__(cfg, nets, shape)
         if cfg.record_every < 1 or cfg.record_steps < cfg.record_every or cfg.record_steps % cfg.record_every:
-            raise ValueError(f"objective.record_steps ({cfg.record_steps}) must be a positive multiple of "
-                             f"objective.record_every ({cfg.record_every})")
+            raise RecipeError(f"objective.record_steps ({cfg.record_steps}) must be a positive multiple of "
+                              f"objective.record_every ({cfg.record_every})")
         if cfg.backtrack_every < 1:
-            raise ValueError(f"objective.backtrack_every must be >= 1, got {cfg.backtrack_every}")
+            raise RecipeError(f"objective.backtrack_every must be >= 1, got {cfg.backtrack_every}")
         self.path: list[dict[str, torch.Tensor]] = []  # snapshots 1..m (snapshot 0 is the teacher itself)
         self._target: ScoreModel = copy.deepcopy(nets.fake_score).requires_grad_(False)
         self._loaded: int | None = None  # index of the snapshot in self._target

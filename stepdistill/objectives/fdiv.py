@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import RecipeError
 from ..registry import register
 from .vsd import VSD, VSDConfig
 
@@ -86,19 +87,19 @@ class FDiv(VSD):
 
     def __init__(self, cfg: FDivConfig, nets, shape: tuple[int, ...]) -> None:
         if cfg.divergence not in H:
-            raise ValueError(f"unknown objective.divergence {cfg.divergence!r}; choose one of {', '.join(H)}")
+            raise RecipeError(f"unknown objective.divergence {cfg.divergence!r}; choose one of {', '.join(H)}")
         if not 0 < cfg.ratio_min <= cfg.ratio_max:
-            raise ValueError(f"need 0 < objective.ratio_min <= objective.ratio_max, got {cfg.ratio_min}, "
-                             f"{cfg.ratio_max}")
+            raise RecipeError(f"need 0 < objective.ratio_min <= objective.ratio_max, got {cfg.ratio_min}, "
+                              f"{cfg.ratio_max}")
         if cfg.gan_weight <= 0:
-            raise ValueError(f"objective fdiv needs objective.gan_weight > 0 (got {cfg.gan_weight}): f-distill trains "
-                             "the generator's adversarial term with the discriminator its density ratio comes from "
-                             "(FastGen asserts it); its default is 1e-3")
+            raise RecipeError(f"objective fdiv needs objective.gan_weight > 0 (got {cfg.gan_weight}): f-distill trains "
+                              "the generator's adversarial term with the discriminator its density ratio comes from "
+                              "(FastGen asserts it); its default is 1e-3")
         if cfg.ratio_bins < 0:
-            raise ValueError(f"objective.ratio_bins must be >= 0 (0 turns the per-time normalisation off), got "
-                             f"{cfg.ratio_bins}")
+            raise RecipeError(f"objective.ratio_bins must be >= 0 (0 turns the per-time normalisation off), got "
+                              f"{cfg.ratio_bins}")
         if not 0 <= cfg.ratio_ema < 1:
-            raise ValueError(f"objective.ratio_ema must be in [0, 1) (0: this batch's bin means), got {cfg.ratio_ema}")
+            raise RecipeError(f"objective.ratio_ema must be in [0, 1) (0: this batch's bin means), got {cfg.ratio_ema}")
         super().__init__(cfg, nets, shape)
         self.bins = nn.Module()  # a module, so that objective.to(device) moves the buffer
         self.bins.register_buffer("mean", torch.ones(cfg.ratio_bins))  # FastGen starts every bin at 1
@@ -134,6 +135,6 @@ class FDiv(VSD):
         if "ratio_bins" in state:  # a checkpoint from before the bins has none: they start at 1
             saved = state["ratio_bins"]
             if saved.shape != self.bins.mean.shape:
-                raise ValueError(f"the checkpoint has {len(saved)} density-ratio bins and the recipe "
-                                 f"objective.ratio_bins={self.cfg.ratio_bins}: resume with the checkpoint's value")
+                raise RecipeError(f"the checkpoint has {len(saved)} density-ratio bins and the recipe "
+                                  f"objective.ratio_bins={self.cfg.ratio_bins}: resume with the checkpoint's value")
             self.bins.mean.copy_(saved)

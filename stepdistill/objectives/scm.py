@@ -48,6 +48,7 @@ from torch import nn
 from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import TrigFlowSpace
+from ..errors import RecipeError, SetupError
 from ..kernels.forward_ad import forward_ad_ready
 from ..models.mlp import TimeFeatures
 from ..models.score import drawn_guidance
@@ -132,13 +133,14 @@ class SCM(Objective):
 
     def __init__(self, cfg: SCMConfig, nets, shape: tuple[int, ...]) -> None:
         if cfg.jvp not in JVP_MODES:
-            raise ValueError(f"unknown objective.jvp {cfg.jvp!r}; choose one of {', '.join(JVP_MODES)}")
+            raise RecipeError(f"unknown objective.jvp {cfg.jvp!r}; choose one of {', '.join(JVP_MODES)}")
         if cfg.sigma_data <= 0 or cfg.tangent_warmup < 0 or cfg.fd_eps <= 0:
-            raise ValueError("objective.sigma_data and objective.fd_eps must be > 0 and objective.tangent_warmup >= 0, "
-                             f"got {cfg.sigma_data}, {cfg.fd_eps}, {cfg.tangent_warmup}")
+            raise RecipeError("objective.sigma_data and objective.fd_eps must be > 0 and objective.tangent_warmup "
+                              f">= 0, got {cfg.sigma_data}, {cfg.fd_eps}, {cfg.tangent_warmup}")
         if cfg.guidance_set is not None and type(self).training_points is not SCM.training_points:
-            raise ValueError(f"objective.guidance_set is not supported by objective {cfg.name} yet (its training "
-                             "points come from teacher trajectories, not one per sample): use objective.guidance_scale")
+            raise RecipeError(f"objective.guidance_set is not supported by objective {cfg.name} yet (its training "
+                              "points come from teacher trajectories, not one per sample): use "
+                              "objective.guidance_scale")
         super().__init__(cfg, nets, shape)
         self.trig = TrigFlowSpace.of(cfg.trigflow, cfg.sigma_data)
         self.logvar = AdaptiveWeight() if cfg.adaptive_weight else None
@@ -210,9 +212,9 @@ class SCM(Objective):
                         return torch.func.jvp(f, (x, theta), (dx, dtheta))
                 except (RuntimeError, NotImplementedError) as e:
                     if self.cfg.jvp in ("forward", "flash"):
-                        raise RuntimeError(f"forward-mode AD (torch.func.jvp) failed on this network: {e}. Set "
-                                           "objective.jvp=finite_difference (or auto) to use central finite "
-                                           "differences instead.") from e
+                        raise SetupError(f"forward-mode AD (torch.func.jvp) failed on this network: {e}. Set "
+                                         "objective.jvp=finite_difference (or auto) to use central finite "
+                                         "differences instead.") from e
                     warnings.warn(f"forward-mode AD (torch.func.jvp) is not supported by this network "
                                   f"({str(e).splitlines()[0]}); sCM falls back to central finite differences "
                                   f"(objective.jvp=finite_difference, fd_eps={self.cfg.fd_eps})", stacklevel=2)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from .. import parallel
 from ..diffusion.timesteps import uniform_t
+from ..errors import RecipeError
 from ..models.discriminator import discriminate
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
@@ -127,14 +128,14 @@ class SiD(Objective):
 
     def __init__(self, cfg: SiDConfig, nets, shape: tuple[int, ...]) -> None:
         if cfg.guidance not in GUIDANCE_MODES:  # also checked by the recipe; direct construction lands here
-            raise ValueError(f"unknown objective.guidance {cfg.guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
+            raise RecipeError(f"unknown objective.guidance {cfg.guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
         bad = [f"objective.{k} must be >= 0, got {getattr(cfg, k)}" for k in ("gan_warmup", "generator_warmup",
                                                                                "d_p_std", "gan_scale", "gan_d_weight")
                if getattr(cfg, k) < 0]
         bad += [f"objective.d_sigma_data must be > 0, got {cfg.d_sigma_data}"] if cfg.d_sigma_data <= 0 else []
         if bad:
-            raise ValueError("; ".join(bad) + " (SiDA's values: gan_warmup 782, generator_warmup 391, d_p_std 1.2, "
-                             "gan_scale 1e-4, gan_d_weight 1, d_sigma_data 0.5)")
+            raise RecipeError("; ".join(bad) + " (SiDA's values: gan_warmup 782, generator_warmup 391, d_p_std 1.2, "
+                              "gan_scale 1e-4, gan_d_weight 1, d_sigma_data 0.5)")
         super().__init__(cfg, nets, shape)
 
     @classmethod

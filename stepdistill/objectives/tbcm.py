@@ -36,6 +36,7 @@ import torch
 from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import TrigFlowSpace
+from ..errors import RecipeError
 from ..registry import register
 from .base import Batch
 from .scm import SCM, SCMConfig
@@ -86,16 +87,16 @@ class TBCM(SCM):
 
     def __init__(self, cfg: TBCMConfig, nets, shape: tuple[int, ...]) -> None:
         if cfg.route_points < 2 or cfg.route_shift <= 0:
-            raise ValueError(f"objective.route_points must be >= 2 and objective.route_shift > 0, got "
-                             f"{cfg.route_points} and {cfg.route_shift}")
+            raise RecipeError(f"objective.route_points must be >= 2 and objective.route_shift > 0, got "
+                              f"{cfg.route_points} and {cfg.route_shift}")
         if cfg.route_pairs is not None and not 1 <= cfg.route_pairs < cfg.route_points:
-            raise ValueError(f"objective.route_pairs must be between 1 and route_points - 1 = {cfg.route_points - 1} "
-                             f"(or null for all), got {cfg.route_pairs}")
+            raise RecipeError(f"objective.route_pairs must be between 1 and route_points - 1 = {cfg.route_points - 1} "
+                              f"(or null for all), got {cfg.route_pairs}")
         if cfg.route_spacing not in ("shift", "scm"):
-            raise ValueError(f"unknown objective.route_spacing {cfg.route_spacing!r}; choose shift or scm")
+            raise RecipeError(f"unknown objective.route_spacing {cfg.route_spacing!r}; choose shift or scm")
         if cfg.adv_weight > 0:
-            raise ValueError("objective tbcm is image-free and LADD needs real images: set objective.adv_weight=0 "
-                             f"(got {cfg.adv_weight}) or use objective scm for sCM + LADD")
+            raise RecipeError("objective tbcm is image-free and LADD needs real images: set objective.adv_weight=0 "
+                              f"(got {cfg.adv_weight}) or use objective scm for sCM + LADD")
         super().__init__(cfg, nets, shape)
 
     @torch.no_grad()

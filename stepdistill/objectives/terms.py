@@ -10,6 +10,7 @@ from torch import nn
 from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
+from ..errors import InputError
 from ..models.discriminator import discriminate
 from ..models.score import ScoreModel
 from .base import Batch, LossOutput, Objective, Phase
@@ -42,7 +43,7 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
     eps_hat - eps = -(alpha / sigma)(x0_hat - x0)). With a guidance scale other than 1 the guided prediction is what is
     fitted (SiD-LSG's kappa_1)."""
     if weighting not in ("v", "swiftbrush"):
-        raise ValueError(f"unknown denoising-loss weighting {weighting!r}; choose v or swiftbrush")
+        raise InputError(f"unknown denoising-loss weighting {weighting!r}; choose v or swiftbrush")
     fake = obj.nets.fake_score
     cond = drop_cond(fake, batch.cond, cond_dropout)
     t = uniform_t(len(x0), t_min, t_max, fake.schedule, x0.device, rand=parallel.rand)

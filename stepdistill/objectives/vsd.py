@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .. import parallel
 from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
+from ..errors import RecipeError
 from ..models.discriminator import discriminate
 from ..models.score import ScoreModel
 from ..registry import register
@@ -64,6 +65,10 @@ class VSDConfig:
     cond_dropout: float = 0.1  # share of fake-score training batches made unconditional when the fake is guided
     weighting: Literal["dmd", "swiftbrush"] = "dmd"  # DMD2's per-sample normaliser, or SwiftBrush's alpha sigma
 
+    def __post_init__(self) -> None:  # runs for the recipe and for direct construction alike
+        if self.update_ratio < 1:
+            raise RecipeError(f"objective.update_ratio must be >= 1, got {self.update_ratio}")
+
 
 @register("objective", "vsd")
 class VSD(Objective):
@@ -79,16 +84,15 @@ class VSD(Objective):
 
     def __init__(self, cfg: VSDConfig, nets, shape: tuple[int, ...]) -> None:
         super().__init__(cfg, nets, shape)
-        if cfg.update_ratio < 1:
-            raise ValueError(f"objective.update_ratio must be >= 1, got {cfg.update_ratio}")
         if cfg.guidance_range is not None and (len(cfg.guidance_range) != 2 or
                                                cfg.guidance_range[0] > cfg.guidance_range[1]):
-            raise ValueError(f"objective.guidance_range must be [low, high] with low <= high, got {cfg.guidance_range}")
+            raise RecipeError("objective.guidance_range must be [low, high] with low <= high, got "
+                              f"{cfg.guidance_range}")
         if not 0.0 <= cfg.gan_t_min <= cfg.gan_t_max <= 1.0:
-            raise ValueError(f"need 0 <= objective.gan_t_min <= objective.gan_t_max <= 1, got {cfg.gan_t_min}, "
-                             f"{cfg.gan_t_max}")
+            raise RecipeError(f"need 0 <= objective.gan_t_min <= objective.gan_t_max <= 1, got {cfg.gan_t_min}, "
+                              f"{cfg.gan_t_max}")
         if cfg.weighting not in WEIGHTINGS:  # also checked by the recipe; direct construction lands here
-            raise ValueError(f"unknown objective.weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+            raise RecipeError(f"unknown objective.weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         # (teacher, fake score) guidance of the current iteration; SwiftBrush guides its LoRA fake as the teacher
         self.scales = (cfg.guidance_scale, cfg.guidance_scale if cfg.weighting == "swiftbrush" else 1.0)
 

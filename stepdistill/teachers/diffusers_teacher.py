@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.real import TensorData
+from ..errors import RecipeError
 from ..models.loading import load_diffusers_score, resolve_path
 from ..models.score import ScoreModel
 from ..registry import register
@@ -28,14 +29,14 @@ class DiffusersTeacher(Teacher):
 
     def __init__(self, cfg: DiffusersConfig) -> None:
         if not cfg.path:
-            raise ValueError("teacher.path is empty: give a diffusers folder (with unet/ and scheduler/) or a hub id")
+            raise RecipeError("teacher.path is empty: give a diffusers folder (with unet/ and scheduler/) or a hub id")
         self.cfg = cfg
         self.folder = resolve_path(cfg.path)  # a local folder (a hub id's cached snapshot); may hold quality.json
         score = load_diffusers_score(str(self.folder), cfg.subfolder)
         if score.conditioning == "text" or (self.folder / "vae").is_dir():
-            raise ValueError(f"{cfg.path} is a text-to-image (latent) pipeline, not a pixel-space UNet: use "
-                             "teacher.name: sd with teacher.prompts (teacher.name: diffusers takes UNet2DModel "
-                             "folders)")
+            raise RecipeError(f"{cfg.path} is a text-to-image (latent) pipeline, not a pixel-space UNet: use "
+                              "teacher.name: sd with teacher.prompts (teacher.name: diffusers takes UNet2DModel "
+                              "folders)")
         self._init_net = score  # trainable copies start from these weights
         self.score = copy.deepcopy(score).requires_grad_(False).eval()
         c = score.net.config
@@ -51,7 +52,7 @@ class DiffusersTeacher(Teacher):
 
         t = self._init_net
         if not isinstance(t.net, UNet2DModel):
-            raise ValueError(f"generator.width < 1 supports UNet2DModel teachers, not {type(t.net).__name__}")
+            raise RecipeError(f"generator.width < 1 supports UNet2DModel teachers, not {type(t.net).__name__}")
         config = {**t.net.config, "block_out_channels": scaled_channels(t.net.config, width)}
         with torch.random.fork_rng(devices=[]):  # building a student must not shift the training run's random stream
             torch.manual_seed(0)

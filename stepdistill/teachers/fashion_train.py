@@ -25,6 +25,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DMode
 from tqdm import tqdm
 
 from ..data import fashion
+from ..errors import InputError
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # extra embedding row used as the unconditional label for classifier-free guidance
@@ -45,7 +46,7 @@ def build_scheduler(param: str = "vp"):
     if param == "flow":  # timestep = sigma = t (the smooth time embedding, see the module docstring)
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
     if param != "vp":
-        raise ValueError(f"param must be 'vp' or 'flow', got {param!r}")
+        raise InputError(f"param must be 'vp' or 'flow', got {param!r}")
     # Cosine schedule and v-prediction: well conditioned at every noise level, including pure noise (t=999), which a
     # one-step generator starts from (an eps-predictor divides by alpha ~ 0 there).
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",

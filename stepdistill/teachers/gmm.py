@@ -25,6 +25,7 @@ from torch import nn
 from ..data.real import FunctionData
 from ..diffusion.parametrization import Prediction, from_prediction, to_prediction
 from ..diffusion.schedules import SCHEDULES, bcast
+from ..errors import RecipeError
 from ..models.mlp import MLPDenoiser
 from ..models.score import ScoreModel
 from ..registry import register
@@ -115,17 +116,18 @@ class GMMTeacher(Teacher):
     def __init__(self, cfg: GMMConfig) -> None:
         means = torch.tensor(cfg.means, dtype=torch.float32)
         if means.ndim != 2 or len(means) == 0:
-            raise ValueError(f"teacher.means must be a non-empty list of equal-length vectors, got {cfg.means}")
+            raise RecipeError(f"teacher.means must be a non-empty list of equal-length vectors, got {cfg.means}")
         w = torch.ones(len(means)) if cfg.weights is None else torch.tensor(cfg.weights, dtype=torch.float32)
         if w.shape != (len(means),) or (w <= 0).any():
-            raise ValueError(f"teacher.weights must be {len(means)} positive numbers (one per mean), got {cfg.weights}")
+            raise RecipeError(f"teacher.weights must be {len(means)} positive numbers (one per mean), got "
+                              f"{cfg.weights}")
         if cfg.std <= 0:
-            raise ValueError(f"teacher.std must be positive, got {cfg.std}")
+            raise RecipeError(f"teacher.std must be positive, got {cfg.std}")
         if cfg.schedule not in SCHEDULES or cfg.schedule == "vp":
-            raise ValueError(f"teacher.schedule {cfg.schedule!r} not available for gmm; choose edm, flow or trigflow")
+            raise RecipeError(f"teacher.schedule {cfg.schedule!r} not available for gmm; choose edm, flow or trigflow")
         if cfg.conditional and not torch.allclose(w, w.mean().expand_as(w)):
-            raise ValueError(f"teacher.conditional=true draws labels uniformly, so teacher.weights must be equal (got "
-                             f"{cfg.weights}); drop teacher.weights or set teacher.conditional=false")
+            raise RecipeError(f"teacher.conditional=true draws labels uniformly, so teacher.weights must be equal (got "
+                              f"{cfg.weights}); drop teacher.weights or set teacher.conditional=false")
         self.cfg = cfg
         schedule = SCHEDULES[cfg.schedule]()
         self.denoiser = GMMDenoiser(means, w / w.sum(), cfg.std, schedule)

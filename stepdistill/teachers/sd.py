@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import InputError, MissingFileError, RecipeError
 from ..models.loading import bundled_path, from_pretrained_locally, load_diffusers_score, read_json, resolve_path
 from ..models.score import ScoreModel
 from ..registry import register
@@ -45,13 +46,13 @@ def pipeline_index(where: Path) -> dict:
     """A local folder's model_index.json, checked to be a supported family; an error naming the supported ones."""
     index = where / "model_index.json"
     if not index.exists():
-        raise FileNotFoundError(f"{where} has no model_index.json: teacher sd needs a full diffusers pipeline folder "
-                                "(saved with pipeline.save_pretrained)")
+        raise MissingFileError(f"{where} has no model_index.json: teacher sd needs a full diffusers pipeline folder "
+                               "(saved with pipeline.save_pretrained)")
     meta = read_json(index)
     family = meta.get("_class_name", "?")
     if not isinstance(family, str) or family not in SUPPORTED:
         planned = f" ({PLANNED[family]} support is planned)" if family in PLANNED else ""
-        raise ValueError(f"{where} is a {family} folder, which teacher sd does not support yet{planned}; supported: "
+        raise InputError(f"{where} is a {family} folder, which teacher sd does not support yet{planned}; supported: "
                          f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
     return meta
 
@@ -97,10 +98,11 @@ class SDTeacher(Teacher):
         from ..models.conditioning import warn_truncated
 
         if not cfg.path:
-            raise ValueError("teacher.path is empty: give a Stable Diffusion diffusers folder or hub id")
+            raise RecipeError("teacher.path is empty: give a Stable Diffusion diffusers folder or hub id")
         if not cfg.prompts:
-            raise ValueError("teacher.prompts is empty: give a prompt file (.txt with one prompt per line, or a .csv / "
-                             ".jsonl with a prompt column); text-to-image distillation trains on prompts, not images")
+            raise RecipeError("teacher.prompts is empty: give a prompt file (.txt with one prompt per line, or a "
+                              ".csv / .jsonl with a prompt column); text-to-image distillation trains on prompts, not "
+                              "images")
         where = resolve_path(cfg.path)
         index = pipeline_index(where)
         self.cfg, self.pipeline = cfg, index["_class_name"]
@@ -122,8 +124,8 @@ class SDTeacher(Teacher):
         c, factor = score.net.config, self.codec.factor
         size = cfg.resolution or (1024 if self.family == "flux" else c.sample_size * factor)
         if size % (2 * factor if self.family == "flux" else factor):
-            raise ValueError(f"teacher.resolution={size} must be a multiple of {factor} (the VAE's downsampling"
-                             f"{' x 2 for FLUX patches' if self.family == 'flux' else ''})")
+            raise RecipeError(f"teacher.resolution={size} must be a multiple of {factor} (the VAE's downsampling"
+                              f"{' x 2 for FLUX patches' if self.family == 'flux' else ''})")
         channels = c.in_channels // 4 if self.family == "flux" else c.in_channels  # FLUX: 2x2 patches of latents
         self.shape = (channels, size // factor, size // factor)
         score.null_cond = self.text.null_embedding()
@@ -147,8 +149,8 @@ class SDTeacher(Teacher):
 
     def student_network(self, width: float = 1.0) -> ScoreModel:
         if width != 1.0:
-            raise ValueError("generator.width < 1 is not supported for sd teachers; use generator.lora_rank for a "
-                             "light student")
+            raise RecipeError("generator.width < 1 is not supported for sd teachers; use generator.lora_rank for a "
+                              "light student")
         return copy.deepcopy(self.score).requires_grad_(True).train()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

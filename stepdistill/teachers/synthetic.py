@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from ..diffusion.schedules import VPDiscrete
+from ..errors import RecipeError
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
@@ -87,5 +88,5 @@ class SyntheticTeacher(Teacher):
 
     def student_network(self, width: float = 1.0) -> ScoreModel:
         if width != 1.0:
-            raise ValueError("generator.width < 1 is not supported for synthetic-unet teachers")
+            raise RecipeError("generator.width < 1 is not supported for synthetic-unet teachers")
         return copy.deepcopy(self.score).requires_grad_(True).train()

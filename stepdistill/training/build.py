@@ -158,8 +158,8 @@ def resolve_eval(recipe: Recipe, teacher: Teacher) -> tuple[Recipe, str | None]:
 
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:
-    """generator.students / width / tsm_steps against the teacher; a RecipeError naming the fix."""
-    g = recipe.generator  # (its ranges, e.g. students >= 1, are checked with the recipe: recipe.check_ranges)
+    """generator.students against the teacher; a RecipeError naming the fix."""
+    g = recipe.generator  # (its ranges and width / tsm_steps / lora_rank rules are checked by recipe.check_ranges)
     if g.students > 1 and teacher.num_classes is None:
         fix = " or teacher.conditional=true" if recipe.teacher.name == "gmm" else ""
         raise RecipeError(f"generator.students={g.students} splits the classes among students (MSD), but teacher "
@@ -168,18 +168,6 @@ def check_generator(recipe: Recipe, teacher: Teacher) -> None:
         raise RecipeError(f"generator.students={g.students} is larger than the number of conditions "
                           f"({teacher.num_classes} classes), so some student would have no class: set "
                           f"generator.students to at most {teacher.num_classes}")
-    if not 0 < g.width <= 1:
-        raise RecipeError(f"generator.width must be in (0, 1] (the student's share of the teacher's channels), got "
-                          f"{g.width}")
-    if g.tsm_steps < 0:
-        raise RecipeError(f"generator.tsm_steps must be >= 0, got {g.tsm_steps}")
-    if g.lora_rank < 0 or (g.lora_rank and g.width < 1):
-        raise RecipeError(f"generator.lora_rank={g.lora_rank}: give a rank >= 1 (or 0 for full fine-tuning), and "
-                          "keep generator.width=1 with LoRA (an adapter needs the teacher's own weights)")
-    if g.width < 1 and g.tsm_steps == 0:
-        raise RecipeError(f"generator.width={g.width} builds a randomly initialised student, which must first learn "
-                          "the teacher by teacher score matching: set generator.tsm_steps (e.g. "
-                          "generator.tsm_steps=500)")
 
 
 def real_data(recipe: Recipe, teacher: Teacher, purpose: str):
@@ -203,7 +191,7 @@ def check_batch(cfg) -> None:
     """train.batch_size against the processes and train.grad_accum: equal micro-batch rows on every process."""
     parallel.local_batch(cfg.batch_size)  # a batch that does not split is an error before building
     k = cfg.grad_accum
-    if k < 1 or cfg.batch_size % (k * parallel.world()):
+    if cfg.batch_size % (k * parallel.world()):  # (k >= 1 is checked with the recipe: recipe.check_ranges)
         raise RecipeError(f"train.grad_accum={k} must be >= 1 and split train.batch_size={cfg.batch_size} "
                           f"into micro-batches of equal rows on each of the {parallel.world()} processes: "
                           f"train.batch_size must be a multiple of {k} x {parallel.world()}")

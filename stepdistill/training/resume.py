@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import parallel
 from .. import recipe as recipe_mod
+from ..errors import InputError
 from ..recipe import Recipe, RecipeError
 from .state import RunFolderError, list_checkpoints, load_latest, run_lock
 
@@ -72,7 +73,7 @@ def truncate_stats(path: Path, step: int) -> int:
             record = json.loads(line)
         except ValueError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}, line {i + 1}, is not a JSON record: repair or delete that line, "
+                raise InputError(f"{path}, line {i + 1}, is not a JSON record: repair or delete that line, "
                                  "then rerun") from None
             warnings.warn(f"{path}: dropping its torn last line (a write cut short): {line[:60]!r}", stacklevel=2)
             continue

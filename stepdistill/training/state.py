@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import RunFolderError  # noqa: F401  (re-exported for callers of train.state)
+from ..errors import InputError, RunFolderError  # noqa: F401  (re-exported for callers of train.state)
 from ..hashing import file_sha256
 
 try:
@@ -152,16 +152,16 @@ def verify(path: Path) -> str | None:
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, state) of a verified checkpoint; raises ValueError when they cannot be used."""
+    """(weights, state) of a verified checkpoint; raises InputError when they cannot be used."""
     try:
         weights = load_file(path / FILES[0])
         state = torch.load(path / FILES[1], weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 (unpickling raises many kinds)
-        raise ValueError(f"it does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+        raise InputError(f"it does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
             from None
     bad = non_finite(weights)
     if bad:
-        raise ValueError(f"{len(bad)} weight tensors hold non-finite values (e.g. {bad[0]})")
+        raise InputError(f"{len(bad)} weight tensors hold non-finite values (e.g. {bad[0]})")
     return weights, state
 
 

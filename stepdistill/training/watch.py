@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .. import parallel
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from ..models.lora import load_saved_state
 from .state import load_latest, save_checkpoint, unprefixed
 
@@ -61,7 +61,7 @@ class Reference:
         self.black = low + 0.05 * (high - low)  # values at or below this are black (of images)
         self.image = image
         if not (self.scale > 0 and self.spread > 0):
-            raise ValueError("the watch's teacher samples are all equal: nothing to compare a student against")
+            raise InputError("the watch's teacher samples are all equal: nothing to compare a student against")
 
     def compare(self, x: torch.Tensor) -> dict[str, float]:
         """{distance, spread, finite, low}: the student's samples x against the reference (see the module)."""
