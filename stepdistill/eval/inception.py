@@ -205,7 +205,7 @@ class InceptionFeatures:
                 out.append(self.net(self._prepare(batch.contiguous()).to(self.device)).double().cpu().numpy())
                 bar.update(len(batch))
         if not out:
-            raise ValueError("no images given")
+            raise InputError("no images given")
         return np.concatenate(out)
 
 
