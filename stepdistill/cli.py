@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--run", required=True)
     x.add_argument("--format", choices=["safetensors", "single-file", "diffusers", "lora"], required=True,
                    help="safetensors: the student's weights (LoRA fused); single-file: a Stable Diffusion 1.x "
-                        "checkpoint in the original layout (student UNet, teacher VAE and text encoder) for "
+                        "or SDXL checkpoint in the original layout (student UNet, teacher VAE and text encoder) for "
                         "A1111 / Forge / ComfyUI; diffusers: a pipeline folder with a few-step LCMScheduler; lora: a "
                         "LoRA run's adapter in the diffusers and kohya layouts")
     x.add_argument("--out", required=True)

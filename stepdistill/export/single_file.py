@@ -2,9 +2,10 @@
 (`models/Stable-diffusion`) and ComfyUI's CheckpointLoaderSimple load, and diffusers' `from_single_file`.
 
 One .safetensors holds the student's UNet (adapters fused) under `model.diffusion_model.`, the teacher's VAE under
-`first_stage_model.` and its CLIP text encoder under `cond_stage_model.transformer.` (SD 1.x). Only SD 1.x's layout
-is written: SD 2.x's text encoder is an OpenCLIP model in that layout (fused attention projections, a 24th layer
-diffusers drops) and SDXL's second encoder is one too, so those are refused rather than written half right.
+`first_stage_model.` and its text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.`; SDXL's CLIP-L under
+`conditioner.embedders.0.transformer.` and its OpenCLIP bigG under `conditioner.embedders.1.model.` (OpenCLIP's own
+names: q, k, v fused into one in_proj, the projection as a matrix). SD 2.x is refused: its OpenCLIP text encoder has
+a 24th layer in that layout which diffusers drops, so it cannot be written whole.
 
 Why a table of our own: diffusers converts original -> diffusers inside the library (loaders/single_file_utils.py)
 but ships the reverse only as a script outside the package. The layout differs from diffusers' by block renames
@@ -93,8 +94,38 @@ def to_original(state: dict, prefixes: list[tuple[str, str, dict]], unchanged: t
     return out
 
 
-def original_state(unet, vae, text_encoder) -> dict:
-    """The SD 1.x original-layout state dict of a diffusers UNet, AutoencoderKL and CLIPTextModel."""
+def clip_state(encoder) -> dict:
+    """transformers' CLIPTextModel keys as they were saved in 2022, under `text_model.` (which transformers 5 no
+    longer puts in a CLIPTextModel's state dict): the layout of the original checkpoints."""
+    return {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in encoder.state_dict().items()}
+
+
+OPEN_CLIP_LAYER = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                   ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+
+
+def open_clip_state(encoder) -> dict:
+    """An OpenCLIP text tower's keys from transformers' CLIPTextModelWithProjection."""
+    state = dict(clip_state(encoder))
+    state["text_projection.weight"] = state.pop("text_model.text_projection.weight")
+    out = {"token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+           "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+           "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+           "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+           "text_projection": state.pop("text_projection.weight").T}  # OpenCLIP: x @ text_projection
+    for i in range(encoder.config.num_hidden_layers):
+        old, new = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{new}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{old}self_attn.{x}_proj.{kind}") for x in "qkv"])
+            out.update({f"{new}{b}.{kind}": state.pop(f"{old}{a}.{kind}") for a, b in OPEN_CLIP_LAYER})
+    if state:
+        raise RuntimeError(f"no original-layout name for the text encoder keys {sorted(state)}")
+    return out
+
+
+def original_state(unet, vae, encoders: dict) -> dict:
+    """The original-layout state dict of a diffusers UNet, AutoencoderKL and the pipeline's text encoders (SD 1.x:
+    text_encoder; SDXL: text_encoder and text_encoder_2)."""
     tensors = {f"model.diffusion_model.{k}": v for k, v in to_original(
         unet.state_dict(), unet_prefixes(unet.config), ()).items()}
     vae_state = to_original(vae.state_dict(), vae_prefixes(vae.config),
@@ -103,15 +134,19 @@ def original_state(unet, vae, text_encoder) -> dict:
         if ".mid.attn_1." in k and k.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]
         tensors[f"first_stage_model.{k}"] = v
-    # the original layout holds transformers' CLIPTextModel keys as they were saved in 2022: under `text_model.`,
-    # which transformers 5 no longer puts in the state dict
-    tensors.update({"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
-                    for k, v in text_encoder.state_dict().items()})
+    if "text_encoder_2" in encoders:  # SDXL
+        tensors.update({f"conditioner.embedders.0.transformer.{k}": v
+                        for k, v in clip_state(encoders["text_encoder"]).items()})
+        tensors.update({f"conditioner.embedders.1.model.{k}": v
+                        for k, v in open_clip_state(encoders["text_encoder_2"]).items()})
+    else:
+        tensors.update({f"cond_stage_model.transformer.{k}": v
+                        for k, v in clip_state(encoders["text_encoder"]).items()})
     return tensors
 
 
 def export_single_file(run, out, dtype: str = "fp16"):
-    """Write the student pipeline (UNet with adapters fused, the teacher's VAE and text encoder) as one
+    """Write the student pipeline (UNet with adapters fused, the teacher's VAE and text encoders) as one
     original-layout .safetensors file in `dtype`, with the recipe and sampling times in its metadata."""
     from ..teachers.sd import SDTeacher
 
@@ -119,16 +154,18 @@ def export_single_file(run, out, dtype: str = "fp16"):
     if hasattr(run.student, "routing"):
         raise InputError("--format single-file holds one UNet; this is a multi-student run: export it with "
                          "--format diffusers (one folder per student)")
-    if not isinstance(teacher, SDTeacher) or teacher.family != "sd":
+    if not isinstance(teacher, SDTeacher) or teacher.family not in ("sd", "sdxl"):
         family = getattr(teacher, "family", run.recipe.teacher.name)
-        raise InputError(f"--format single-file writes Stable Diffusion 1.x checkpoints; this run's teacher is "
-                         f"{family!r}: use --format diffusers")
-    encoder = teacher.text.components()["text_encoder"]
-    if encoder.config.hidden_act != "quick_gelu":  # SD 2.x: OpenCLIP (gelu); SD 1.x: OpenAI CLIP (quick_gelu)
+        raise InputError(f"--format single-file writes Stable Diffusion 1.x and SDXL checkpoints; this run's teacher "
+                         f"is {family!r}: use --format diffusers")
+    encoders = {k: v for k, v in teacher.text.components().items() if k.startswith("text_encoder") and v is not None}
+    if teacher.family == "sd" and encoders["text_encoder"].config.hidden_act != "quick_gelu":
+        # SD 2.x: OpenCLIP (gelu); SD 1.x: OpenAI CLIP (quick_gelu)
         raise InputError("--format single-file writes the SD 1.x layout; this teacher's text encoder is an OpenCLIP "
                          "model (SD 2.x), whose original layout is not written yet: use --format diffusers")
     out = check_out(out, "single-file")
-    tensors = original_state(merged(run.student.net.net), teacher.codec.vae, encoder)
+    tensors = original_state(merged(run.student.net.net), teacher.codec.vae, encoders)
     write_atomic({k: v.detach().to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}, out,
-                 {**export_metadata(run), "stepdistill.layout": "sd1-original", "stepdistill.dtype": dtype})
+                 {**export_metadata(run), "stepdistill.layout": f"{teacher.family}-original",
+                  "stepdistill.dtype": dtype})
     return out

@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from .. import recipe as recipe_mod
 from ..models.lora import merged
 
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

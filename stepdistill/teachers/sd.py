@@ -16,8 +16,14 @@ from typing import Literal
 import torch
 
 from ..errors import InputError
-from ..models.loading import (bundled_path, from_pretrained_locally, load_diffusers_score, read_json, resolve_path,
-                              score_from_diffusers)
+from ..models.loading import (
+    bundled_path,
+    from_pretrained_locally,
+    load_diffusers_score,
+    read_json,
+    resolve_path,
+    score_from_diffusers,
+)
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
@@ -32,8 +38,9 @@ FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", 
 @dataclass
 class SDConfig:
     name: str = "sd"
-    path: str = ""  # diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text encoders) or hub id,
-    #                 or one checkpoint file in the original layout (A1111 / ComfyUI .safetensors; needs `config`)
+    # diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text encoders) or hub id, or one
+    # checkpoint file in the original layout (an A1111 / ComfyUI .safetensors; needs `config`)
+    path: str = ""
     config: str | None = None  # with a single-file `path`: the diffusers pipeline folder or hub id of the same model
     #                            whose configs, tokenizers and scheduler describe the file (its weights are not used)
     prompts: str = ""  # training prompts: .txt (one per line), .csv or .jsonl with a prompt/text/caption column

@@ -70,8 +70,8 @@ def test_default_dtype_is_fp16_and_other_families_are_refused(lora_run, tmp_path
     run, _, _ = lora_run
     out = export_single_file(run, tmp_path / "model.safetensors")
     assert {v.dtype for v in load_file(out).values()} == {torch.float16}
-    other = types.SimpleNamespace(student=run.student, teacher=types.SimpleNamespace(family="sdxl"), recipe=run.recipe)
-    with pytest.raises(InputError, match="writes Stable Diffusion 1.x checkpoints; this run's teacher is 'sdxl'"):
+    other = types.SimpleNamespace(student=run.student, teacher=types.SimpleNamespace(family="sd3"), recipe=run.recipe)
+    with pytest.raises(InputError, match="writes Stable Diffusion 1.x and SDXL checkpoints; .* teacher is 'sd3'"):
         export_single_file(other, tmp_path / "x.safetensors")
 
 
@@ -86,7 +86,8 @@ def test_a_single_file_teacher_equals_its_folder_teacher(tiny_sd_folder, tmp_pat
                 p.mul_(1.1)
     pipe.save_pretrained(tmp_path / "tuned")
     path = tmp_path / "community.safetensors"
-    save_file({k: v.contiguous() for k, v in original_state(pipe.unet, pipe.vae, pipe.text_encoder).items()}, path)
+    state = original_state(pipe.unet, pipe.vae, {"text_encoder": pipe.text_encoder})
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
     folder_teacher = SDTeacher(SDConfig(path=str(tmp_path / "tuned"), prompts=prompts))
     file_teacher = SDTeacher(SDConfig(path=str(path), config=str(tiny_sd_folder), prompts=prompts))
     assert file_teacher.single_file == path and file_teacher.shape == folder_teacher.shape
@@ -134,3 +135,59 @@ def test_sd15_topology_maps_to_the_blocks_of_an_sd15_checkpoint():
                 "time_embed.2.weight", "out.2.bias", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"):
         assert key in state
     assert {k.split(".")[0] for k in state} == {"time_embed", "input_blocks", "middle_block", "output_blocks", "out"}
+
+
+def test_cli_writes_single_file_and_safetensors_in_the_asked_dtype(lora_run, tmp_path, capsys):
+    from stepdistill.cli import main
+
+    _, root, _ = lora_run
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--run", str(root / "run"), "--format", "single-file", "--out", str(out),
+                 "--dtype", "bf16"]) == 0
+    assert {v.dtype for v in load_file(out).values()} == {torch.bfloat16}
+    fused = tmp_path / "fused.safetensors"
+    assert main(["export", "--run", str(root / "run"), "--format", "safetensors", "--out", str(fused),
+                 "--dtype", "fp16"]) == 0
+    assert {v.dtype for v in load_file(fused).values()} == {torch.float16}
+    assert main(["export", "--run", str(root / "run"), "--format", "lora", "--out", str(tmp_path / "l"),
+                 "--dtype", "fp16"]) == 2
+    assert "--dtype applies to --format safetensors and single-file" in capsys.readouterr().err
+
+
+def test_sdxl_student_round_trips_through_from_single_file(tmp_path):
+    """SDXL: CLIP-L under conditioner.embedders.0.transformer, OpenCLIP bigG (fused in_proj) under
+    conditioner.embedders.1.model. The second encoder is wider than the first, as in SDXL (diffusers tells the two
+    apart by width only)."""
+    from conftest import make_tiny_sdxl_folder
+    from diffusers import StableDiffusionXLPipeline
+
+    from stepdistill.recipe import load_recipe
+    from stepdistill.run import load_run
+    from stepdistill.training.trainer import Trainer
+
+    folder = make_tiny_sdxl_folder(tmp_path / "sdxl", width_2=48)
+    (tmp_path / "prompts.txt").write_text("a red shirt\na blue bag\n")
+    data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(tmp_path / "prompts.txt")},
+            "objective": {"name": "vsd", "update_ratio": 1}}
+    Trainer(load_recipe(None, ["train.batch_size=2", "train.steps=2", "train.lr=1e-2", "eval.at_end=false",
+                               "generator.steps=2", "generator.lora_rank=2"], data=data), tmp_path / "run",
+            quiet=True).run()
+    run = load_run(tmp_path / "run")
+    expected = generate_student(run.student, run.teacher, 2, SEED, 2)
+    out = export_single_file(run, tmp_path / "xl.safetensors", dtype="fp32")
+    state = load_file(out)
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
+                "conditioner.embedders.1.model.")
+    assert all(k.startswith(prefixes) for k in state)
+    assert "model.diffusion_model.label_emb.0.0.weight" in state
+    assert state["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 48, 48)
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (48, 16)
+    parts = [merged(run.student.net.net), run.teacher.codec.vae, *run.teacher.text.components().values()]
+    n_open_clip = 4 * 2  # per layer: q, k, v weights and biases become one in_proj weight and bias
+    assert len(state) == sum(len(p.state_dict()) for p in parts if hasattr(p, "state_dict")) - n_open_clip
+    pipe = StableDiffusionXLPipeline.from_single_file(str(out), config=str(folder), local_files_only=True)
+    pipe.scheduler = lcm_scheduler(run)[0]
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(run.teacher.eval_prompt_list(2), num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(SEED)).images
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
