@@ -105,7 +105,6 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     Conditioning is read from `stepdistill.json` when present (bundled teachers); otherwise UNet2DModel with
     `num_class_embeds` is class-conditional with the last label as null, UNet2DConditionModel is text-conditional.
     """
-
     where = resolve_path(path)
     meta = read_json(where / "stepdistill.json") if (where / "stepdistill.json").exists() else {}
     for part in (subfolder, "scheduler"):

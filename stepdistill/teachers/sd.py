@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MissingFileError
 from ..models.loading import (
     bundled_path,
     from_pretrained_locally,
@@ -95,7 +95,8 @@ def load_single_file(pipeline_cls, path: Path, config: Path, family: str):
 
     extra = dict(safety_checker=None, requires_safety_checker=False) if family == "sd" else {}
     try:
-        return pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True, **extra)
+        return pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True,
+                                             torch_dtype=torch.float32, **extra)  # fp32 as a folder, from fp16 too
     except (OSError, ValueError, KeyError, SingleFileComponentError) as e:
         raise InputError(f"could not load teacher.path={str(path)!r} as a {pipeline_cls.__name__} checkpoint with "
                          f"teacher.config={str(config)!r}: is it that model's file? ({type(e).__name__}: "
@@ -132,6 +133,8 @@ class SDTeacher(Teacher):
                              ".jsonl with a prompt column); text-to-image distillation trains on prompts, not images")
         single = bundled_path(cfg.path)
         self.single_file = single if single.is_file() else None  # a checkpoint file in the original layout
+        if self.single_file is None and single.suffix in (".safetensors", ".ckpt"):
+            raise MissingFileError(f"teacher.path={cfg.path!r}: no such checkpoint file (looked at {single.resolve()})")
         if self.single_file is None and cfg.config:
             raise InputError(f"teacher.config={cfg.config!r} describes a single-file teacher.path, but "
                              f"teacher.path={cfg.path!r} is not a file: drop teacher.config")
@@ -144,6 +147,7 @@ class SDTeacher(Teacher):
         self.family = FAMILY[self.pipeline]
         self.denoiser = "unet" if self.family in ("sd", "sdxl") else "transformer"  # the pipeline's component name
         self.folder = where  # a local folder (a hub id's cached snapshot): LoRA exports fingerprint its weights
+        #                      (a single-file teacher's: its config folder, whose weights are not used)
         pipe = None
         if self.single_file is not None:
             pipe = load_single_file(getattr(diffusers, self.pipeline), self.single_file, where, self.family)

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stepdistill.errors import InputError
+from stepdistill.errors import InputError, MissingFileError
 from stepdistill.eval.harness import generate_student
 from stepdistill.export import export_single_file
 from stepdistill.export.diffusers_folder import lcm_scheduler
@@ -99,6 +99,9 @@ def test_a_single_file_teacher_equals_its_folder_teacher(tiny_sd_folder, tmp_pat
         torch.testing.assert_close(file_teacher.score(x, t, cond).x0, folder_teacher.score(x, t, cond).x0, rtol=0,
                                    atol=0)
         torch.testing.assert_close(file_teacher.decode(x), folder_teacher.decode(x), rtol=0, atol=0)
+    save_file({k: v.half().contiguous() for k, v in state.items()}, path)  # community files are mostly fp16
+    half = SDTeacher(SDConfig(path=str(path), config=str(tiny_sd_folder), prompts=prompts))
+    assert {p.dtype for m in (half.score, half.codec.vae) for p in m.parameters()} == {torch.float32}
 
 
 def test_a_single_file_teacher_without_config_names_the_key(tiny_sd_folder, tmp_path):
@@ -107,10 +110,17 @@ def test_a_single_file_teacher_without_config_names_the_key(tiny_sd_folder, tmp_
     prompts = str(tmp_path / "prompts.txt")
     with pytest.raises(InputError, match=r"is a single checkpoint file: also give teacher.config="):
         SDTeacher(SDConfig(path=str(path), prompts=prompts))
+    from stepdistill.recipe import load_recipe
+
+    recipe = load_recipe(None, [f"teacher.config={tiny_sd_folder}"], data={
+        "teacher": {"name": "sd", "path": str(path), "prompts": prompts}, "objective": {"name": "vsd"}})
+    assert recipe.teacher.config == str(tiny_sd_folder)  # a recipe key, settable as an override
     with pytest.raises(InputError, match=r"teacher.path=.* is not a file: drop teacher.config"):
         SDTeacher(SDConfig(path=str(tiny_sd_folder), config=str(tiny_sd_folder), prompts=prompts))
     with pytest.raises(InputError, match=r"could not load teacher.path=.* as a StableDiffusionPipeline checkpoint"):
         SDTeacher(SDConfig(path=str(path), config=str(tiny_sd_folder), prompts=prompts))
+    with pytest.raises(MissingFileError, match=r"teacher.path=.*typo.safetensors.: no such checkpoint file"):
+        SDTeacher(SDConfig(path=str(tmp_path / "typo.safetensors"), config=str(tiny_sd_folder), prompts=prompts))
 
 
 def test_sd15_topology_maps_to_the_blocks_of_an_sd15_checkpoint():
