@@ -48,6 +48,7 @@ Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished r
     "export": """examples:
   stepdistill export --run runs/fashion_vsd --format diffusers --out exports/fashion_1step
   stepdistill export --run runs/fashion_vsd --format safetensors --out exports/fashion_1step.safetensors
+  stepdistill export --run runs/sd15_lora --format single-file --out exports/sd15_1step.safetensors --dtype fp16
   stepdistill export --run runs/sd15_lora --format lora --out exports/sd15_lora   (diffusers + kohya files)""",
     "plan": """examples:
   stepdistill plan configs/plan/sdxl_dmd2.yaml --gpus 1 --gpu-memory 80GiB
@@ -132,10 +133,14 @@ def _parser() -> argparse.ArgumentParser:
 
     x = add("export", "export the student's weights")
     x.add_argument("--run", required=True)
-    x.add_argument("--format", choices=["safetensors", "diffusers", "lora"], required=True,
-                   help="safetensors: the student's weights (LoRA fused); diffusers: a pipeline folder with a "
-                        "few-step LCMScheduler; lora: a LoRA run's adapter in the diffusers and kohya layouts")
+    x.add_argument("--format", choices=["safetensors", "single-file", "diffusers", "lora"], required=True,
+                   help="safetensors: the student's weights (LoRA fused); single-file: a Stable Diffusion 1.x "
+                        "or SDXL checkpoint in the original layout (student UNet, teacher VAE and text encoder) for "
+                        "A1111 / Forge / ComfyUI; diffusers: a pipeline folder with a few-step LCMScheduler; lora: a "
+                        "LoRA run's adapter in the diffusers and kohya layouts")
     x.add_argument("--out", required=True)
+    x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                   help="weights' precision of safetensors (default fp32) and single-file (default fp16) exports")
 
     pl = add("plan", "per-GPU peak memory and FLOPs of a recipe's training iteration, whether it fits, and the "
                      "cheapest changes that make it fit (no weights, no GPU)")
@@ -357,11 +362,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .export import export_diffusers, export_lora, export_safetensors
+    from .errors import InputError
+    from .export import export_diffusers, export_lora, export_safetensors, export_single_file
     from .run import load_run
 
+    if a.dtype and a.format not in ("safetensors", "single-file"):
+        raise InputError(f"--dtype applies to --format safetensors and single-file; --format {a.format} keeps the "
+                         "run's precision: drop --dtype")
     run = load_run(a.run)
-    out = {"safetensors": export_safetensors, "diffusers": export_diffusers, "lora": export_lora}[a.format](run, a.out)
+    dtype = {"dtype": a.dtype} if a.dtype else {}
+    out = {"safetensors": export_safetensors, "single-file": export_single_file, "diffusers": export_diffusers,
+           "lora": export_lora}[a.format](run, a.out, **dtype)
     print(f"exported {a.format} to {out}")
     return 0
 

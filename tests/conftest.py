@@ -100,9 +100,10 @@ def make_tiny_sd_folder(path, prediction_type: str = "epsilon"):
     return path
 
 
-def make_tiny_sdxl_folder(path):
+def make_tiny_sdxl_folder(path, width_2: int = 32):
     """A tiny SDXL pipeline folder built offline: two CLIP text encoders (the second with a projection: the pooled
-    embedding), a UNet with SDXL's text_time added conditioning, a 2-block VAE and SDXL's Euler scheduler."""
+    embedding; `width_2` its width, 1280 against 768 in SDXL), a UNet with SDXL's text_time added conditioning, a
+    2-block VAE and SDXL's Euler scheduler."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -110,7 +111,7 @@ def make_tiny_sdxl_folder(path):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32 + width_2,
                                 attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
                                 transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
@@ -118,7 +119,8 @@ def make_tiny_sdxl_folder(path):
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=8, sample_size=16, scaling_factor=0.13025)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(vocab)))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(vocab), projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(vocab, hidden=width_2),
+                                                                projection_dim=16))
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        steps_offset=1, timestep_spacing="leading")
     StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,

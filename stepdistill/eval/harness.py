@@ -131,7 +131,8 @@ def protocol(recipe, teacher) -> dict:
                           "fashion-mnist validation split (training images 50,000-59,999), 16x16")
         p["metric"] = "Frechet distance, fashion-classifier 128-d penultimate features"
         p["features_sha256"] = _file_sha(folder / "model.safetensors")
-        p["teacher_sha256"] = _file_sha(teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
+        p["teacher_sha256"] = _file_sha(getattr(teacher, "single_file", None)  # a single-file teacher: its file
+                                        or teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
         p["labels"] = "balanced: i % 10"
     if hasattr(teacher, "eval_prompt_list"):  # text-to-image: the prompts are part of the protocol
         digest = hashlib.sha256("\n".join(teacher.eval_prompts).encode()).hexdigest()[:16]

@@ -161,7 +161,8 @@ def export_lora(run, out: str | Path) -> Path:
             tmp, **{f"{denoiser}_lora_layers": state, f"{denoiser}_lora_adapter_metadata": config.to_dict()},
             weight_name="pytorch_lora_weights.safetensors")
         scheduler.save_pretrained(tmp / "scheduler")
-        weights = sorted((teacher.folder / denoiser).glob("*.safetensors"))
+        single = getattr(teacher, "single_file", None)  # a single-file teacher: the base is that file, not the config's
+        weights = [single] if single else sorted((teacher.folder / denoiser).glob("*.safetensors"))
         base_sha = file_sha256(weights[0]) if len(weights) == 1 else "n/a (sharded or not safetensors)"
         modules = _adapted_modules(state)
         fingerprint = base_fingerprint(net, modules)
@@ -178,11 +179,11 @@ def export_lora(run, out: str | Path) -> Path:
         kohya = f"{out.name}_kohya.safetensors"
         save_file(kohya_state(state, config.lora_alpha, f"lora_{denoiser}_"), tmp / kohya, metadata=meta)
         info = {k.removeprefix("stepdistill."): v for k, v in meta.items() if k != "stepdistill.recipe"}
-        info.update(base=str(teacher.folder), adapted_modules=modules, adapted_shapes=adapted_shapes(net, modules),
-                    base_fingerprint=fingerprint)
+        info.update(base=str(single or teacher.folder), adapted_modules=modules,
+                    adapted_shapes=adapted_shapes(net, modules), base_fingerprint=fingerprint)
         (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
         (tmp / "README.md").write_text(USAGE.format(
-            name=out.name, steps=steps, base=teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
+            name=out.name, steps=steps, base=single or teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
             kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
             scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run)) + start_note(run.student, timesteps))
     return out

@@ -19,13 +19,13 @@ from .. import recipe as recipe_mod
 from ..errors import InputError, OutputExistsError
 from ..models.lora import merged
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-def export_safetensors(run, out: str | Path) -> Path:
-    """Write the student's backbone state dict (diffusers key names for UNets) to `out`; for a multi-student run every
-    student's, prefixed `students.k.`."""
-    out = check_out(Path(out))
+
+def export_metadata(run) -> dict:
+    """The safetensors metadata of an export: the recipe, the student's steps, times and the iteration."""
     student = run.student
-    metadata = {
+    return {
         "format": "pt",
         "stepdistill.recipe": recipe_mod.dump(run.recipe),
         "stepdistill.steps": str(student.steps),
@@ -34,6 +34,14 @@ def export_safetensors(run, out: str | Path) -> Path:
                                                     for t in student.times]),
         "stepdistill.iteration": str(run.step),
     }
+
+
+def export_safetensors(run, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write the student's backbone state dict (diffusers key names for UNets) to `out` in `dtype`; for a
+    multi-student run every student's, prefixed `students.k.`."""
+    out = check_out(Path(out))
+    student = run.student
+    metadata = export_metadata(run)
     if hasattr(student, "routing"):  # MultiStudent
         metadata["stepdistill.prediction"] = student.students[0].net.prediction
         metadata["stepdistill.routing"] = json.dumps({**student.routing(), "iterations": run.student_steps,
@@ -43,24 +51,32 @@ def export_safetensors(run, out: str | Path) -> Path:
     else:
         metadata["stepdistill.prediction"] = student.net.prediction
         tensors = merged(student.net.net).state_dict()  # a LoRA student: adapters fused into the weights
+    if dtype != "fp32":
+        metadata["stepdistill.dtype"] = dtype
+    write_atomic({k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}, out, metadata)
+    return out
+
+
+def write_atomic(tensors: dict, out: Path, metadata: dict) -> None:
+    """save_file to a temporary file beside `out`, then renamed over it: a crash leaves the previous export whole."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    try:  # written beside `out`, then renamed over it: a crash leaves the previous export whole
+    try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out
 
 
-def check_out(out: Path) -> Path:
-    """`out` as a safetensors export may write it: a .safetensors path that is new or a previous export."""
+def check_out(out: Path, fmt: str = "safetensors") -> Path:
+    """`out` as a `--format fmt` export may write it: a .safetensors path that is new or a previous export."""
+    out = Path(out)
     if out.is_dir():
-        raise InputError(f"--out {out} is a directory; --format safetensors writes one file: give a path ending in "
+        raise InputError(f"--out {out} is a directory; --format {fmt} writes one file: give a path ending in "
                          ".safetensors")
     if out.suffix != ".safetensors":
-        raise InputError(f"--out {out}: --format safetensors writes a .safetensors file; give a path ending in "
+        raise InputError(f"--out {out}: --format {fmt} writes a .safetensors file; give a path ending in "
                          ".safetensors")
     if out.exists():
         try:

@@ -106,8 +106,6 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     Conditioning is read from `stepdistill.json` when present (bundled teachers); otherwise UNet2DModel with
     `num_class_embeds` is class-conditional with the last label as null, UNet2DConditionModel is text-conditional.
     """
-    import diffusers
-
     where = resolve_path(path)
     meta = read_json(where / "stepdistill.json") if (where / "stepdistill.json").exists() else {}
     for part in (subfolder, "scheduler"):
@@ -118,6 +116,14 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
     sched_cls = diffusers_class(where / "scheduler" / "scheduler_config.json")
     net = from_pretrained_locally(model_cls, where, subfolder, torch_dtype=dtype)
     scheduler = from_pretrained_locally(sched_cls, where, "scheduler")
+    return score_from_diffusers(net, scheduler, meta)
+
+
+def score_from_diffusers(net, scheduler, meta: dict | None = None) -> ScoreModel:
+    """ScoreModel of a loaded diffusers network and its scheduler (`meta`: the folder's stepdistill.json, if any)."""
+    import diffusers
+
+    meta = meta or {}
     schedule, kind = schedule_from_scheduler(scheduler)
     if isinstance(net, diffusers.UNet2DModel):
         n_cls = net.config.num_class_embeds

@@ -16,7 +16,14 @@ from typing import Literal
 import torch
 
 from ..errors import InputError, MissingFileError, RecipeError
-from ..models.loading import bundled_path, from_pretrained_locally, load_diffusers_score, read_json, resolve_path
+from ..models.loading import (
+    bundled_path,
+    from_pretrained_locally,
+    load_diffusers_score,
+    read_json,
+    resolve_path,
+    score_from_diffusers,
+)
 from ..models.score import ScoreModel
 from ..registry import register
 from .base import Teacher
@@ -31,7 +38,11 @@ FAMILY = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", 
 @dataclass
 class SDConfig:
     name: str = "sd"
-    path: str = ""  # diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text encoders) or hub id
+    # diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text encoders) or hub id, or one
+    # checkpoint file in the original layout (an A1111 / ComfyUI .safetensors; needs `config`)
+    path: str = ""
+    config: str | None = None  # with a single-file `path`: the diffusers pipeline folder or hub id of the same model
+    #                            whose configs, tokenizers and scheduler describe the file (its weights are not used)
     prompts: str = ""  # training prompts: .txt (one per line), .csv or .jsonl with a prompt/text/caption column
     eval_prompts: str | None = None  # prompts of sample grids and evaluation (cycled); default: the training prompts
     # unconditional condition: the folder's own convention (auto: zeros for SDXL's force_zeros_for_empty_prompt, else
@@ -57,14 +68,17 @@ def pipeline_index(where: Path) -> dict:
     return meta
 
 
-def _text_encoder(where: Path, index: dict, family: str, null: str, width: int | None):
-    """The family's tokenizers and text encoders from the folder (SD3's T5 may be absent: text_encoder_3 null)."""
+def _text_encoder(where: Path, index: dict, family: str, null: str, width: int | None, pipe=None):
+    """The family's tokenizers and text encoders from the folder, or from `pipe` when the teacher is a single file
+    (SD3's T5 may be absent: text_encoder_3 null)."""
     import transformers
 
     def part(name: str):
         spec = index.get(name, ["transformers", "CLIPTokenizer" if "token" in name else "CLIPTextModel"])
         if spec is None or spec[1] is None:
             return None
+        if pipe is not None:
+            return getattr(pipe, name)
         return from_pretrained_locally(getattr(transformers, spec[1]), where, name)
 
     names = {"sd": ("",), "sana": ("",), "sdxl": ("", "_2"), "flux": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
@@ -72,6 +86,21 @@ def _text_encoder(where: Path, index: dict, family: str, null: str, width: int |
 
     return TextEncoder([part("tokenizer" + k) for k in names], [part("text_encoder" + k) for k in names], null,
                        family, width=width, instruction=sana_instruction() if family == "sana" else None)
+
+
+def load_single_file(pipeline_cls, path: Path, config: Path, family: str):
+    """The pipeline of a single original-layout checkpoint file, its configs and tokenizers from the local folder
+    `config`, offline (diffusers' own original -> diffusers conversion)."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    extra = dict(safety_checker=None, requires_safety_checker=False) if family == "sd" else {}
+    try:
+        return pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True,
+                                             torch_dtype=torch.float32, **extra)  # fp32 as a folder, from fp16 too
+    except (OSError, ValueError, KeyError, SingleFileComponentError) as e:
+        raise InputError(f"could not load teacher.path={str(path)!r} as a {pipeline_cls.__name__} checkpoint with "
+                         f"teacher.config={str(config)!r}: is it that model's file? ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def sana_instruction() -> list[str]:
@@ -103,24 +132,40 @@ class SDTeacher(Teacher):
             raise RecipeError("teacher.prompts is empty: give a prompt file (.txt with one prompt per line, or a "
                               ".csv / .jsonl with a prompt column); text-to-image distillation trains on prompts, not "
                               "images")
-        where = resolve_path(cfg.path)
+        single = bundled_path(cfg.path)
+        self.single_file = single if single.is_file() else None  # a checkpoint file in the original layout
+        if self.single_file is None and single.suffix in (".safetensors", ".ckpt"):
+            raise MissingFileError(f"teacher.path={cfg.path!r}: no such checkpoint file (looked at {single.resolve()})")
+        if self.single_file is None and cfg.config:
+            raise InputError(f"teacher.config={cfg.config!r} describes a single-file teacher.path, but "
+                             f"teacher.path={cfg.path!r} is not a file: drop teacher.config")
+        if self.single_file is not None and not cfg.config:
+            raise InputError(f"teacher.path={cfg.path!r} is a single checkpoint file: also give teacher.config=<the "
+                             "diffusers pipeline folder or hub id of the same model> for its configs and tokenizer")
+        where = resolve_path(cfg.config or cfg.path)
         index = pipeline_index(where)
         self.cfg, self.pipeline = cfg, index["_class_name"]
         self.family = FAMILY[self.pipeline]
         self.denoiser = "unet" if self.family in ("sd", "sdxl") else "transformer"  # the pipeline's component name
         self.folder = where  # a local folder (a hub id's cached snapshot): LoRA exports fingerprint its weights
-        score = load_diffusers_score(str(where), self.denoiser)
+        #                      (a single-file teacher's: its config folder, whose weights are not used)
+        pipe = None
+        if self.single_file is not None:
+            pipe = load_single_file(getattr(diffusers, self.pipeline), self.single_file, where, self.family)
+            score = score_from_diffusers(getattr(pipe, self.denoiser), pipe.scheduler)
+        else:
+            score = load_diffusers_score(str(where), self.denoiser)
         null = cfg.null if cfg.null != "auto" else (
             "zeros" if self.family == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty")
         width = score.net.config.joint_attention_dim if self.family == "sd3" else None
-        self.text = _text_encoder(where, index, self.family, null, width)
+        self.text = _text_encoder(where, index, self.family, null, width, pipe)
         self.prompts = read_prompts(bundled_path(cfg.prompts))
         self.eval_prompts = read_prompts(bundled_path(cfg.eval_prompts)) if cfg.eval_prompts else self.prompts
         warn_truncated(self.text, self.prompts, "teacher.prompts")
         if cfg.eval_prompts:
             warn_truncated(self.text, self.eval_prompts, "teacher.eval_prompts")
         vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])  # SANA: AutoencoderDC
-        self.codec = VAECodec(from_pretrained_locally(vae_cls, where, "vae"))
+        self.codec = VAECodec(pipe.vae if pipe is not None else from_pretrained_locally(vae_cls, where, "vae"))
         c, factor = score.net.config, self.codec.factor
         size = cfg.resolution or (1024 if self.family == "flux" else c.sample_size * factor)
         if size % (2 * factor if self.family == "flux" else factor):
