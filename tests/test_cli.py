@@ -91,6 +91,8 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
         assert torch.equal(scheduler.alphas_cumprod, teacher.alphas_cumprod[:400])  # the teacher's own alphabar_t
         readme = (tmp_path / "exp" / "README.md").read_text()
         assert "timestep 399" in readme and "generator.start_t = 0.4" in readme
+    readme = (tmp_path / "exp" / "README.md").read_text()
+    assert 'from_pretrained("exp"' in readme and str(tmp_path) not in readme  # relative: the export can move
     meta = json.loads((tmp_path / "exp" / "stepdistill.json").read_text())
     assert meta["timesteps"] == timesteps and (meta["start_t"], meta["start_noise"]) == (start_t, "pure")
     gen = torch.Generator().manual_seed(7)
@@ -150,3 +152,26 @@ def test_every_subcommand_has_help_with_an_example(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "examples:" in capsys.readouterr().out
+
+
+def test_every_argument_says_what_it_does():
+    from stepdistill.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if a.choices and "train" in a.choices).choices
+    silent = [f"{name} {' '.join(a.option_strings) or a.dest}" for name, sub in commands.items()
+              for a in sub._actions if not a.help and a.dest != "help"]
+    assert not silent, f"arguments without --help text: {silent}"
+
+
+def test_quiet_also_silences_the_libraries_loading_bars(tmp_path):
+    import diffusers
+    import transformers
+
+    try:
+        assert main(["train", *GMM, "--dry-run", "--quiet", "--outdir", str(tmp_path / "d")]) == 0
+        assert not diffusers.utils.logging.is_progress_bar_enabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()

@@ -25,6 +25,8 @@ from ..errors import InputError, MissingFileError, OutputExistsError
 
 USAGE = """# {name}: a {steps}-step student distilled by stepdistill
 
+(Run the code below from the folder that holds `{name}/`: its paths are relative to it, so the export can move.)
+
 ```python
 import torch
 from diffusers import LCMScheduler, {model_cls}
@@ -45,6 +47,8 @@ images = (x.clamp(-1, 1) + 1) / 2
 
 
 ROUTED_USAGE = """# {name}: {students} students distilled by stepdistill (multi-student distillation)
+
+(Run the code below from the folder that holds `{name}/`: its paths are relative to it, so the export can move.)
 
 Class c is served by student c * {students} // {num_classes}, i.e. `student_k/` for k in routing.json's order:
 {table}
@@ -128,7 +132,7 @@ def export_diffusers(run, out: str | Path) -> Path:
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         c = net.config
         (tmp / "README.md").write_text(USAGE.format(
-            name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out, timesteps=timesteps,
+            name=out.name, steps=run.student.steps, model_cls="UNet2DModel", path=out.name, timesteps=timesteps,
             channels=c.in_channels, size=c.sample_size,
             label_note=f"; {meta['null_label']} = unconditional" if "null_label" in meta else "")
             + start_note(run.student, timesteps))
@@ -136,6 +140,8 @@ def export_diffusers(run, out: str | Path) -> Path:
 
 
 PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by stepdistill
+
+(Run the code below from the folder that holds `{name}/`: its paths are relative to it, so the export can move.)
 
 A complete {pipeline} folder: the teacher's VAE and text encoders, the student's {denoiser}{fused}, and a
 {scheduler} whose default is the trained steps ({timesteps}), so no `timesteps=` or `sigmas=` argument is needed.
@@ -180,7 +186,7 @@ def _export_pipeline(run, out: Path) -> Path:
                 "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(PIPELINE_USAGE.format(
-            name=out.name, steps=run.student.steps, timesteps=timesteps, path=out, pipeline=teacher.pipeline,
+            name=out.name, steps=run.student.steps, timesteps=timesteps, path=out.name, pipeline=teacher.pipeline,
             guidance=guidance,
             denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
             fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
@@ -300,7 +306,7 @@ def _export_students(run, out: Path) -> Path:
         (tmp / "routing.json").write_text(json.dumps(routing, indent=2))
         table = "\n".join(f"- `student_{k}/`: classes {c}" for k, c in enumerate(routing["classes"]))
         (tmp / "README.md").write_text(ROUTED_USAGE.format(name=out.name, students=routing["students"],
-                                                           num_classes=routing["num_classes"], table=table, path=out))
+                                                           num_classes=routing["num_classes"], table=table, path=out.name))
     return out
 
 

@@ -29,6 +29,8 @@ BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "
 
 USAGE = """# {name}: a {steps}-step LoRA student distilled by stepdistill
 
+(Run the code below from the folder that holds `{name}/`: its paths are relative to it, so the export can move.)
+
 Base model: the teacher at `{base}` ({denoiser} weights sha256 `{base_sha}`). Load it on that base only.
 
 diffusers:
@@ -183,7 +185,7 @@ def export_lora(run, out: str | Path) -> Path:
                     adapted_shapes=adapted_shapes(net, modules), base_fingerprint=fingerprint)
         (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
         (tmp / "README.md").write_text(USAGE.format(
-            name=out.name, steps=steps, base=single or teacher.folder, base_sha=base_sha, path=out, timesteps=timesteps,
+            name=out.name, steps=steps, base=single or teacher.folder, base_sha=base_sha, path=out.name, timesteps=timesteps,
             kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
             scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run)) + start_note(run.student, timesteps))
     return out

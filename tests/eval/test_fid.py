@@ -205,6 +205,11 @@ def test_eval_ref_and_folder_cli(cache, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["scores"]["kid"] > 0 and result["protocol"]["backend"] == "clean-fid"
     assert result["protocol"]["resize"].startswith("PIL bicubic") and result["protocol"]["n"] == 10
+    # a folder of mixed sizes is streamed, each image resized on its own (before: refused)
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(fake / "z.png")
+    assert main(["eval", "--folder", str(fake), "--ref", str(tmp_path / "ref.npz"), "--metrics", "kid", "--quiet",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["protocol"]["n"] == 11
     # FID on 10 images, and statistics made by the other backend: errors that say why
     assert main(["eval", "--folder", str(fake), "--ref", str(tmp_path / "ref.npz"), "--metrics", "fid"]) == 2
     assert "too few for FID" in capsys.readouterr().err
