@@ -24,8 +24,9 @@ PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__pac
 def register(kind: str, name: str) -> Callable[[Any], Any]:
     def wrap(obj: Any) -> Any:
         if name in _REGISTRY[kind]:
-            raise RecipeError(f"{kind} {name!r} is already registered (by {getattr(_REGISTRY[kind][name], '__module__', '?')}): "
-                              "give the plug-in's @register another name")
+            owner = getattr(_REGISTRY[kind][name], "__module__", "?")
+            raise RecipeError(f"{kind} {name!r} is already registered (by {owner}): give the plug-in's @register "
+                              "another name")
         _REGISTRY[kind][name] = obj
         return obj
     return wrap

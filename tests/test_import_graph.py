@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stepdistill"
 # placed by their first name under stepdistill/ ("" is stepdistill/__init__.py, the public API).
 LAYERS = [
     ({"errors", "hashing", "registry", "data"},
-     "leaves: they import nothing from the package but the error family (the registry finds its plug-ins by name at run time)"),
+     "leaves: they import nothing from the package but the error family (the registry finds its plug-ins by name "
+     "at run time)"),
     ({"recipe"}, "the config schema; it looks a plug-in's Config class up in the registry, by name"),
     ({"diffusion"}, "pure maths: schedules, solvers, samplers; the caller passes its noise functions"),
     ({"parallel"}, "processes and their shares of the random draws: the training machinery's, not the maths'"),

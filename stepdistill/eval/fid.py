@@ -7,8 +7,15 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .images import (dataset_images, folder_batches, folder_files, load_reference, reference_key, save_reference,
-                     stats_or_none)
+from .images import (
+    dataset_images,
+    folder_batches,
+    folder_files,
+    load_reference,
+    reference_key,
+    save_reference,
+    stats_or_none,
+)
 from .inception import InceptionFeatures, cache_dir
 from .metrics import frechet_distance, gaussian_stats, kernel_inception_distance
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np

@@ -306,7 +306,8 @@ def _export_students(run, out: Path) -> Path:
         (tmp / "routing.json").write_text(json.dumps(routing, indent=2))
         table = "\n".join(f"- `student_{k}/`: classes {c}" for k, c in enumerate(routing["classes"]))
         (tmp / "README.md").write_text(ROUTED_USAGE.format(name=out.name, students=routing["students"],
-                                                           num_classes=routing["num_classes"], table=table, path=out.name))
+                                                           num_classes=routing["num_classes"], table=table,
+                                                           path=out.name))
     return out
 
 

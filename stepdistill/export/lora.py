@@ -185,7 +185,8 @@ def export_lora(run, out: str | Path) -> Path:
                     adapted_shapes=adapted_shapes(net, modules), base_fingerprint=fingerprint)
         (tmp / "stepdistill.json").write_text(json.dumps(info, indent=2))
         (tmp / "README.md").write_text(USAGE.format(
-            name=out.name, steps=steps, base=single or teacher.folder, base_sha=base_sha, path=out.name, timesteps=timesteps,
-            kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline, denoiser=denoiser,
-            scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run)) + start_note(run.student, timesteps))
+            name=out.name, steps=steps, base=single or teacher.folder, base_sha=base_sha, path=out.name,
+            timesteps=timesteps, kohya=kohya, rank=config.r, alpha=config.lora_alpha, pipeline=teacher.pipeline,
+            denoiser=denoiser, scheduler=type(scheduler).__name__, guidance=pipeline_guidance(run))
+            + start_note(run.student, timesteps))
     return out

@@ -125,9 +125,8 @@ def test_pipeline_folder_samples_the_trained_steps_with_from_pretrained_alone(lo
 def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lora_run, tmp_path):
     """An sCM student's pipeline runs with diffusers' default call (50 steps) and reproduces the student at its own
     step counts; a VSD student's pipeline asked for more than its trained 2 steps is refused by its scheduler."""
-    from diffusers import StableDiffusionPipeline
-
     from conftest import make_tiny_sd_folder
+    from diffusers import StableDiffusionPipeline
 
     folder = make_tiny_sd_folder(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a red shirt\na blue bag\n")

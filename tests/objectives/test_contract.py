@@ -8,6 +8,7 @@ from stepdistill.recipe import RecipeError, load_recipe
 from stepdistill.registry import get, names
 from stepdistill.training.trainer import build
 
+
 def _phases_run(b, steps, seed):
     """Run `steps` iterations' phases by hand; check where gradients land; return the losses."""
     torch.manual_seed(seed)
