@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PATH.png (grid), a folder (one PNG each), or PATH.npy (vectors)")
     s.add_argument("--batch-size", type=int, default=500, help="samples per forward pass; noise is drawn per batch as "
                    "diffusers' LCMScheduler draws it, so a batch matches a pipeline call with the same seed")
+    words = s.add_mutually_exclusive_group()
+    words.add_argument("--prompt", help="text-to-image: one prompt for every sample (default: the teacher's eval "
+                       "prompts, cycled)")
+    words.add_argument("--prompts", help="text-to-image: a prompt file (.txt, one per line; .csv/.jsonl with a prompt "
+                       "column), cycled over the samples")
 
     def inception_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--backend", choices=BACKENDS, help="clean-fid (PIL bicubic resize; the default) or "
@@ -206,6 +211,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def prompts(a: argparse.Namespace) -> list[str] | None:
+    """sample's --prompt / --prompts, or None."""
+    from .data.prompts import read_prompts
+
+    return [a.prompt] if a.prompt else read_prompts(a.prompts) if a.prompts else None
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     import numpy as np
 
@@ -219,13 +231,18 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
         if a.steps is not None:
             raise SystemExit("--steps applies to --run; an exported folder samples its trained steps")
-        x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size), True, "exported"
+        x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size, prompts(a)), True, "exported"
     else:
         from . import parallel
         from .eval.harness import generate_student
         from .run import load_run
 
         run = load_run(a.run, parallel.compute_device())
+        if prompts(a) is not None:
+            if not hasattr(run.teacher, "eval_prompt_list"):
+                raise InputError(f"--prompt/--prompts apply to text-to-image runs; {a.run} has a "
+                                 f"{run.recipe.teacher.name!r} teacher (labels cycle through its classes)")
+            run.teacher.eval_prompts = prompts(a)  # cycled over the samples, as the eval prompts are
         x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
         is_image, steps = run.teacher.is_image, run.student.steps if a.steps is None else a.steps
         x = run.teacher.decode(x) if is_image else x  # latent teachers: VAE-decoded images

@@ -312,10 +312,12 @@ def _export_students(run, out: Path) -> Path:
 
 
 @torch.no_grad()
-def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int = 500) -> torch.Tensor:
+def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int = 500,
+                    prompts: list[str] | None = None) -> torch.Tensor:
     """n samples in [-1, 1] from an exported folder with plain diffusers (UNet2DModel + LCMScheduler, the README's
     loop), labels balanced (i % classes) when the UNet is class-conditional; one seeded generator for all noise, so
-    a batch equals `stepdistill sample --run` of the run it came from with the same seed and batch size."""
+    a batch equals `stepdistill sample --run` of the run it came from with the same seed and batch size. A
+    text-to-image pipeline folder is sampled with its own pipeline call at the trained steps, `prompts` cycled."""
     from diffusers import LCMScheduler, UNet2DModel
 
     folder = Path(folder)
@@ -323,8 +325,7 @@ def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int =
         raise InputError(f"{folder} is a multi-student export; sample each student_k/ folder (it uses its own "
                          "classes, see routing.json)")
     if (folder / "model_index.json").exists():
-        raise InputError(f"{folder} is a text-to-image pipeline export: sample it with its diffusers pipeline (see its "
-                         "README.md); --export samples class-conditional and unconditional UNet2DModel folders")
+        return sample_pipeline(folder, n, seed, batch_size, prompts)
     if not (folder / "unet" / "config.json").exists() or not (folder / "scheduler").exists():
         raise MissingFileError(f"{folder} is not an exported diffusers folder (expected unet/ and scheduler/)")
     try:  # a damaged or hand-edited folder: the libraries raise OSError, ValueError (JSON) or a safetensors error
@@ -348,4 +349,28 @@ def sample_exported(folder: str | Path, n: int, seed: int = 0, batch_size: int =
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=gen).prev_sample
         out.append(x)
+    return torch.cat(out)
+
+
+def sample_pipeline(folder: Path, n: int, seed: int, batch_size: int, prompts: list[str] | None) -> torch.Tensor:
+    """n images in [-1, 1] from an exported text-to-image pipeline folder, called as its README calls it (the trained
+    steps and guidance), prompts cycled; one seeded generator for all batches."""
+    import diffusers
+
+    if not prompts:
+        raise InputError(f"{folder} is a text-to-image export: give --prompt TEXT or --prompts FILE")
+    meta_path = folder / "stepdistill.json"
+    if not meta_path.exists():
+        raise MissingFileError(f"{folder} has no stepdistill.json: export it again with `stepdistill export --format "
+                               "diffusers`")
+    meta = json.loads(meta_path.read_text())
+    index = json.loads((folder / "model_index.json").read_text())
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    gen, out = torch.Generator().manual_seed(seed), []
+    for i in range(0, n, batch_size):
+        batch = [prompts[j % len(prompts)] for j in range(i, min(i + batch_size, n))]
+        images = pipe(batch, num_inference_steps=meta["student_steps"], guidance_scale=meta["guidance_scale"],
+                      generator=gen, output_type="pt").images
+        out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out)

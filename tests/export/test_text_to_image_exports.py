@@ -159,3 +159,19 @@ def test_lora_export_of_a_full_weight_run_names_the_fix(tiny_unet_folder, tmp_pa
     Trainer(recipe, tmp_path / "run", quiet=True).run()
     with pytest.raises(ValueError, match="needs a LoRA run.*use --format diffusers or --format safetensors"):
         export_lora(load_run(tmp_path / "run"), tmp_path / "x")
+
+
+def test_sample_takes_prompts_for_a_run_and_for_an_exported_pipeline(lora_run, tmp_path):
+    """`stepdistill sample --run R --prompt ...` conditions on the given prompt; `sample --export` of a text-to-image
+    folder samples it with its pipeline (before: refused), and asks for prompts when none are given."""
+    from stepdistill.cli import main
+
+    run, root, _ = lora_run
+    out = export_diffusers(run, tmp_path / "pipe")
+    (tmp_path / "p.txt").write_text("a red shirt\na blue bag\n")
+    assert main(["sample", "--run", str(root / "run"), "--n", "2", "--prompt", "a green shoe",
+                 "--out", str(tmp_path / "run.png")]) == 0
+    assert main(["sample", "--export", str(out), "--n", "3", "--prompts", str(tmp_path / "p.txt"),
+                 "--out", str(tmp_path / "export")]) == 0
+    assert len(list((tmp_path / "export").glob("*.png"))) == 3 and (tmp_path / "run.png").exists()
+    assert main(["sample", "--export", str(out), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
