@@ -87,3 +87,15 @@ def test_out_of_range_values_name_the_key_before_anything_runs(override, message
     extra = ["eval.n=500"] if "fid" in override else []
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe("configs/toy/gmm_vsd.yaml", [*extra, *override.split()])
+
+
+def test_the_recipe_key_reference_is_generated_and_current():
+    """docs/recipe_keys.md is generated from the dataclasses and the registry (a new objective's keys appear by
+    themselves); a fresh interpreter, so nothing another test registered leaks in."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "scripts/recipe_keys.py", "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = Path("docs/recipe_keys.md").read_text()
+    assert "| `objective.kappa4` |" in text and "| `train.log_with` |" in text and "## teacher.name: sd" in text
