@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--folder", help="folder of images to score against --ref with FID/KID")
     e.add_argument("overrides", nargs="*", help="eval.* overrides for --run, e.g. eval.n=2000")
     e.add_argument("--recompute-teacher", action="store_true", help="ignore the teacher's cached quality.json entry")
+    e.add_argument("--steps", type=int, default=None, help="with --run: sample the student with this many steps "
+                   "(default: its trained K); other than K, the scores go to metrics_<steps>step.json")
     e.add_argument("--ref", help="with --folder: reference stats .npz (`eval ref`), an image folder, or a dataset name")
     e.add_argument("--metrics", default="fid,kid", help="with --folder: comma-separated, from fid, kid, clip")
     e.add_argument("--prompts", help="with --metrics clip: a text file, one prompt per image (sorted file order)")
@@ -285,13 +287,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ([f"eval.inception={a.inception}"] if a.inception else [])
     recipe = recipe_mod.load_recipe(data=recipe_mod.to_dict(run.recipe), overrides=[*a.overrides, *flags])
     parallel.init()  # under `accelerate launch` / `torchrun`, each process generates its share of the samples
+    if a.steps is not None and a.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {a.steps}")
     metrics = evaluate(recipe, run.teacher, run.student, quiet=a.quiet or not parallel.is_main(),
-                       recompute_teacher=a.recompute_teacher)
+                       recompute_teacher=a.recompute_teacher, steps=a.steps)
     if not parallel.is_main():
         return 0
     print(format_table(metrics))
+    name = "metrics.json" if a.steps in (None, run.student.steps) else f"metrics_{a.steps}step.json"
     try:
-        print(f"wrote {write_metrics(run.path, metrics)}")
+        print(f"wrote {write_metrics(run.path, metrics, name)}")
     except OSError as e:  # a read-only run folder: the scores above are the result
         print(f"stepdistill eval: warning: could not write {run.path / 'metrics.json'} ({e.strerror}); the scores "
               "above are not saved", file=sys.stderr)

@@ -32,6 +32,9 @@ def test_gmm_train_sample_eval_export(tmp_path, capsys):
     (run / "metrics.json").unlink()
     assert main(["eval", "--run", str(run), "eval.n=256"]) == 0
     assert json.loads((run / "metrics.json").read_text())["protocol"]["n"] == 256
+    assert main(["eval", "--run", str(run), "eval.n=256", "--steps", "2"]) == 0  # the few-step rule, scored apart
+    two = json.loads((run / "metrics_2step.json").read_text())
+    assert two["student"]["nfe"] == 2 and json.loads((run / "metrics.json").read_text())["student"]["nfe"] == 1
 
     assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "g.safetensors")]) == 0
     from safetensors import safe_open

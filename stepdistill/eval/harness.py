@@ -242,8 +242,10 @@ def cached_teacher_metrics(teacher, proto: dict) -> dict | None:
     return None
 
 
-def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute_teacher: bool = False) -> dict:
-    """Metrics of student and teacher under the recipe's eval protocol (the dict written to metrics.json)."""
+def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute_teacher: bool = False,
+             steps: int | None = None) -> dict:
+    """Metrics of student and teacher under the recipe's eval protocol (the dict written to metrics.json); `steps`:
+    sample the student with that many steps instead of its trained K (the few-step rule)."""
     e = recipe.eval
     if "domain" in e.metrics and teacher.domain == "none":
         raise InputError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
@@ -261,8 +263,8 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         return {**out, **(scorer(teacher.decode(samples), who) if scorer is not None else {})}
 
     student.eval()
-    xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, quiet=quiet, shard=True)
-    result = {"student": {"nfe": student.steps, **parallel.on_main(lambda: score(xs, "student"))}}
+    xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, steps=steps, quiet=quiet, shard=True)
+    result = {"student": {"nfe": steps or student.steps, **parallel.on_main(lambda: score(xs, "student"))}}
     if hasattr(student, "routing"):  # a multi-student ensemble: say how labels were routed
         result["student"]["routing"] = student.routing()
     cached = None if recompute_teacher else parallel.on_main(lambda: cached_teacher_metrics(teacher, proto))
@@ -286,8 +288,8 @@ def main_metric(scores: dict) -> str:
     return next(k for k in ("fd", "energy_distance", "fid", "kid") if k in scores)
 
 
-def write_metrics(outdir: Path, metrics: dict) -> Path:
-    path = Path(outdir) / "metrics.json"
+def write_metrics(outdir: Path, metrics: dict, name: str = "metrics.json") -> Path:
+    path = Path(outdir) / name
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(metrics, indent=2))
     tmp.replace(path)
