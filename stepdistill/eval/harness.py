@@ -146,6 +146,21 @@ def image_metrics(e) -> tuple[str, ...]:
     return tuple(m for m in e.metrics if m != "domain")
 
 
+def check_image_metrics(e, teacher, name: str) -> None:
+    """eval.metrics' FID/KID against what teacher `name` can give them, image samples and a reference (eval.reference
+    or the teacher's built-in data); a RecipeError naming the fix. Checked before training (training/build.py's
+    resolve_eval) and before scoring (evaluate)."""
+    if not image_metrics(e):
+        return
+    if not teacher.is_image:
+        raise RecipeError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
+                          f"{teacher.shape} vectors; use eval.metrics=[domain]")
+    if e.reference is None and teacher.domain == "none":
+        raise RecipeError(f"eval.metrics {list(e.metrics)} needs a reference for teacher {name!r} (it has no built-in "
+                          "data): set eval.reference to a stats .npz (`stepdistill eval ref`), an image folder or a "
+                          "dataset name")
+
+
 class ImageScorer:
     """Inception FID/KID of [-1, 1] samples under the recipe's eval settings (reference found or computed once)."""
 
@@ -153,13 +168,7 @@ class ImageScorer:
         from .fid import reference_for
         from .inception import InceptionFeatures
 
-        if not teacher.is_image:
-            raise RecipeError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
-                              f"{teacher.shape} vectors; use eval.metrics=[domain]")
-        spec = e.reference or (teacher.domain if teacher.domain != "none" else None)
-        if spec is None:
-            raise RecipeError("FID/KID need a reference: set eval.reference to a stats .npz (`stepdistill eval ref`), "
-                              "an image folder, or a built-in dataset name")
+        spec = e.reference or teacher.domain  # (check_image_metrics has made sure there is one)
         self.e, self.quiet = e, quiet
         self.features = InceptionFeatures(e.fid_backend, e.inception)
         self.reference = reference_for(spec, self.features, quiet=quiet)
@@ -250,6 +259,7 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
     if "domain" in e.metrics and teacher.domain == "none":
         raise InputError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
                          "eval.metrics=[fid,kid] eval.reference=<stats .npz, image folder or dataset>")
+    check_image_metrics(e, teacher, recipe.teacher.name)
     proto = protocol(recipe, teacher)
     # with several processes each generates its share of the samples; process 0 alone scores them (and computes or
     # caches reference statistics), then hands the result to all

@@ -133,20 +133,15 @@ def resolve_eval(recipe: Recipe, teacher: Teacher) -> tuple[Recipe, str | None]:
     what the recipe says; a RecipeError now (not after training) for an evaluation that cannot run. A teacher without
     a built-in metric (`sd`, `diffusers`: domain "none") turns the default eval.metrics=[domain] into Inception FID
     against eval.reference when one is given, else into no final evaluation."""
+    from ..eval.harness import check_image_metrics, image_metrics
+
     e = recipe.eval
-    image = [m for m in e.metrics if m != "domain"]
-    if e.at_end and image and not teacher.is_image:
-        raise RecipeError(f"eval.metrics {list(e.metrics)}: FID and KID need an image teacher, this one makes "
-                          f"{teacher.shape} vectors; use eval.metrics=[domain]")
-    if teacher.domain != "none" or not e.at_end:
+    if not e.at_end:
         return recipe, None
-    if image and e.reference is None:
-        raise RecipeError(f"eval.metrics {list(e.metrics)} needs a reference for teacher {recipe.teacher.name!r} "
-                          "(it has no built-in data): set eval.reference to a stats .npz (`stepdistill eval ref`), an "
-                          "image folder or a dataset name, or eval.at_end=false")
-    if "domain" not in e.metrics:
+    check_image_metrics(e, teacher, recipe.teacher.name)
+    if teacher.domain != "none" or "domain" not in e.metrics:
         return recipe, None
-    metrics = image or (["fid"] if e.reference is not None else [])
+    metrics = list(image_metrics(e)) or (["fid"] if e.reference is not None else [])
     new = dataclasses.replace(recipe, eval=dataclasses.replace(e, metrics=metrics, at_end=bool(metrics)))
     if metrics:
         return new, (f"teacher {recipe.teacher.name!r} has no built-in metric: the final evaluation scores "
