@@ -228,23 +228,24 @@ def cmd_sample(a: argparse.Namespace) -> int:
     for flag, value in (("--n", a.n), ("--batch-size", a.batch_size)):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
+    given = prompts(a)
     if a.export:
         from .export.diffusers_folder import sample_exported
 
         if a.steps is not None:
             raise SystemExit("--steps applies to --run; an exported folder samples its trained steps")
-        x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size, prompts(a)), True, "exported"
+        x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size, given), True, "exported"
     else:
         from . import parallel
         from .eval.harness import generate_student
         from .run import load_run
 
         run = load_run(a.run, parallel.compute_device())
-        if prompts(a) is not None:
+        if given is not None:
             if not hasattr(run.teacher, "eval_prompt_list"):
                 raise InputError(f"--prompt/--prompts apply to text-to-image runs; {a.run} has a "
                                  f"{run.recipe.teacher.name!r} teacher (labels cycle through its classes)")
-            run.teacher.eval_prompts = prompts(a)  # cycled over the samples, as the eval prompts are
+            run.teacher.eval_prompts = given  # cycled over the samples, as the eval prompts are
         x = generate_student(run.student, run.teacher, a.n, a.seed, batch_size=a.batch_size, steps=a.steps)
         is_image, steps = run.teacher.is_image, run.student.steps if a.steps is None else a.steps
         x = run.teacher.decode(x) if is_image else x  # latent teachers: VAE-decoded images
@@ -314,7 +315,8 @@ def _eval_folder(a: argparse.Namespace) -> int:
     unknown = sorted(set(metrics) - {"fid", "kid", "clip"})
     if unknown:
         raise SystemExit(f"--metrics: unknown {unknown}; choose from fid, kid, clip")
-    scores, protocol = {}, {"n": len(folder_files(a.folder)), "images": str(a.folder)}
+    files = folder_files(a.folder)  # listed once: a folder may hold tens of thousands of images
+    scores, protocol = {}, {"n": len(files), "images": str(a.folder)}
     inception_metrics = tuple(m for m in metrics if m != "clip")
     if inception_metrics:
         from .eval.fid import feature_scores, folder_features, reference_for
@@ -325,7 +327,7 @@ def _eval_folder(a: argparse.Namespace) -> int:
                              "or a dataset)")
         features = InceptionFeatures(a.backend or "clean-fid", a.inception)
         reference = reference_for(a.ref, features, quiet=a.quiet)
-        f, protocol["resolution"] = folder_features(a.folder, features, quiet=a.quiet)  # streamed: one batch in memory
+        f, protocol["resolution"] = folder_features(a.folder, features, a.quiet, files)  # streamed: one batch in memory
         scores.update(feature_scores(f, reference, inception_metrics, a.kid_subset_size))
         protocol.update({**reference["protocol"], "kid_subset_size": a.kid_subset_size})
     if "clip" in metrics:

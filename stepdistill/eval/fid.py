@@ -31,11 +31,14 @@ def resolution(sizes) -> str:
     return ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
 
 
-def folder_features(folder: str | Path, features: InceptionFeatures, quiet: bool = True) -> tuple[np.ndarray, str]:
-    """(Inception features, resolution) of an image folder, read batch by batch: memory holds one batch of images."""
+def folder_features(folder: str | Path, features: InceptionFeatures, quiet: bool = True,
+                    files: list[Path] | None = None) -> tuple[np.ndarray, str]:
+    """(Inception features, resolution) of an image folder, read batch by batch: memory holds one batch of images.
+    `files`: its folder_files, where the caller has listed them already."""
+    files = folder_files(folder) if files is None else files
     sizes: set = set()
-    f = features.stream(folder_batches(folder, features.batch_size, quiet=True, sizes=sizes),
-                        desc=f"Inception features of {folder}", quiet=quiet, total=len(folder_files(folder)))
+    f = features.stream(folder_batches(folder, features.batch_size, quiet=True, sizes=sizes, files=files),
+                        desc=f"Inception features of {folder}", quiet=quiet, total=len(files))
     return f, resolution(sizes)
 
 

@@ -31,13 +31,13 @@ def folder_files(folder: str | Path, limit: int | None = None) -> list[Path]:
 
 
 def folder_batches(folder: str | Path, batch_size: int = 100, quiet: bool = True, sizes: set | None = None,
-                   limit: int | None = None) -> Iterator[torch.Tensor]:
+                   files: list[Path] | None = None) -> Iterator[torch.Tensor]:
     """The folder's images as uint8 (B, 3, H, W) batches, read as they are used, so memory holds one batch whatever
     the folder's size. Images of different sizes are allowed (a batch ends where the size changes; Inception resizes
     each image to 299x299); the sizes seen are added to `sizes`. Unreadable files are listed in one error at the
-    end, not skipped."""
+    end, not skipped. `files`: the folder's folder_files, where the caller has listed them already."""
     folder = Path(folder)
-    files = folder_files(folder, limit)
+    files = folder_files(folder) if files is None else files
     batch, bad = [], []
     for f in tqdm(files, desc=f"reading {folder}", disable=quiet, leave=False):
         try:
@@ -65,7 +65,7 @@ def load_folder(folder: str | Path, limit: int | None = None, quiet: bool = True
     unreadable files are listed in the error, not skipped."""
     files = folder_files(folder, limit)
     sizes: set = set()
-    batches = list(folder_batches(folder, len(files), quiet, sizes, limit))
+    batches = list(folder_batches(folder, len(files), quiet, sizes, files))
     if len(sizes) > 1:
         ordered = sorted(sizes)
         raise InputError(f"images in {folder} have {len(sizes)} different sizes (e.g. {ordered[0]} and "
