@@ -249,6 +249,22 @@ def make_tiny_clip_folder(path, image_size: int = 32):
     return path
 
 
+def crash_at(monkeypatch, step: int):
+    """Make Trainer.train_step (as it is now) raise RuntimeError("simulated crash") at iteration `step`; returns the
+    step it replaced, to put back."""
+    from stepdistill.training.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def crash(self):
+        if self.step == step:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    return original
+
+
 def same_newest_checkpoint(a, b):
     """Assert that two run folders' newest checkpoints hold bitwise equal weights; returns both (step, weights, state)
     for further checks."""

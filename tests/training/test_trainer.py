@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import same_newest_checkpoint
+from conftest import crash_at, same_newest_checkpoint
 
 from stepdistill.objectives.base import LossOutput
 from stepdistill.recipe import dump as recipe_mod_dump
@@ -24,25 +24,12 @@ def _stats(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
 
 
-def _crash_at(monkeypatch, step: int):
-    """Make Trainer.train_step raise at iteration `step`; returns the original, to put back."""
-    original = Trainer.train_step
-
-    def crash(self):
-        if self.step == step:
-            raise RuntimeError("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
-    return original
-
-
 @pytest.mark.parametrize("path", ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_scm.yaml"])
 def test_resume_after_a_crash_is_bitwise_identical(path, tmp_path, monkeypatch):
     """Also for an objective that trains parameters of its own (sCM's adaptive weight, saved as objective.*)."""
     Trainer(_recipe(path=path), tmp_path / "a", quiet=True).run()
 
-    original = _crash_at(monkeypatch, 13)
+    original = crash_at(monkeypatch, 13)
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(_recipe(path=path), tmp_path / "b", quiet=True).run()
     monkeypatch.setattr(Trainer, "train_step", original)
@@ -215,7 +202,7 @@ def _events(folder):
 
 
 def test_trackers_get_losses_learning_rates_grids_and_a_resume_purges_past_its_checkpoint(tmp_path, monkeypatch):
-    original = _crash_at(monkeypatch, 13)
+    original = crash_at(monkeypatch, 13)
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(_recipe("train.sample_every=10", "train.log_every=2"), tmp_path / "run", quiet=True).run()
     monkeypatch.setattr(Trainer, "train_step", original)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import same_newest_checkpoint
+from conftest import crash_at, same_newest_checkpoint
 from torch import nn
 
 from stepdistill.recipe import RecipeError, load_recipe
@@ -138,14 +138,7 @@ def test_resume_after_a_crash_with_the_watch_on_is_bitwise_identical(crash, tmp_
     recipe = _recipe("train.on_collapse=rollback")  # with EMA: the watch watches (and a rollback restores) it
     _drift_at(monkeypatch, 12)
     Trainer(recipe, tmp_path / "a", quiet=True).run()
-    drifting = Trainer.train_step
-
-    def crash_at(self):
-        if self.step == crash:
-            raise RuntimeError("simulated crash")
-        return drifting(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at)
+    drifting = crash_at(monkeypatch, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(recipe, tmp_path / "b", quiet=True).run()
     monkeypatch.setattr(Trainer, "train_step", drifting)
