@@ -299,7 +299,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     try:
         print(f"wrote {write_metrics(run.path, metrics, name)}")
     except OSError as e:  # a read-only run folder: the scores above are the result
-        print(f"stepdistill eval: warning: could not write {run.path / 'metrics.json'} ({e.strerror}); the scores "
+        print(f"stepdistill eval: warning: could not write {run.path / name} ({e.strerror}); the scores "
               "above are not saved", file=sys.stderr)
     return 0
 

@@ -260,7 +260,7 @@ def test_non_finite_weights_are_refused_by_sample_eval_and_export(trained, tmp_p
 def test_eval_prints_its_scores_when_the_run_folder_is_read_only(trained, capsys, monkeypatch):
     from stepdistill.eval import harness
 
-    def read_only(outdir, metrics):
+    def read_only(outdir, metrics, name="metrics.json"):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(harness, "write_metrics", read_only)
