@@ -43,9 +43,9 @@ if [ "${1:-}" = jvp ]; then
 fi
 # SDPA and xformers first (about 2 minutes), then torch.compile of one configuration (compiling a UNet takes minutes);
 # a part stopped by its time limit still writes the rows it has. FLOP counts carry over from the first part.
-timeout 200 python3 scripts/gpu_check.py --backends sdpa xformers --steps 5 --warmup 2 --report "$report" \
+timeout 200 python3 scripts/gpu_check.py --backends sdpa xformers --iterations 5 --warmup 2 --report "$report" \
     --flops-cache "$OUT/flops.json" 2>&1 | tee "$OUT/gpu_check.log"
-timeout 170 python3 scripts/gpu_check.py --backends compile --sizes sd15 --objectives vsd --steps 5 --warmup 3 \
+timeout 170 python3 scripts/gpu_check.py --backends compile --sizes sd15 --objectives vsd --iterations 5 --warmup 3 \
     --report "$report" --flops-cache "$OUT/flops.json" 2>&1 | tee -a "$OUT/gpu_check.log"
 xdist=$(python3 -c 'import xdist' 2>/dev/null && echo '-n 8')  # the recipes' GPU and CPU runs side by side
 OMP_NUM_THREADS=2 timeout 150 python3 -m pytest -q -p no:cacheprovider $xdist tests/training/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"

@@ -10,7 +10,8 @@ rows also go to OUTDIR/<claim>/rows.json. The reference samples only score: no s
     OMP_NUM_THREADS=1 python scripts/gmm_claims.py snoopi       --outdir runs/claims   # random vs fixed guidance
     OMP_NUM_THREADS=1 python scripts/gmm_claims.py fdiv         --outdir runs/claims   # JS / KL / reverse KL on ring8
 
-Common options: --seeds (train.seed values), --steps (train.steps), --n (samples a side), --set (extra overrides).
+Common options: --seeds (train.seed values), --iterations (train.iterations), --n (samples a side), --set (extra
+overrides).
 Metrics (stepdistill/eval/metrics.py mixture_coverage, energy_distance):
   ED      energy distance to the exact mixture (lower is better)
   near    share of samples within 3.035 std (the 99% radius in 2-D) of some component mean (exact samples: ~99%)
@@ -79,7 +80,8 @@ def code_note(run_dir: Path) -> str:
 
 # ---- scoring -----------------------------------------------------------------------------------------------------
 def score(run_dir: Path, n: int, steps: int | None = None) -> dict:
-    from stepdistill.eval.harness import _mixture, domain_score, generate_student
+    from stepdistill.eval.domains import mixture_of
+    from stepdistill.eval.harness import domain_score, generate_student
     from stepdistill.run import load_run
 
     run = load_run(run_dir)
@@ -87,7 +89,7 @@ def score(run_dir: Path, n: int, steps: int | None = None) -> dict:
     ref = teacher.sample(n, torch.Generator().manual_seed(1))
     x = generate_student(run.student, teacher, n, 0, n, steps=steps)
     s = domain_score(teacher, x, ref)
-    means, std, w = _mixture(teacher)
+    means, std, w = mixture_of(teacher)
     s.update(extra_metrics(x, means, std, w, s))
     s["finite"] = bool(torch.isfinite(x).all())
     s["iterations"] = run.step
@@ -114,14 +116,15 @@ def extra_metrics(x: torch.Tensor, means, std: float, w, s: dict) -> dict:
 
 def exact_r_over_std(n: int, overrides: list[str]) -> float:
     """r/std of exact mixture samples (the value a perfect student reads), on the recipe's mixture."""
-    from stepdistill.eval.harness import _mixture, domain_score
+    from stepdistill.eval.domains import mixture_of
+    from stepdistill.eval.harness import domain_score
     from stepdistill.recipe import load_recipe
     from stepdistill.teachers import build_teacher
 
     teacher = build_teacher(load_recipe(str(CONFIGS / "gmm_vsd.yaml"), overrides).teacher)
     x = teacher.sample(n, torch.Generator().manual_seed(2))
     s = domain_score(teacher, x, teacher.sample(n, torch.Generator().manual_seed(1)))
-    return extra_metrics(x, *_mixture(teacher), s)["r_over_std"], s
+    return extra_metrics(x, *mixture_of(teacher), s)["r_over_std"], s
 
 
 HEAD = "| run | seed | iters | ED | near | worst (k) | hit | r/std | coarse worst | coarse hit | code |"
@@ -163,8 +166,8 @@ def grid(claim: str, a, settings: list[tuple[str, str, list[str], str]], steps_a
     for name, recipe, ov, obj in settings:
         for seed in a.seeds:
             run_dir = out / f"{name}_s{seed}".replace("/", "_").replace(" ", "")
-            steps_ov = [f"train.steps={a.steps}"] if a.steps else []
-            err = run_one(recipe, run_dir, [*(mixture or []), *ov, *steps_ov, f"train.seed={seed}", *a.set], obj)
+            iterations_ov = [f"train.iterations={a.iterations}"] if a.iterations else []
+            err = run_one(recipe, run_dir, [*(mixture or []), *ov, *iterations_ov, f"train.seed={seed}", *a.set], obj)
             for k in steps_at or [None]:
                 label = name if k is None else f"{name} @{k} NFE"
                 try:
@@ -183,7 +186,7 @@ def finish(claim: str, a, rows: list[dict], lines: list[str], extra: list[str] |
     for r in rows:
         groups.setdefault(r["setting"], []).append(r)
     text = ["", f"## {claim}: {a.n} samples a side vs exact mixture samples (seed 1); seeds {a.seeds}; "
-            f"train.steps={a.steps or 'recipe'}; extra overrides {a.set or 'none'}", *lines, "",
+            f"train.iterations={a.iterations or 'recipe'}; extra overrides {a.set or 'none'}", *lines, "",
             "mean ± sd over seeds:", *summarise(groups), *(extra or [])]
     print("\n".join(text))
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
@@ -243,8 +246,8 @@ def disback(a) -> None:
     for name, recipe, ov, obj in settings:
         for seed in a.seeds:
             run_dir = out / f"{name}_s{seed}"
-            err = run_one(recipe, run_dir, [*mixture, *ov, f"train.steps={a.steps or 2000}", f"train.seed={seed}",
-                                            *a.set], obj)
+            err = run_one(recipe, run_dir, [*mixture, *ov, f"train.iterations={a.iterations or 2000}",
+                                            f"train.seed={seed}", *a.set], obj)
             lines_ = [] if err else (run_dir / "curve.jsonl").read_text().splitlines()
             pts = [json.loads(line) for line in lines_ if line]
             curves[(name, seed)] = pts
@@ -263,7 +266,7 @@ def disback(a) -> None:
             code = code_note(out / f"{name}_s{seed}")
             lines.append(f"| {name} | {seed} | {code} | " + " | ".join(f.format(by[s][key]) if s in by else "-"
                                                                           for s in steps) + " |")
-    text = ["", f"## disback vs vsd; seeds {a.seeds}; train.steps={a.steps or 2000}; mixture "
+    text = ["", f"## disback vs vsd; seeds {a.seeds}; train.iterations={a.iterations or 2000}; mixture "
             f"{'ring8' if a.ring8 else 'recipe (4 equal, std 0.2)'}; extra overrides {a.set or 'none'}", *lines]
     print("\n".join(text))
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
@@ -278,7 +281,8 @@ def main() -> int:
     p.add_argument("claim", choices=CLAIMS)
     p.add_argument("--outdir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=None, help="train.steps (default: each claim's recipe)")
+    p.add_argument("--iterations", "--steps", dest="iterations", type=int, default=None,
+                   help="train.iterations (default: each claim's recipe; --steps is its old name)")
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
     p.add_argument("--values", nargs="*", type=lambda v: float(v) if v[0].isdigit() else v, default=None,
@@ -288,7 +292,8 @@ def main() -> int:
     p.add_argument("--ring8", action="store_true", help="asd_steps/disback: on ring8 instead of the recipe's mixture")
     p.add_argument("--curve-every", type=int, default=100)
     p.add_argument("--columns", type=int, nargs="*", default=[0, 100, 200, 300, 400, 500, 700, 1000, 1200, 1500, 2000],
-                   help="disback: curve iterations shown (DisBack's generator is frozen for its first record_steps)")
+                   help="disback: curve iterations shown (DisBack's generator is frozen for its first "
+                   "record_iterations)")
     a = p.parse_args()
     torch.set_num_threads(1)
     CLAIMS[a.claim](a)

@@ -85,7 +85,8 @@ def main() -> int:
     if overrides:  # they would be read as recipe paths and the run would train the plain recipe
         p.error(f"{' '.join(overrides)}: give overrides after --set, e.g. --set train.lr=3e-4")
 
-    from stepdistill.eval.harness import domain_score, generate_student, generate_teacher, gmm_baseline
+    from stepdistill.eval.domains import gmm_baseline
+    from stepdistill.eval.harness import domain_score, generate_student, generate_teacher
     from stepdistill.recipe import load_recipe
     from stepdistill.run import load_run
     from stepdistill.teachers import build_teacher

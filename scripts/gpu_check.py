@@ -89,7 +89,7 @@ def check(size: str, objective: str, backend: str, a, flops_cache: dict) -> dict
                 trainer = Trainer(recipe, Path(tmp) / "run", quiet=True)  # training steps run as a user's would
             if (size, objective) not in flops_cache and backend != "compile":
                 flops_cache[(size, objective)] = count_flops(trainer)  # same maths for every backend
-            r = measure(trainer, a.steps, a.warmup, f"{size}/{objective}")
+            r = measure(trainer, a.iterations, a.warmup, f"{size}/{objective}")
         step_s = r.step_ms / 1e3
         flops = flops_cache.get((size, objective))
         row.update(batch=batch, step_ms=r.step_ms, images_per_s=batch / step_s, ratio=r.ratio, peak=r.peak_memory,
@@ -112,7 +112,7 @@ def markdown(rows: list[dict], card: str, peak: float | None, command: str, a) -
     peak_text = f"{peak:g} TFLOP/s" if peak else "unknown for this card (--peak-tflops)"
     precision = "fp32" if a.fp32 else "bf16 autocast, float32 master weights, teacher weights bf16"
     lines = [f"## {card} ({when})", "", f"Machine: {machine()}.", "", "```bash", command, "```", "",
-             f"{precision}; gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; {a.steps} timed "
+             f"{precision}; gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; {a.iterations} timed "
              f"iterations after {a.warmup} warm-up ones. VSD with update_ratio 1 (generator and fake score update "
              f"every iteration). Peak bf16 dense: {peak_text}.",
              "", "| size | objective | attention | batch | step ms | images/s | peak memory | TFLOP/s | of peak | "
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", nargs="+", choices=BACKENDS,
                    help="default: all (with --tiny: sdpa and xformers; compiling a UNet takes minutes on a CPU)")
     p.add_argument("--batch", type=int, default=0, help=f"images per iteration (default per size: {BATCH})")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--iterations", "--steps", dest="iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 (CPUs: bf16 autocast there is slow)")

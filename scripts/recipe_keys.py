@@ -69,7 +69,10 @@ def render() -> str:
              "(stepdistill/recipe.py) and every registered objective's and teacher's `Config`; tests/test_recipe.py "
              "fails when this file is out of date. The README's key table is the overview.", "",
              "Top level: `plugins` (list of Python files imported before the recipe is read: an objective or teacher "
-             "of your own)."]
+             "of your own).", "",
+             "Renamed keys (the old name still loads, with a warning): "
+             + ", ".join(f"`{old}` -> `{new}`" for old, new in recipe.RENAMED.items() if not old.startswith("suite."))
+             + "."]
     for name, cls in SECTIONS.items():
         parts += ["", f"## {name}", "", *table(name, cls)]
     for kind in ("teacher", "objective"):

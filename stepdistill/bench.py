@@ -34,7 +34,7 @@ class Suite:
     name: str
     recipes: list[str]
     minutes: float = 0.0  # training budget per run (train.max_minutes; warm start included); or
-    steps: int = 0  # iterations per run (train.steps, with no time limit)
+    iterations: int = 0  # iterations per run (train.iterations, with no time limit)
     seeds: list[int] = field(default_factory=lambda: [0])
     student_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     teacher_nfe: list[int] = field(default_factory=lambda: [1, 4, 35])
@@ -48,9 +48,9 @@ def load_suite(path: str | Path) -> Suite:
     if not p.exists():
         raise RecipeError(f"bench suite not found: {p}")
     suite = build_dataclass(Suite, read_yaml(p), "suite")
-    if (suite.minutes > 0) == (suite.steps > 0):
-        raise RecipeError(f"{p}: give exactly one budget, `minutes` (wall time) or `steps` (iterations); got "
-                          f"minutes={suite.minutes}, steps={suite.steps}")
+    if (suite.minutes > 0) == (suite.iterations > 0):
+        raise RecipeError(f"{p}: give exactly one budget, `minutes` (wall time) or `iterations`; got "
+                          f"minutes={suite.minutes}, iterations={suite.iterations}")
     missing = [r for r in suite.recipes if not Path(r).exists()]
     if missing:
         raise RecipeError(f"{p}: recipe file(s) not found: {', '.join(missing)}")
@@ -88,8 +88,8 @@ def overrides(suite: Suite, seed: int, recipe: str) -> list[str]:
     from .recipe import load_recipe
 
     students = load_recipe(recipe).generator.students
-    budget = [f"train.max_minutes={suite.minutes / students:g}", f"train.steps={UNCAPPED}"] if suite.minutes else \
-        [f"train.steps={suite.steps}", "train.max_minutes=0"]
+    budget = [f"train.max_minutes={suite.minutes / students:g}", f"train.iterations={UNCAPPED}"] if suite.minutes else \
+        [f"train.iterations={suite.iterations}", "train.max_minutes=0"]
     return [f"train.seed={seed}", *budget, f"eval.curve_every={suite.curve_every}", f"eval.curve_n={suite.curve_n}",
             *([f"eval.n={suite.eval_n}"] if suite.eval_n else [])]
 
@@ -173,9 +173,9 @@ def score_teacher(recipe_path: str, nfes: list[int], eval_n: int, outdir: Path) 
 
 
 def score_baseline(recipe_path: str, eval_n: int, outdir: Path) -> dict | None:
-    """gmm teachers: the metric and coverage of one Gaussian with the mixture's exact mean and covariance, under the
-    first recipe's protocol (cached in OUTDIR/baseline.json); None for other domains."""
-    from .eval.harness import domain_reference, domain_score, gmm_baseline
+    """The domain metric's baseline (gmm: one Gaussian with the mixture's exact mean and covariance) under the first
+    recipe's protocol, with its coverage (cached in OUTDIR/baseline.json); None where the domain has none."""
+    from .eval.harness import domain_metric, main_metric
     from .recipe import load_recipe
     from .teachers import build_teacher
 
@@ -183,12 +183,13 @@ def score_baseline(recipe_path: str, eval_n: int, outdir: Path) -> dict | None:
     if cache.exists():
         return json.loads(cache.read_text())
     recipe = load_recipe(recipe_path, [f"eval.n={eval_n}"] if eval_n else [])
-    if recipe.teacher.name != "gmm":
-        return None
     teacher, e = build_teacher(recipe.teacher), recipe.eval
-    score = domain_score(teacher, gmm_baseline(teacher, e.n, e.seed),
-                         domain_reference(teacher, e.n, e.seed, split=e.split))
-    out = {"value": score["energy_distance"], **{c: score[c] for c in COVERAGE}}
+    metric = domain_metric(teacher)
+    x = None if metric is None else metric.baseline(e.n, e.seed)
+    if x is None:
+        return None
+    score = metric.score(x, metric.reference(e.n, e.seed, split=e.split))
+    out = {"value": score[main_metric(score)], **{c: score[c] for c in COVERAGE if c in score}}
     cache.write_text(json.dumps(out, indent=2))
     return out
 
@@ -251,7 +252,8 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
     label = {"fd": "FD", "energy_distance": "energy distance"}.get(key, key.upper())
     assets = report.parent / f"{report.stem}_assets"  # files of these names are replaced, nothing else touched
     curves = plot_curves(rows, f"{label} (n={suite.curve_n})", assets / "curves.png")
-    budget = f"{suite.minutes} minutes of training per run" if suite.minutes else f"{suite.steps} iterations per run"
+    budget = f"{suite.minutes} minutes of training per run" if suite.minutes else \
+        f"{suite.iterations} iterations per run"
     best_teacher = teacher[max(teacher)]["value"]
     coverage = all(r.get("coverage") for r in rows)  # gmm: mode-coverage columns
     cov_head, cov_rule = (" near share | worst mass error |", "---|---|") if coverage else ("", "")

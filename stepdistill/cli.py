@@ -15,7 +15,7 @@ from .errors import InputError, UserError
 EPILOG = {
     "train": """examples:
   stepdistill train configs/fashion/vsd_1step.yaml --outdir runs/fashion_vsd
-  stepdistill train configs/toy/gmm_vsd.yaml train.steps=300 'teacher.means=[[0,2],[2,0]]' --outdir runs/gmm
+  stepdistill train configs/toy/gmm_vsd.yaml train.iterations=300 'teacher.means=[[0,2],[2,0]]' --outdir runs/gmm
   stepdistill train configs/toy/gmm_vsd.yaml --dry-run
   stepdistill train configs/toy/gmm_msd.yaml --outdir runs/gmm_msd      (multi-student: one run per student)
 Rerunning the same command resumes from the newest intact checkpoint in --outdir.""",
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = add("train", "distil a teacher into a few-step student (rerun to resume)")
     t.add_argument("recipe", help="YAML recipe, e.g. configs/fashion/vsd_1step.yaml")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML (train.steps=200)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML (train.iterations=200)")
     t.add_argument("--outdir", help="run folder (recipe.yaml, stats.jsonl, checkpoints/, samples/, metrics.json)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the networks, then stop")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                    "key=value overrides applied to each")
     b.add_argument("--speed", action="store_true", help="step time / isolated network passes time per recipe "
                    "(stepdistill/speed.py); no training run, nothing saved but --report")
-    b.add_argument("--steps", type=int, default=10, help="with --speed: timed iterations (a multiple of the "
-                   "objective's cycle, e.g. VSD's update_ratio)")
+    b.add_argument("--iterations", "--steps", dest="iterations", type=int, default=10, help="with --speed: timed "
+                   "iterations (a multiple of the objective's cycle, e.g. VSD's update_ratio; --steps: its old name)")
     b.add_argument("--warmup", type=int, default=3, help="with --speed: untimed iterations first")
     b.add_argument("--outdir", help="runs go here (default: runs/bench_<suite file name>)")
     b.add_argument("--report", help="markdown report (default: OUTDIR/report.md; with --speed: printed only); plots "
@@ -379,8 +379,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
         recipes = [x for x in a.suite if "=" not in x]
         overrides = [x for x in a.suite if "=" in x]
-        command = "stepdistill bench --speed " + " ".join(a.suite) + f" --steps {a.steps} --warmup {a.warmup}"
-        print(run_speed(recipes, overrides, a.steps, a.warmup, a.report, command))
+        command = "stepdistill bench --speed " + " ".join(a.suite) + f" --iterations {a.iterations} --warmup {a.warmup}"
+        print(run_speed(recipes, overrides, a.iterations, a.warmup, a.report, command))
         if a.report:
             print(f"wrote {a.report}")
         return 0
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "ref"]:  # `stepdistill eval ref ...` is the eval-ref command
         argv = ["eval-ref"] + argv[2:]
     args, extra = parser.parse_known_args(argv)
-    # overrides may also come after options (`train r.yaml --outdir x train.steps=9`), which argparse leaves over
+    # overrides may also come after options (`train r.yaml --outdir x train.iterations=9`), which argparse leaves over
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:

@@ -258,7 +258,7 @@ def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int]) 
     import json
 
     data = to_dict(recipe)
-    for k in ("fsdp", "batch_size", "grad_accum", "steps", "compile"):  # what does not change one GPU's pass
+    for k in ("fsdp", "batch_size", "grad_accum", "iterations", "compile"):  # what does not change one GPU's pass
         data["train"].pop(k, None)
     key = json.dumps([data, p.micro_batch], sort_keys=True, default=str)
     if key not in _MEASURED:

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,13 +33,13 @@ class GeneratorConfig:
     # the first step's input: pure = the t = 1 noise z * init_sigma whatever start_t is (DMD2); schedule = the noise
     # of the schedule at start_t, sigma(start_t) z (SiD, SiD-LSG)
     start_noise: Literal["pure", "schedule"] = "pure"
-    warm_start_steps: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
+    warm_start_iterations: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
     warm_start_pairs: int = 1024  # fixed (noise, teacher ODE output) pairs it regresses onto
     warm_start_nfe: int = 16  # Euler steps of the teacher ODE that makes each pair
     warm_start_lr: float | None = None  # its Adam learning rate; defaults to train.lr
     students: int = 1  # MSD: K students, class c served by student c * K // num_classes (class-conditional teachers)
     width: float = 1.0  # < 1: a smaller student (channels / hidden units scaled), randomly initialised
-    tsm_steps: int = 0  # teacher score matching iterations before distilling (needed when width < 1)
+    tsm_iterations: int = 0  # teacher score matching iterations before distilling (needed when width < 1)
     # LoRA: > 0 trains generator and fake score as adapters of this rank on the frozen teacher (one shared copy of
     # the base weights); 0 fine-tunes full copies
     lora_rank: int = 0
@@ -48,7 +49,7 @@ class GeneratorConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # iterations of the loop (each runs the objective's phases)
+    iterations: int = 1000  # iterations of the loop (each runs the objective's phases)
     batch_size: int = 64  # the global batch: split over processes, then into grad_accum micro-batches
     grad_accum: int = 1  # micro-batches per phase, their gradients summed before one update (less memory)
     seed: int = 0
@@ -57,8 +58,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (DMD2 uses the defaults)
     weight_decay: float = 0.0
     warmup: int = 0  # linear learning-rate warm-up, in iterations
-    # after the warm-up: none keeps the rate; linear / cosine decay it to 0 at train.steps (every network's). With
-    # train.max_minutes the decay still runs to train.steps: give a step count the budget reaches
+    # after the warm-up: none keeps the rate; linear / cosine decay it to 0 at train.iterations (every network's). With
+    # train.max_minutes the decay still runs to train.iterations: give a step count the budget reaches
     lr_decay: Literal["none", "linear", "cosine"] = "none"
     grad_clip: float = 10.0  # max global grad norm per network (0 disables)
     ema: float = 0.0  # EMA decay of the generator (0 disables); sampling and eval use the EMA weights
@@ -183,12 +184,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+# Keys that counted training iterations as "steps" (a word that also means a sampler's evaluations, as in
+# generator.steps): the old names still load, with a FutureWarning, in recipes, overrides and saved run folders.
+RENAMED = {"train.steps": "train.iterations", "generator.warm_start_steps": "generator.warm_start_iterations",
+           "generator.tsm_steps": "generator.tsm_iterations", "objective.record_steps": "objective.record_iterations",
+           "suite.steps": "suite.iterations"}
+
+
+def _renamed(old: str) -> str:
+    new = RENAMED[old]
+    warnings.warn(f"{old} is now {new} (training iterations, not sampling steps); the old name will stop working in "
+                  "a later release", FutureWarning, stacklevel=3)
+    return new
+
+
 def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     """Build `cls` from a dict, rejecting unknown keys and wrong types with a message naming the key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    old = [k for k in data if f"{prefix}.{k}" in RENAMED]
+    if old:
+        data = dict(data)
+        for k in old:
+            new = _renamed(f"{prefix}.{k}").rsplit(".", 1)[1]
+            if new in data:
+                raise RecipeError(f"{prefix}.{k} and {prefix}.{new} are both given: keep {prefix}.{new} (the new "
+                                  f"name of {prefix}.{k})")
+            data[new] = data.pop(k)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -260,7 +284,7 @@ def check_ranges(r: Recipe) -> None:
         *[(f"train.{k}", getattr(t, k), getattr(t, k) >= 1, ">= 1")
           for k in ("batch_size", "grad_accum", "log_every", "keep_checkpoints")],
         *[(f"train.{k}", getattr(t, k), getattr(t, k) >= 0, ">= 0") for k in (
-            "steps", "warmup", "grad_clip", "checkpoint_every", "sample_every", "max_nonfinite", "max_minutes",
+            "iterations", "warmup", "grad_clip", "checkpoint_every", "sample_every", "max_nonfinite", "max_minutes",
             "weight_decay", "watch_every", "max_rollbacks")],
         ("train.watch_n", t.watch_n, t.watch_n >= 2, ">= 2"),
         ("train.watch_ratio", t.watch_ratio, t.watch_ratio > 1, "> 1 (alarm: distance this many times its best)"),
@@ -280,7 +304,7 @@ def check_ranges(r: Recipe) -> None:
         *[(f"generator.{k}", getattr(g, k), getattr(g, k) >= 1, ">= 1")
           for k in ("steps", "warm_start_pairs", "warm_start_nfe", "students")],
         *[(f"generator.{k}", getattr(g, k), getattr(g, k) >= 0, ">= 0")
-          for k in ("warm_start_steps", "tsm_steps", "lora_rank")],
+          for k in ("warm_start_iterations", "tsm_iterations", "lora_rank")],
         ("generator.width", g.width, 0 < g.width <= 1, "in (0, 1]"),
         ("generator.start_t", g.start_t, 0 < g.start_t <= 1, "in (0, 1] (the canonical time of the first step)"),
     ]
@@ -292,10 +316,10 @@ def check_ranges(r: Recipe) -> None:
     if g.lora_rank and g.width < 1:  # rules across keys, once their ranges hold
         raise RecipeError(f"generator.lora_rank={g.lora_rank}: give a rank >= 1 (or 0 for full fine-tuning), and "
                           "keep generator.width=1 with LoRA (an adapter needs the teacher's own weights)")
-    if g.width < 1 and g.tsm_steps == 0:
+    if g.width < 1 and g.tsm_iterations == 0:
         raise RecipeError(f"generator.width={g.width} builds a randomly initialised student, which must first learn "
-                          "the teacher by teacher score matching: set generator.tsm_steps (e.g. "
-                          "generator.tsm_steps=500)")
+                          "the teacher by teacher score matching: set generator.tsm_iterations (e.g. "
+                          "generator.tsm_iterations=500)")
 
 
 def _floats(value: Any, key: str):
@@ -314,14 +338,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` strings (value parsed as YAML) to a nested dict, in place; returns it."""
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
+            raise RecipeError(f"override {item!r} is not of the form key=value (e.g. train.iterations=200)")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = (_renamed(key) if key in RENAMED else key).split(".")
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {key}: {p} is not a section")
+        for was in (k for k, now in RENAMED.items() if now == ".".join(parts)):  # it replaces the old name's value
+            node.pop(was.rsplit(".", 1)[1], None)
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as e:

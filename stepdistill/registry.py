@@ -1,4 +1,4 @@
-"""Name -> class registries for objectives and teachers; names feed CLI help and error messages.
+"""Name -> class registries for objectives, teachers and domain metrics; names feed CLI help and error messages.
 
 A leaf module: it imports nothing from the package. The plug-ins import it to `register` themselves, and it finds
 them by scanning their packages (every module of stepdistill/objectives/ and stepdistill/teachers/) the first time a
@@ -17,8 +17,10 @@ from typing import Any
 
 from .errors import RecipeError
 
-_REGISTRY: dict[str, dict[str, Any]] = {"objective": {}, "teacher": {}}
-PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__package__}.teachers"}
+_REGISTRY: dict[str, dict[str, Any]] = {"objective": {}, "teacher": {}, "domain": {}}
+# where each kind's built-ins live: a package (every module of it is imported) or one module (the domain metrics)
+PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__package__}.teachers",
+                   "domain": f"{__package__}.eval.domains"}
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
@@ -53,7 +55,7 @@ def _load_builtins(kind: str) -> None:
     if kind in _scanned:
         return
     package = importlib.import_module(PLUGIN_PACKAGES[kind])
-    for module in pkgutil.iter_modules(package.__path__):
+    for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
         importlib.import_module(f"{package.__name__}.{module.name}")
     _scanned.add(kind)
 

@@ -1,13 +1,13 @@
 """`stepdistill bench --speed`: how much a training iteration costs beyond the network passes it must make.
 
-For each recipe the real Trainer runs: `warmup` iterations, then `steps` timed iterations (the step time: objective,
-losses, backward, clipping, optimiser, EMA, everything). Over the next `steps` iterations hooks record every pass of
+For each recipe the real Trainer runs: `warmup` iterations, then `iterations` timed ones (the step time: objective,
+losses, backward, clipping, optimiser, EMA, everything). Over the next `iterations` hooks record every pass of
 the teacher, generator and fake-score networks (input shapes, whether gradients flow back through it, and into which
 weights, forward-mode AD, autocast). Each recorded pass is then replayed alone, forward and, where the real one had
 one, backward, and timed (the passes time). ratio = step time / passes time: 1.0 would mean the loop adds nothing to
 the networks' own work; the target is at most 1.15. Discriminator heads, losses and optimiser steps count as
 overhead. Pass mixes repeat with the objective's cycle (VSD: one generator update per `update_ratio` iterations), so
-`steps` should be a multiple of it (the default 10 is, for the shipped recipes).
+`iterations` should be a multiple of it (the default 10 is, for the shipped recipes).
 
 Peak memory is CUDA's max_memory_allocated over the timed iterations; a CPU run says n/a (PyTorch keeps no CPU
 allocator statistics, and process RSS mixes in everything else the process ever held).
@@ -45,7 +45,7 @@ class Pass:
 class SpeedResult:
     recipe: str
     objective: str
-    steps: int
+    iterations: int
     step_ms: float
     passes_ms: float
     passes: dict[str, int] = field(default_factory=dict)  # per iteration: forward, backward, jvp
@@ -161,7 +161,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(trainer, steps: int = 10, warmup: int = 3, recipe: str = "") -> SpeedResult:
+def measure(trainer, iterations: int = 10, warmup: int = 3, recipe: str = "") -> SpeedResult:
     """Step time and isolated passes time of `trainer`'s iterations (see the module docstring)."""
     device = trainer.accelerator.device
     for _ in range(warmup):
@@ -171,14 +171,14 @@ def measure(trainer, steps: int = 10, warmup: int = 3, recipe: str = "") -> Spee
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(iterations):
         trainer.train_step()
         trainer.step += 1
     _sync(device)
     step_time = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     with recording(trainer.nets, device.type) as passes:
-        for _ in range(steps):
+        for _ in range(iterations):
             trainer.train_step()
             trainer.step += 1
     nets = networks(trainer.nets)
@@ -193,11 +193,12 @@ def measure(trainer, steps: int = 10, warmup: int = 3, recipe: str = "") -> Spee
         total += time.perf_counter() - t0
     counts = {"forward": sum(not p.jvp for p in passes), "backward": sum(p.backward for p in passes),
               "jvp": sum(p.jvp for p in passes)}
-    return SpeedResult(recipe, trainer.recipe.objective.name, steps, 1e3 * step_time / steps, 1e3 * total / steps,
-                       {k: v / steps for k, v in counts.items()}, peak)
+    return SpeedResult(recipe, trainer.recipe.objective.name, iterations, 1e3 * step_time / iterations,
+                       1e3 * total / iterations,
+                       {k: v / iterations for k, v in counts.items()}, peak)
 
 
-def measure_recipe(path: str, overrides: list[str] | None = None, steps: int = 10, warmup: int = 3) -> SpeedResult:
+def measure_recipe(path: str, overrides: list[str] | None = None, iterations: int = 10, warmup: int = 3) -> SpeedResult:
     from .recipe import load_recipe
     from .training.trainer import Trainer
 
@@ -205,7 +206,7 @@ def measure_recipe(path: str, overrides: list[str] | None = None, steps: int = 1
     torch.manual_seed(recipe.train.seed)
     with tempfile.TemporaryDirectory() as tmp:  # the Trainer writes nothing unless run(); it needs a folder name
         trainer = Trainer(recipe, Path(tmp) / "run", quiet=True)
-        return measure(trainer, steps, warmup, Path(path).stem)
+        return measure(trainer, iterations, warmup, Path(path).stem)
 
 
 def _memory(b: float | None) -> str:
@@ -230,12 +231,12 @@ def report(results: list[SpeedResult], command: str, target: float = 1.15) -> st
     return "\n".join(lines) + "\n"
 
 
-def run_speed(recipes: list[str], overrides: list[str] | None = None, steps: int = 10, warmup: int = 3,
+def run_speed(recipes: list[str], overrides: list[str] | None = None, iterations: int = 10, warmup: int = 3,
               out: str | Path | None = None, command: str = "") -> str:
     results = []
     for path in recipes:
         print(f"== timing {path}", flush=True)
-        results.append(measure_recipe(path, overrides, steps, warmup))
+        results.append(measure_recipe(path, overrides, iterations, warmup))
     text = report(results, command or "stepdistill bench --speed " + " ".join([*recipes, *(overrides or [])]))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

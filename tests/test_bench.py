@@ -10,7 +10,7 @@ from stepdistill.recipe import RecipeError
 def _suite(tmp_path, **fields):
     import yaml
 
-    data = {"name": "tiny", "recipes": ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_sid.yaml"], "steps": 30,
+    data = {"name": "tiny", "recipes": ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_sid.yaml"], "iterations": 30,
             "seeds": [0], "student_nfe": [1, 2], "teacher_nfe": [1, 2], "curve_every": 10, "curve_n": 256,
             "eval_n": 512, **fields}
     path = tmp_path / "suite.yaml"
@@ -22,7 +22,7 @@ def test_suite_errors_name_the_problem(tmp_path):
     with pytest.raises(RecipeError, match="exactly one budget"):
         load_suite(_suite(tmp_path, minutes=1.0))
     with pytest.raises(RecipeError, match="exactly one budget"):
-        load_suite(_suite(tmp_path, steps=None))
+        load_suite(_suite(tmp_path, iterations=None))
     with pytest.raises(RecipeError, match="not found: configs/toy/nope.yaml"):
         load_suite(_suite(tmp_path, recipes=["configs/toy/nope.yaml"]))
     with pytest.raises(RecipeError, match="unknown key suite.budget"):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from stepdistill.cli import main
 
-GMM = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.steps=6",
+GMM = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.iterations=6",
        "train.checkpoint_every=3", "eval.n=512"]
 
 
@@ -47,13 +47,27 @@ def test_gmm_train_sample_eval_export(tmp_path, capsys):
 
 def test_rerun_resumes_instead_of_restarting(tmp_path, capsys):
     run = tmp_path / "gmm"
-    main(["train", *GMM, "train.steps=3", "eval.at_end=false", "--outdir", str(run), "--quiet"])
+    main(["train", *GMM, "train.iterations=3", "eval.at_end=false", "--outdir", str(run), "--quiet"])
     main(["train", *GMM, "eval.at_end=false", "--outdir", str(run)])
     captured = capsys.readouterr()
     assert "resumed from iteration 3" in captured.out + captured.err
     steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
+
+
+def test_a_run_folder_saved_with_the_old_iteration_keys_resumes(tmp_path, capsys):
+    run = tmp_path / "gmm"
+    main(["train", *GMM, "train.iterations=3", "eval.at_end=false", "--outdir", str(run), "--quiet"])
+    saved = (run / "recipe.yaml").read_text()
+    assert "  iterations: 3\n" in saved and "  warm_start_iterations: 0\n" in saved
+    (run / "recipe.yaml").write_text(saved.replace("  iterations: 3\n", "  steps: 3\n")
+                                     .replace("warm_start_iterations:", "warm_start_steps:"))
+    with pytest.warns(FutureWarning, match="train.steps is now train.iterations"):
+        assert main(["train", *GMM, "train.steps=6", "eval.at_end=false", "--outdir", str(run)]) == 0
+    assert "resumed from iteration 3" in "".join(capsys.readouterr())
+    steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert main(["train", *GMM, "train.bogus=1", "--outdir", str(tmp_path / "x")]) == 2
@@ -78,7 +92,7 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
 
     run = tmp_path / "run"
     args = ["train", "configs/fashion/vsd_1step.yaml", "teacher.name=diffusers", f"teacher.path={tiny_unet_folder}",
-            f"generator.steps={steps}", f"generator.start_t={start_t}", "train.steps=2", "train.batch_size=4",
+            f"generator.steps={steps}", f"generator.start_t={start_t}", "train.iterations=2", "train.batch_size=4",
             "eval.at_end=false", "train.checkpoint_every=2", "--outdir", str(run), "--quiet"]
     assert main(args) == 0
     assert (run / "samples" / "final.png").exists()
@@ -123,7 +137,7 @@ def test_diffusers_export_loads_in_plain_diffusers_and_matches_our_samples(tmp_p
 
 def test_export_never_deletes_a_folder_that_is_not_an_export(tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "mine"
-    assert main(["train", "configs/toy/gmm_vsd.yaml", "train.steps=2", "train.batch_size=8", "eval.at_end=false",
+    assert main(["train", "configs/toy/gmm_vsd.yaml", "train.iterations=2", "train.batch_size=8", "eval.at_end=false",
                  "--outdir", str(run), "--quiet"]) == 0
     out.mkdir()
     (out / "notes.txt").write_text("keep me")

@@ -18,7 +18,7 @@ import torch
 from stepdistill.cli import main
 from stepdistill.training.state import load_latest
 
-TRAIN = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.batch_size=64", "train.steps=20",
+TRAIN = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.batch_size=64", "train.iterations=20",
          "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
 
 DRIVER = """
@@ -147,7 +147,7 @@ def test_a_second_command_on_a_run_folder_is_refused_and_a_killed_holder_leaves_
 
 
 # ---- bad inputs: one line naming the problem, exit status 2, nothing outside the target touched ------------------
-GMM = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.steps=4", "train.checkpoint_every=2",
+GMM = ["configs/toy/gmm_vsd.yaml", "teacher.hidden=32", "train.iterations=4", "train.checkpoint_every=2",
        "eval.at_end=false", "train.batch_size=64"]
 
 
@@ -170,8 +170,8 @@ def test_yaml_syntax_errors_name_the_file_line_and_column(tmp_path, capsys):
     bad.write_text("teacher:\n  name: gmm\ntrain: {steps: [1, 2\n")
     err = _one_line_error(capsys, "train", str(bad), "--outdir", str(tmp_path / "r"))
     assert f"{bad}, line 4, column 1: YAML syntax error" in err
-    err = _one_line_error(capsys, "train", *GMM, "train.steps=[1", "--outdir", str(tmp_path / "r"))
-    assert "override 'train.steps=[1': its value is not valid YAML" in err
+    err = _one_line_error(capsys, "train", *GMM, "train.iterations=[1", "--outdir", str(tmp_path / "r"))
+    assert "override 'train.iterations=[1': its value is not valid YAML" in err
     bad.write_bytes(b"teacher: \xff\xfe\n")
     err = _one_line_error(capsys, "train", str(bad), "--outdir", str(tmp_path / "r"))
     assert f"{bad} is not a UTF-8 text file" in err

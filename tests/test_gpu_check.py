@@ -14,7 +14,7 @@ def test_tiny_run_appends_a_section_naming_the_card(tmp_path):
 
     report = tmp_path / "gpu.md"
     torch.set_num_threads(1)  # tiny networks: a second thread only adds contention on a shared CPU
-    assert gpu_check.main(["--tiny", "--fp32", "--steps", "1", "--warmup", "1", "--report", str(report),
+    assert gpu_check.main(["--tiny", "--fp32", "--iterations", "1", "--warmup", "1", "--report", str(report),
                            "--objectives", "vsd", "sid", "nosuch"]) == 0
     text = report.read_text()
     assert text.startswith("# GPU benchmarks") and "## CPU (no GPU)" in text
@@ -70,8 +70,8 @@ def test_a_stopped_run_still_writes_its_rows_and_flop_counts(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "check", check)
     report, cache = tmp_path / "gpu.md", tmp_path / "flops.json"
     with pytest.raises(KeyboardInterrupt):
-        gpu_check.main(["--tiny", "--fp32", "--steps", "1", "--warmup", "1", "--sizes", "tiny", "--objectives", "vsd",
-                        "--backends", "sdpa", "xformers", "--report", str(report), "--flops-cache", str(cache)])
+        gpu_check.main(["--tiny", "--fp32", "--iterations", "1", "--warmup", "1", "--sizes", "tiny", "--objectives",
+                        "vsd", "--backends", "sdpa", "xformers", "--report", str(report), "--flops-cache", str(cache)])
     text = report.read_text()
     assert "| tiny | vsd | sdpa |" in text and "Stopped (time limit or interrupt) after 1 of 2 configurations." in text
     flops = done[0]["tflops"] * 1e12 * done[0]["step_ms"] / 1e3

@@ -148,17 +148,17 @@ def test_no_private_name_is_reached_from_another_module():
 
 def test_the_registry_finds_every_registered_plug_in_on_its_own():
     """A fresh interpreter that imports only the registry lists every @register("kind", "name") in the source."""
-    declared = {"objective": set(), "teacher": set()}
+    kinds = ("objective", "teacher", "domain")
+    declared = {k: set() for k in kinds}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and len(node.args) == 2:
                 kind, name = (a.value for a in node.args)
                 declared[kind].add(name)
-    code = "from stepdistill import registry; print(registry.names('objective')); print(registry.names('teacher'))"
+    code = "from stepdistill import registry\n" + "".join(f"print(registry.names({k!r}))\n" for k in kinds)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout.splitlines()
-    assert [ast.literal_eval(line) for line in out[-2:]] == [sorted(declared["objective"]),
-                                                            sorted(declared["teacher"])]
+    assert [ast.literal_eval(line) for line in out[-3:]] == [sorted(declared[k]) for k in kinds]
 
 
 def test_no_subpackage_shadows_a_top_level_function():

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from stepdistill.recipe import RecipeError, apply_overrides, load_recipe
+from stepdistill.recipe import RecipeError, apply_overrides, load_recipe, read_yaml
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if p.parent.name != "bench")
 SUITES = sorted(str(p) for p in Path("configs/bench").glob("*.yaml"))
@@ -28,17 +28,17 @@ def test_every_bench_suite_loads_and_starts_with_its_command(path):
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
-    with pytest.raises(RecipeError, match=r"unknown key train\.stpes; allowed in train: steps"):
+    with pytest.raises(RecipeError, match=r"unknown key train\.stpes; allowed in train: iterations"):
         load_recipe("configs/toy/gmm_vsd.yaml", ["train.stpes=3"])
     with pytest.raises(RecipeError, match=r"unknown key objective\.alpha"):
         load_recipe("configs/toy/gmm_vsd.yaml", ["objective.alpha=1.2"])
     with pytest.raises(RecipeError, match="unknown section trian"):
-        load_recipe("configs/toy/gmm_vsd.yaml", ["trian.steps=3"])
+        load_recipe("configs/toy/gmm_vsd.yaml", ["trian.iterations=3"])
 
 
 def test_wrong_type_names_the_key():
-    with pytest.raises(RecipeError, match=r"train\.steps: expected int, got 'many'"):
-        load_recipe("configs/toy/gmm_vsd.yaml", ["train.steps=many"])
+    with pytest.raises(RecipeError, match=r"train\.iterations: expected int, got 'many'"):
+        load_recipe("configs/toy/gmm_vsd.yaml", ["train.iterations=many"])
     with pytest.raises(RecipeError, match=r"train\.precision: 'fp16' is not allowed; choose one of 'fp32', 'bf16'"):
         load_recipe("configs/toy/gmm_vsd.yaml", ["train.precision=fp16"])
     with pytest.raises(RecipeError, match=r"teacher\.means\[0\]\[1\]: expected float"):
@@ -54,19 +54,42 @@ def test_unknown_objective_and_teacher_list_the_known_ones():
 
 
 def test_overrides_are_parsed_as_yaml():
-    data = apply_overrides({}, ["train.steps=3", "train.lr=1e-3", "teacher.means=[[0,2],[2,0]]", "eval.at_end=false"])
-    assert data == {"train": {"steps": 3, "lr": "1e-3"}, "teacher": {"means": [[0, 2], [2, 0]]},
+    data = apply_overrides({}, ["train.iterations=3", "train.lr=1e-3", "teacher.means=[[0,2],[2,0]]",
+                                "eval.at_end=false"])
+    assert data == {"train": {"iterations": 3, "lr": "1e-3"}, "teacher": {"means": [[0, 2], [2, 0]]},
                     "eval": {"at_end": False}}
-    r = load_recipe("configs/toy/gmm_vsd.yaml", ["train.lr=1e-3", "train.steps=3"])
-    assert r.train.lr == 1e-3 and r.train.steps == 3
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["train.lr=1e-3", "train.iterations=3"])
+    assert r.train.lr == 1e-3 and r.train.iterations == 3
     with pytest.raises(RecipeError, match="key=value"):
-        apply_overrides({}, ["train.steps"])
+        apply_overrides({}, ["train.iterations"])
 
+
+
+def test_the_old_iteration_keys_still_load_with_a_warning(tmp_path):
+    """train.steps, generator.warm_start_steps / tsm_steps and DisBack's record_steps counted iterations; their new
+    names say so. Old recipes, overrides and run folders keep working."""
+    old = tmp_path / "old.yaml"
+    old.write_text(Path("configs/fashion/disback_1step.yaml").read_text()
+                   .replace("  iterations:", "  steps:").replace("_iterations:", "_steps:"))
+    assert "  steps:" in old.read_text() and "record_steps" in old.read_text()
+    new = load_recipe("configs/fashion/disback_1step.yaml")
+    with pytest.warns(FutureWarning, match="objective.record_steps is now objective.record_iterations"):
+        assert load_recipe(old) == new
+    with pytest.warns(FutureWarning, match="generator.tsm_steps is now generator.tsm_iterations"):
+        r = load_recipe(old, ["train.steps=7", "generator.tsm_steps=3", "train.iterations=9"])
+    assert (r.train.iterations, r.generator.tsm_iterations) == (9, 3)  # the last override of either name wins
+    with pytest.warns(FutureWarning):
+        assert load_recipe("configs/fashion/disback_1step.yaml", ["train.steps=7"]).train.iterations == 7
+    both = apply_overrides(read_yaml(old), ["train.lr=1e-3"])
+    both["train"]["iterations"] = 5
+    with pytest.raises(RecipeError, match="train.steps and train.iterations are both given: keep train.iterations"):
+        with pytest.warns(FutureWarning):
+            load_recipe(data=both)
 
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
     ("train.log_every=0", "train.log_every must be >= 1, got 0"),
-    ("train.steps=-5", "train.steps must be >= 0, got -5"),
+    ("train.iterations=-5", "train.iterations must be >= 0, got -5"),
     ("train.lr=-1", "train.lr must be in (0, 1] (an Adam step moves each weight by about the rate), got -1"),
     ("train.fake_lr=1e38", "train.fake_lr must be in (0, 1]"),
     ("train.lr=.inf", "train.lr must be a finite number, got inf"),
@@ -77,8 +100,9 @@ def test_overrides_are_parsed_as_yaml():
     ("eval.metrics=[fid]", "eval.n must be > 2048 with eval.metrics fid"),
     ("generator.width=0", "generator.width must be in (0, 1], got 0"),
     ("train.grad_accum=0", "train.grad_accum must be >= 1, got 0"),
-    ("generator.width=0.5", "generator.width=0.5 builds a randomly initialised student"),  # needs tsm_steps
-    ("generator.lora_rank=4 generator.width=0.5 generator.tsm_steps=10", "generator.lora_rank=4: give a rank >= 1"),
+    ("generator.width=0.5", "generator.width=0.5 builds a randomly initialised student"),  # needs tsm_iterations
+    ("generator.lora_rank=4 generator.width=0.5 generator.tsm_iterations=10",
+     "generator.lora_rank=4: give a rank >= 1"),
     ("objective.update_ratio=0", "objective.update_ratio must be >= 1, got 0"),
 ])
 def test_out_of_range_values_name_the_key_before_anything_runs(override, message):

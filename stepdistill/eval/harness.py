@@ -1,33 +1,22 @@
 """Generate -> features -> metrics, for the student (its K steps) and the teacher (an ODE solver at `teacher_nfe`).
 
-Domains: `gmm` (energy distance to exact mixture samples) and `fashion-mnist` (Fréchet distance in the bundled
-classifier's feature space against the 10k test set). The protocol is written next to every number.
+The domain metric is the teacher's (`teacher.domain` names one of eval/domains.py's, or a plug-in's); FID/KID
+(eval/fid.py) score image teachers against any reference. The protocol is written next to every number.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import parallel
+from .. import parallel, registry
 from ..diffusion.solvers import ode_nfe, sample_ode
 from ..errors import InputError, RecipeError
-from ..hashing import file_sha256
 from ..models.generator import Generator
-from ..models.loading import bundled_path
 from ..models.score import device_of
-from .metrics import energy_distance, frechet_distance, gaussian_stats, mixture_coverage, mixture_moments
-
-CLASSIFIER_DIR = "checkpoints/fashion-classifier"
-
-
-def _file_sha(path: Path) -> str:
-    return file_sha256(path)[:16]
 
 
 def solver_for_nfe(nfe: int) -> tuple[str, int]:
@@ -90,50 +79,14 @@ def generate_teacher(teacher, n: int, seed: int, batch_size: int, nfe: int, guid
     return torch.cat(parallel.gather(out) if shard else out), ode_nfe(steps, score.schedule, heun=solver == "heun")
 
 
-# ---- domain metrics ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def _fashion_reference(folder: str, split: str = "test") -> tuple:
-    """(classifier, mu, sigma) of a split's features: the bundled statistics for the test set; the validation split's
-    are computed here (10k images, a few seconds)."""
-    from .features import extract, load_classifier
-
-    path = Path(folder)
-    model = load_classifier(path)
-    if split == "test":
-        stats = np.load(path / "fashion16_test_stats.npz")
-        return model, stats["mu"], stats["sigma"]
-    from ..data import fashion
-
-    return (model, *gaussian_stats(extract(model, fashion.load(split)[0])))
-
-
-def fashion_fd(images: torch.Tensor, classifier_dir: str = CLASSIFIER_DIR, split: str = "test") -> float:
-    """FD between (N, 1, 16, 16) images in [-1, 1] and a Fashion-MNIST split (test, or val: the held-out last 10k
-    training images), in classifier feature space."""
-    from .features import extract
-
-    model, mu_ref, sigma_ref = _fashion_reference(str(bundled_path(classifier_dir)), split)
-    mu, sigma = gaussian_stats(extract(model, images))
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
-
-
 def protocol(recipe, teacher) -> dict:
     e = recipe.eval
     solver, steps = solver_for_nfe(e.teacher_nfe)
     p = {"domain": teacher.domain, "n": e.n, "seed": e.seed, "teacher_nfe": e.teacher_nfe,
          "teacher_solver": f"{solver}, {steps} steps, Karras rho=7 times", "guidance_scale": e.guidance_scale}
-    if teacher.domain == "gmm":
-        p["reference"] = f"{e.n} exact mixture samples (seed {e.seed + REFERENCE_SEED[e.split]})"
-        p["metric"] = "energy distance (V-statistic)"
-    elif teacher.domain == "fashion-mnist":
-        folder = bundled_path(CLASSIFIER_DIR)
-        p["reference"] = ("fashion-mnist test set (10,000 images), 16x16" if e.split == "test" else
-                          "fashion-mnist validation split (training images 50,000-59,999), 16x16")
-        p["metric"] = "Frechet distance, fashion-classifier 128-d penultimate features"
-        p["features_sha256"] = _file_sha(folder / "model.safetensors")
-        p["teacher_sha256"] = _file_sha(getattr(teacher, "single_file", None)  # a single-file teacher: its file
-                                        or teacher.folder / "unet" / "diffusion_pytorch_model.safetensors")
-        p["labels"] = "balanced: i % 10"
+    metric = domain_metric(teacher)
+    if metric is not None:
+        p.update(metric.protocol(e))
     if hasattr(teacher, "eval_prompt_list"):  # text-to-image: the prompts are part of the protocol
         digest = hashlib.sha256("\n".join(teacher.eval_prompts).encode()).hexdigest()[:16]
         p["eval_prompts"] = f"{len(teacher.eval_prompts)} prompts, cycled (sha256 {digest})"
@@ -184,44 +137,26 @@ class ImageScorer:
                             self.e.kid_subset_size, self.e.seed, self.quiet, desc=f"Inception features ({who})")
 
 
-# eval.split: the gmm reference draws exact samples with seed + 1 (test) or seed + 3 (val; seed + 2 is the baseline's)
-REFERENCE_SEED = {"test": 1, "val": 3}
+def domain_metric(teacher):
+    """The teacher's domain metric (eval/domains.py), or None for a teacher without one (domain "none")."""
+    if teacher.domain == "none":
+        return None
+    return registry.get("domain", teacher.domain)(teacher)
 
 
 def domain_reference(teacher, n: int, seed: int, cond: torch.Tensor | None = None,
                      split: str = "test") -> torch.Tensor | str:
-    """What a domain metric compares against: exact mixture samples for gmm (their seed set by the split); the split's
-    name where the reference is a dataset's statistics (fashion-mnist: test, or val = held-out training images)."""
-    if teacher.domain == "gmm":
-        return teacher.sample(n, torch.Generator().manual_seed(seed + REFERENCE_SEED[split]), cond)
-    return split
-
-
-def _mixture(teacher) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """(means (K, D), std, weights (K,)) of a gmm teacher's mixture, on the CPU."""
-    d = teacher.denoiser
-    return d.means.cpu(), float(d.std), d.log_w.exp().cpu()
-
-
-def gmm_baseline(teacher, n: int, seed: int) -> torch.Tensor:
-    """n samples (seed + 2) of the single Gaussian with the mixture's exact mean and covariance: what knowing the
-    data's first two moments alone scores, next to the students."""
-    m, c = mixture_moments(*_mixture(teacher))
-    z = torch.randn(n, len(m), generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
-    return (torch.from_numpy(m) + z @ torch.from_numpy(np.linalg.cholesky(c)).T).float()
+    """What the domain metric compares against: exact mixture samples for gmm (their seed set by the split); the
+    split's name where the reference is a data set's statistics."""
+    metric = domain_metric(teacher)
+    return split if metric is None else metric.reference(n, seed, cond, split)
 
 
 def domain_score(teacher, samples: torch.Tensor, reference: torch.Tensor | str) -> dict:
-    """The domain metric of samples in the teacher's space (latent teachers' are VAE-decoded first). gmm: energy
-    distance (the main metric), then mode coverage (eval.metrics.mixture_coverage): the share of samples near a
-    component and the worst component's relative mass error."""
-    if teacher.domain == "gmm":
-        means, std, weights = _mixture(teacher)
-        return {"energy_distance": energy_distance(samples, reference),
-                **mixture_coverage(samples.cpu(), means, std, weights)}
-    if teacher.domain == "fashion-mnist":
-        return {"fd": fashion_fd(teacher.decode(samples), split=reference)}
-    return {}
+    """The domain metric of samples in the teacher's space (latent teachers' are decoded by the metric); {} for a
+    teacher without one."""
+    metric = domain_metric(teacher)
+    return {} if metric is None else metric.score(samples, reference)
 
 
 @torch.no_grad()
@@ -284,9 +219,11 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
         xt, nfe = generate_teacher(teacher, e.n, e.seed, e.batch_size, e.teacher_nfe, e.guidance_scale, quiet=quiet,
                                    shard=True)
         result["teacher"] = {"nfe": nfe, **parallel.on_main(lambda: score(xt, "teacher"))}
-    if teacher.domain == "gmm" and "domain" in e.metrics:  # what knowing the data's mean and covariance alone scores
-        result["baseline"] = {"nfe": "-", "model": "one Gaussian with the mixture's exact mean and covariance",
-                              **parallel.on_main(lambda: score(gmm_baseline(teacher, e.n, e.seed), "baseline"))}
+    metric = domain_metric(teacher)
+    baseline = metric.baseline(e.n, e.seed) if metric is not None and "domain" in e.metrics else None
+    if baseline is not None:  # e.g. gmm: what knowing the data's mean and covariance alone scores
+        result["baseline"] = {"nfe": "-", "model": metric.baseline_model,
+                              **parallel.on_main(lambda: score(baseline, "baseline"))}
     result["protocol"] = parallel.on_main(lambda: proto)
     key = main_metric(result["student"])  # KID is unbiased and may be <= 0 for a near-perfect teacher: no ratio then
     result["ratio"] = result["student"][key] / result["teacher"][key] if result["teacher"][key] > 0 else None
@@ -294,8 +231,10 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
 
 
 def main_metric(scores: dict) -> str:
-    """The number a run is ranked by: its domain metric, else FID, else KID."""
-    return next(k for k in ("fd", "energy_distance", "fid", "kid") if k in scores)
+    """The number a run is ranked by: its domain metric, else FID, else KID (a plug-in's domain metric: the first
+    entry of its scores)."""
+    known = next((k for k in ("fd", "energy_distance", "fid", "kid") if k in scores), None)
+    return known or next(k for k, v in scores.items() if k != "nfe" and isinstance(v, (int, float)))
 
 
 def write_metrics(outdir: Path, metrics: dict, name: str = "metrics.json") -> Path:

@@ -1,7 +1,7 @@
 """DisBack: Distribution Backtracking.
 
 Zhang et al., "Distribution Backtracking Builds A Faster Convergence Trajectory for Diffusion Distillation" (2024);
-SYZhang0805/DisBack (a DMD2 fork). Stage 1 ("degradation recording", `record_steps` iterations): the generator is
+SYZhang0805/DisBack (a DMD2 fork). Stage 1 ("degradation recording", `record_iterations` iterations): the generator is
 frozen and the fake score, starting from the teacher, is trained on its samples; a snapshot of the fake score every
 `record_every` iterations records a path from the teacher's score to the initial generator's. Stage 2: VSD/DMD2,
 except that the score the generator is pulled toward walks that path backwards, one snapshot every
@@ -29,21 +29,21 @@ from .vsd import VSD, VSDConfig
 @dataclass
 class DisBackConfig(VSDConfig):
     name: str = "disback"
-    record_steps: int = 500  # stage 1 length, in iterations
+    record_iterations: int = 500  # stage 1 length, in iterations
     record_every: int = 100  # a snapshot of the fake score every this many stage-1 iterations
     backtrack_every: int = 200  # stage-2 iterations spent on each snapshot before moving one back toward the teacher
 
 
 @register("objective", "disback")
 class DisBack(VSD):
-    contract_overrides = ("objective.gan_weight=0.01", "objective.record_steps=2", "objective.record_every=1")
+    contract_overrides = ("objective.gan_weight=0.01", "objective.record_iterations=2", "objective.record_every=1")
     guided_overrides = ()
     Config = DisBackConfig
 
     def __init__(self, cfg: DisBackConfig, nets, shape: tuple[int, ...]) -> None:
         super().__init__(cfg, nets, shape)
-        if cfg.record_every < 1 or cfg.record_steps < cfg.record_every or cfg.record_steps % cfg.record_every:
-            raise RecipeError(f"objective.record_steps ({cfg.record_steps}) must be a positive multiple of "
+        if cfg.record_every < 1 or cfg.record_iterations < cfg.record_every or cfg.record_iterations % cfg.record_every:
+            raise RecipeError(f"objective.record_iterations ({cfg.record_iterations}) must be a positive multiple of "
                               f"objective.record_every ({cfg.record_every})")
         if cfg.backtrack_every < 1:
             raise RecipeError(f"objective.backtrack_every must be >= 1, got {cfg.backtrack_every}")
@@ -55,18 +55,18 @@ class DisBack(VSD):
     def phases(self, step: int) -> list[Phase]:
         self.step = step
         cfg = self.cfg
-        if step <= cfg.record_steps and step > 0 and step % cfg.record_every == 0 and \
+        if step <= cfg.record_iterations and step > 0 and step % cfg.record_every == 0 and \
                 len(self.path) < step // cfg.record_every:
             self.path.append({k: v.detach().clone() for k, v in self.nets.fake_score.state_dict().items()})
-        if step < cfg.record_steps:  # stage 1: only the fake score moves, toward the frozen initial generator
+        if step < cfg.record_iterations:  # stage 1: only the fake score moves, toward the frozen initial generator
             return [fake_phase(self, self.fake_loss)]
-        return super().phases(step - cfg.record_steps)
+        return super().phases(step - cfg.record_iterations)
 
     def target_index(self) -> int:
         """Which snapshot the generator is pulled toward now: m - 1 at the start of stage 2, down to 0 (the teacher).
         Snapshot m is the fake score itself when stage 2 starts, a target with no gradient at all; the reference also
         steps back once before its first load (`ckpt_num -= 100`, then load)."""
-        back = max(0, self.step - self.cfg.record_steps) // self.cfg.backtrack_every
+        back = max(0, self.step - self.cfg.record_iterations) // self.cfg.backtrack_every
         return max(0, len(self.path) - 1 - back)
 
     def target(self) -> ScoreModel:

@@ -159,7 +159,7 @@ class GMMTeacher(Teacher):
         label through an embedding when the teacher is conditional (harmless at start: its output layer is zero).
 
         width < 1: the MLP has round(hidden * width) units and keeps its random output layer, so the student starts
-        away from the teacher and teacher score matching (generator.tsm_steps) has something to fit."""
+        away from the teacher and teacher score matching (generator.tsm_iterations) has something to fit."""
         hidden = self.cfg.hidden if width == 1.0 else max(1, round(self.cfg.hidden * width))
         with torch.random.fork_rng(devices=[]):  # building a student must not shift the training run's random stream
             torch.manual_seed(self.cfg.init_seed)

@@ -100,18 +100,18 @@ def check_fsdp(recipe: Recipe) -> None:
 
 
 def check_eval(recipe: Recipe, teacher: Teacher) -> None:
-    """eval.n and eval.curve_n against the teacher's metric, before any training: the Fashion FD's covariance of the
-    classifier's features needs more samples than features."""
-    from ..eval.features import FashionClassifier
+    """eval.n and eval.curve_n against the fewest samples the teacher's domain metric takes, before any training (the
+    Fashion FD's covariance of the classifier's features needs more samples than features)."""
+    from ..eval.harness import domain_metric
 
-    e, d = recipe.eval, FashionClassifier.num_features
-    if teacher.domain != "fashion-mnist":
+    e, metric = recipe.eval, domain_metric(teacher)
+    if metric is None:
         return
     for key, n, used in (("eval.n", e.n, e.at_end and "domain" in e.metrics), ("eval.curve_n", e.curve_n,
                                                                                 e.curve_every > 0)):
-        if used and n <= d:
-            raise RecipeError(f"{key}={n} is too few for the Fashion FD (a covariance of {d} classifier features): "
-                              f"set {key} to more than {d}")
+        if used and n < metric.min_samples:
+            raise RecipeError(f"{key}={n} is too few for {metric.what}: set {key} to more than "
+                              f"{metric.min_samples - 1}")
 
 
 def check_trackers(cfg) -> None:
@@ -153,7 +153,7 @@ def resolve_eval(recipe: Recipe, teacher: Teacher) -> tuple[Recipe, str | None]:
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:
     """generator.students against the teacher; a RecipeError naming the fix."""
-    g = recipe.generator  # (its ranges and width / tsm_steps / lora_rank rules are checked by recipe.check_ranges)
+    g = recipe.generator  # (its ranges and width / tsm_iterations / lora_rank rules are checked by recipe.check_ranges)
     if g.students > 1 and teacher.num_classes is None:
         fix = " or teacher.conditional=true" if recipe.teacher.name == "gmm" else ""
         raise RecipeError(f"generator.students={g.students} splits the classes among students (MSD), but teacher "

@@ -56,19 +56,19 @@ def resume(t, r: Run) -> None:
 
 
 def warm_start(t, r: Run) -> None:
-    """generator.tsm_steps and generator.warm_start_steps of a fresh run, then a checkpoint: a crash never redoes
-    them."""
+    """generator.tsm_iterations and generator.warm_start_iterations of a fresh run, then a checkpoint: a crash never
+    redoes them."""
     g = t.recipe.generator
-    if r.resumed or not (g.tsm_steps > 0 or g.warm_start_steps > 0):
+    if r.resumed or not (g.tsm_iterations > 0 or g.warm_start_iterations > 0):
         return
-    if g.tsm_steps > 0:
+    if g.tsm_iterations > 0:
         t.teacher_score_matching()
-    if g.warm_start_steps > 0:
+    if g.warm_start_iterations > 0:
         from .warm_start import regression_warm_start
 
         scale = type(t.objective).warm_start_guidance(t.recipe.objective)  # the objective says which teacher
         loss = regression_warm_start(t.nets.generator, t.built.teacher, g.warm_start_lr or t.cfg.lr,
-                                     g.warm_start_steps, g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size,
+                                     g.warm_start_iterations, g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size,
                                      t.quiet, classes=t.classes, guidance_scale=scale)
         t.last_logs["loss/warm_start"] = loss
     if t.ema is not None:
@@ -112,7 +112,7 @@ def open_trackers(t, r: Run) -> None:
 def open_logs(t, r: Run) -> None:
     """The progress bar and what the run says before its first iteration."""
     c = t.cfg
-    r.bar = tqdm(total=c.steps, initial=t.step, desc="distilling", unit="it", disable=t.quiet, dynamic_ncols=True)
+    r.bar = tqdm(total=c.iterations, initial=t.step, desc="distilling", unit="it", disable=t.quiet, dynamic_ncols=True)
     if parallel.world() > 1 and not t.quiet:
         tqdm.write(f"{parallel.world()} processes, {parallel.local_batch(c.batch_size)} of the "
                    f"train.batch_size={c.batch_size} samples each{t.sharding_note()}")
@@ -129,18 +129,18 @@ def hooks(t, r: Run) -> list[Callable[[int], None]]:
     c = t.cfg
     return [every(c.watch_every, lambda: r.watch.check()),  # before the log line and checkpoint: a rollback is in both
             every(1, lambda: progress(t, r)),
-            every(c.log_every, lambda: log(t, r), also=(c.steps,)),
+            every(c.log_every, lambda: log(t, r), also=(c.iterations,)),
             every(c.checkpoint_every, lambda: t.save()),
             every(c.sample_every, lambda: sample_grid(t, f"step_{t.step:07d}")),
             every(r.curve_every, lambda: t.curve_point(r.curve, t.clock()))]
 
 
 def progress(t, r: Run) -> None:
-    """The bar ends where the run will: at train.steps, or where the budget runs out at the rate so far."""
+    """The bar ends where the run will: at train.iterations, or where the budget runs out at the rate so far."""
     if t.cfg.max_minutes:
         rate = (t.step - r.first) / max(t.clock() - r.loop_start, 1e-9)
         left = max(t.cfg.max_minutes * 60 - t.clock(), 0.0)
-        r.bar.total = min(t.cfg.steps, t.step + int(rate * left))
+        r.bar.total = min(t.cfg.iterations, t.step + int(rate * left))
     r.bar.update(1)
     r.bar.set_postfix({**{k.split("/")[-1]: f"{v:.3g}" for k, v in r.logs.items() if k.startswith("loss/")},
                        **(r.watch.postfix() if r.watch is not None else {})})
@@ -180,7 +180,7 @@ def close_trackers(t) -> None:
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def run(t) -> dict | None:
-    """Train (or resume) trainer t to train.steps, holding the run folder (state.run_lock) throughout; returns the
+    """Train (or resume) trainer t to train.iterations, holding the run folder (state.run_lock) throughout; returns the
     final evaluation's metrics (None when there is none)."""
     with locked(t.outdir):
         r = Run(t.outdir / "stats.jsonl", t.outdir / "curve.jsonl", parallel.is_main())
@@ -190,7 +190,7 @@ def run(t) -> dict | None:
             after = hooks(t, r)
             with stop_requests() as signalled:
                 try:
-                    while t.step < t.cfg.steps:
+                    while t.step < t.cfg.iterations:
                         r.logs = t.train_step()
                         t.step += 1
                         t.last_logs.update(r.logs)  # each value's latest reading: generator losses come every few

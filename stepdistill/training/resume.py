@@ -32,9 +32,10 @@ def locked(outdir: Path):
 
 # keys a resumed run may change: the budget, how networks execute (same maths within bf16 tolerance), how often it
 # logs, samples and checkpoints, and the final evaluation (not the curve's protocol: its points must compare)
-RESUME_MAY_CHANGE = {("train", k) for k in ("steps", "max_minutes", "attention", "compile", "gradient_checkpointing",
-                                               "fsdp", "log_every", "log_with", "sample_every", "checkpoint_every",
-                                               "keep_checkpoints", "on_collapse", "max_rollbacks")} | \
+RESUME_MAY_CHANGE = {("train", k) for k in ("iterations", "max_minutes", "attention", "compile",
+                                               "gradient_checkpointing", "fsdp", "log_every", "log_with",
+                                               "sample_every", "checkpoint_every", "keep_checkpoints", "on_collapse",
+                                               "max_rollbacks")} | \
     {("eval", k) for k in ("n", "seed", "teacher_nfe", "guidance_scale", "batch_size", "at_end", "metrics",
                            "fid_backend", "inception", "reference", "kid_subset_size")}
 
@@ -56,8 +57,8 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
                 diffs.append(f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {new[section].get(key)!r}")
     if diffs:
         raise RecipeError(f"{outdir} holds a run with a different recipe ({'; '.join(diffs)}). Rerun with the same "
-                          "recipe to resume (train.steps, train.max_minutes, eval.* and how often it logs may change; "
-                          "`stepdistill eval --run` re-scores), or choose another --outdir.")
+                          "recipe to resume (train.iterations, train.max_minutes, eval.* and how often it logs may "
+                          "change; `stepdistill eval --run` re-scores), or choose another --outdir.")
 
 
 def truncate_stats(path: Path, step: int) -> int:

@@ -3,7 +3,7 @@
 Student k trains in OUTDIR/students/k/ exactly as a single-student run would (its own generator, fake score,
 optimisers, checkpoints, warm start / TSM, objective), except that its conditions are drawn uniformly from its own
 classes (models/multi_student.py: class c goes to student c * K // num_classes). Students train one after another;
-train.steps and train.max_minutes apply to each. Rerunning the command skips every student whose folder has a
+train.iterations and train.max_minutes apply to each. Rerunning the command skips every student whose folder has a
 train_summary.json and resumes the first unfinished one from its newest checkpoint. OUTDIR then gets the recipe,
 samples/final.png and metrics.json of the ensemble, which `stepdistill sample | eval | export` load like any run.
 `train` is the entry for every recipe: one Trainer, or the K students; this module sits above train/trainer.py.

@@ -170,13 +170,13 @@ class Trainer:
 
     # ---- one iteration ---------------------------------------------------------------------------------------
     def _lr_scale(self) -> float:
-        """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.steps."""
+        """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.iterations."""
         c = self.cfg
         if c.warmup > 0 and self.step < c.warmup:
             return (self.step + 1) / c.warmup
         if c.lr_decay == "none":
             return 1.0
-        done = (self.step - c.warmup) / max(c.steps - c.warmup, 1)
+        done = (self.step - c.warmup) / max(c.iterations - c.warmup, 1)
         return 1.0 - done if c.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
     def train_step(self) -> dict[str, float]:
@@ -231,14 +231,15 @@ class Trainer:
         return logs
 
     def teacher_score_matching(self) -> None:
-        """MSD's first stage for a smaller student: generator.tsm_steps of TSM (train/tsm.py) on real samples of this
-        run's classes; the fake score, when the objective has one, then starts from the pretrained student."""
+        """MSD's first stage for a smaller student: generator.tsm_iterations of TSM (train/tsm.py) on real samples of
+        this run's classes; the fake score, when the objective has one, then starts from the pretrained student."""
         from .tsm import teacher_score_matching
 
         data = self.built.data if self.built.data is not None else real_data(self.recipe, self.built.teacher,
-                                                                             "generator.tsm_steps")
+                                                                             "generator.tsm_iterations")
         loss = teacher_score_matching(self.nets.generator.net, self.nets.teacher, data, self.built.sample_cond,
-                                      self.cfg.lr, self.recipe.generator.tsm_steps, self.cfg.batch_size, self.quiet)
+                                      self.cfg.lr, self.recipe.generator.tsm_iterations, self.cfg.batch_size,
+                                      self.quiet)
         self.last_logs["loss/tsm"] = loss
         if self.nets.fake_score is not None:
             self.nets.fake_score.load_state_dict(self.nets.generator.net.state_dict())
@@ -272,5 +273,5 @@ class Trainer:
             self.accelerator.log({f"curve/{k}": v for k, v in score.items()}, step=self.step)
 
     def run(self) -> dict | None:
-        """Train (or resume) to train.steps, holding the run folder (state.run_lock) throughout (train/loop.py)."""
+        """Train (or resume) to train.iterations, holding the run folder (state.run_lock) throughout (train/loop.py)."""
         return loop.run(self)

@@ -4,7 +4,8 @@ MSD (Song et al. 2024, Sec. 3.3) trains students narrower than the teacher in th
 student's score onto the teacher's at noised real samples of the student's own classes. Here the student's x0
 prediction is regressed onto the teacher's at x_t = alpha x0 + sigma eps, t uniform in [0, 1], weighted
 (alpha^2 + sigma^2) / sigma^2 as the fake score's denoising loss is (on VP schedules: the v-prediction MSE, i.e. a
-score difference that stays finite as sigma -> 0). Off unless `generator.tsm_steps`; needed when generator.width < 1.
+score difference that stays finite as sigma -> 0). Off unless `generator.tsm_iterations`; needed when
+generator.width < 1.
 """
 from __future__ import annotations
 

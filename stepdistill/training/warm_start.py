@@ -4,7 +4,7 @@ Before distillation the generator is fitted to map noise z to the teacher's dete
 fixed set of pairs, with a mean squared error (DMD2 uses LPIPS on SDXL; MSE needs no extra network and suits small
 images and vectors). The ODE runs with the objective's teacher guidance (`objective.guidance_scale`), so the start
 is the guided teacher the objective distils. A K-step generator is warm-started on its first step. Off unless
-`generator.warm_start_steps`.
+`generator.warm_start_iterations`.
 
 The pairs start from the generator's own input distribution. With `generator.start_noise=schedule` the ODE starts
 at the start time from the generator's input sigma(start_t) z. With `pure` it starts at t = 1 from the t = 1 noise

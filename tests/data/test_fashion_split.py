@@ -27,7 +27,7 @@ def test_the_teachers_real_data_excludes_the_validation_split():
 
 
 def test_val_fd_scores_held_out_training_images_near_zero_and_noise_far():
-    from stepdistill.eval.harness import fashion_fd
+    from stepdistill.eval.domains import fashion_fd
 
     test_images = fashion.load("test")[0][:5000]
     assert fashion_fd(test_images, split="val") < 0.2  # real images against real images: sampling noise only

@@ -231,7 +231,8 @@ def test_run_evaluation_with_kid(cache, tmp_path):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(ref / f"{i}.png")
     recipe = load_recipe("configs/fashion/vsd_1step.yaml", ["eval.n=8", "eval.teacher_nfe=3", "eval.batch_size=8",
                                                               "eval.metrics=[kid]", f"eval.reference={ref}",
-                                                              "eval.kid_subset_size=8", "generator.warm_start_steps=0"])
+                                                              "eval.kid_subset_size=8",
+                                                              "generator.warm_start_iterations=0"])
     built = build(recipe)
     m = evaluate(recipe, built.teacher, built.nets.generator, quiet=True)
     assert {"kid", "kid_std"} <= m["student"].keys() and "kid" in m["teacher"] and "fd" not in m["student"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill.eval.harness import domain_reference, domain_score, format_table, gmm_baseline
+from stepdistill.eval.domains import gmm_baseline
+from stepdistill.eval.harness import domain_reference, domain_score, format_table
 from stepdistill.eval.metrics import energy_distance, mixture_coverage, mixture_moments, near_radius
 from stepdistill.recipe import load_recipe
 from stepdistill.teachers import build_teacher

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepdistill.eval.harness import evaluate, fashion_fd, protocol, solver_for_nfe
+from stepdistill.eval.domains import fashion_fd
+from stepdistill.eval.harness import evaluate, protocol, solver_for_nfe
 from stepdistill.recipe import load_recipe
 from stepdistill.training.trainer import build
 

@@ -30,7 +30,7 @@ def family_run(request, tmp_path_factory):
     size = {"resolution": 16} if request.param == "flux" else {}
     data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt"), **size},
             "objective": {"name": "vsd", "update_ratio": 1, "guidance_scale": 2.0}}
-    recipe = load_recipe(None, ["train.batch_size=2", "train.steps=2", "train.lr=1e-2", "eval.at_end=false",
+    recipe = load_recipe(None, ["train.batch_size=2", "train.iterations=2", "train.lr=1e-2", "eval.at_end=false",
                                 f"generator.steps={1 if request.param == 'flux' else 2}", "generator.lora_rank=2",
                                 "generator.lora_alpha=4"], data=data)
     Trainer(recipe, root / "run", quiet=True).run()

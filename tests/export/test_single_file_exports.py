@@ -25,7 +25,7 @@ def lora_run(tmp_path_factory):
     from conftest import train_tiny_sd_run
 
     root = tmp_path_factory.mktemp("single")
-    run = train_tiny_sd_run(root, "train.steps=2", "generator.steps=2", "generator.lora_rank=4",
+    run = train_tiny_sd_run(root, "train.iterations=2", "generator.steps=2", "generator.lora_rank=4",
                             "generator.lora_alpha=8")
     return run, root, generate_student(run.student, run.teacher, N, SEED, N)
 
@@ -179,7 +179,7 @@ def test_sdxl_student_round_trips_through_from_single_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("a red shirt\na blue bag\n")
     data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(tmp_path / "prompts.txt")},
             "objective": {"name": "vsd", "update_ratio": 1}}
-    Trainer(load_recipe(None, ["train.batch_size=2", "train.steps=2", "train.lr=1e-2", "eval.at_end=false",
+    Trainer(load_recipe(None, ["train.batch_size=2", "train.iterations=2", "train.lr=1e-2", "eval.at_end=false",
                                "generator.steps=2", "generator.lora_rank=2"], data=data), tmp_path / "run",
             quiet=True).run()
     run = load_run(tmp_path / "run")

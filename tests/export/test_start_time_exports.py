@@ -16,15 +16,15 @@ N, SEED = 4, 3
 def train(tmp_path, folder, *overrides):
     run = tmp_path / "run"
     assert main(["train", "configs/fashion/vsd_1step.yaml", "teacher.name=diffusers", f"teacher.path={folder}",
-                 "train.steps=2", "train.batch_size=4", "eval.at_end=false", "train.checkpoint_every=2", *overrides,
-                 "--outdir", str(run), "--quiet"]) == 0
+                 "train.iterations=2", "train.batch_size=4", "eval.at_end=false", "train.checkpoint_every=2",
+                 *overrides, "--outdir", str(run), "--quiet"]) == 0
     return run
 
 
 def test_schedule_noise_on_a_ddpm_teacher_is_refused_naming_the_key(tmp_path, tiny_unet_folder, capsys):
     """SiD-LSG's input sqrt(1 - alphabar) z: LCMScheduler's init_noise_sigma is fixed at 1."""
     run = train(tmp_path, tiny_unet_folder, "generator.start_t=0.626", "generator.start_noise=schedule",
-                "train.steps=1", "train.checkpoint_every=1")
+                "train.iterations=1", "train.checkpoint_every=1")
     assert main(["export", "--run", str(run), "--format", "diffusers", "--out", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err
     assert "generator.start_noise=schedule" in err and "init_noise_sigma" in err and "--format safetensors" in err
@@ -38,7 +38,7 @@ def sd_run_399(tmp_path_factory):
     """DMD2's SDXL one-step setting on a tiny SD teacher: a LoRA student at timestep 399 on pure noise."""
     from conftest import train_tiny_sd_run
 
-    run = train_tiny_sd_run(tmp_path_factory.mktemp("t2i399"), "train.steps=1", "generator.lora_rank=4",
+    run = train_tiny_sd_run(tmp_path_factory.mktemp("t2i399"), "train.iterations=1", "generator.lora_rank=4",
                             "generator.start_t=0.4")
     return run, generate_student(run.student, run.teacher, N, SEED, N)
 

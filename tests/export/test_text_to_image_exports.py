@@ -22,7 +22,7 @@ def lora_run(tmp_path_factory):
     from conftest import train_tiny_sd_run
 
     root = tmp_path_factory.mktemp("t2i")
-    run = train_tiny_sd_run(root, "train.steps=2", "generator.steps=2", "generator.lora_rank=4",
+    run = train_tiny_sd_run(root, "train.iterations=2", "generator.steps=2", "generator.lora_rank=4",
                             "generator.lora_alpha=8")
     expected = generate_student(run.student, run.teacher, N, SEED, N)
     assert not torch.allclose(expected, generate_student(run.student, run.teacher, N, SEED, N, steps=1))
@@ -131,7 +131,7 @@ def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lo
     folder = make_tiny_sd_folder(tmp_path / "sd")
     (tmp_path / "prompts.txt").write_text("a red shirt\na blue bag\n")
     np.savez(tmp_path / "latents.npz", x=np.random.default_rng(0).normal(size=(8, 4, 8, 8)).astype(np.float32))
-    recipe = load_recipe(None, ["train.steps=2", "train.batch_size=2", "eval.at_end=false",
+    recipe = load_recipe(None, ["train.iterations=2", "train.batch_size=2", "eval.at_end=false",
                                 f"data.path={tmp_path / 'latents.npz'}"],
                          data={"teacher": {"name": "sd", "path": str(folder), "prompts": str(tmp_path / "prompts.txt")},
                                "objective": {"name": "scm"}})
@@ -153,7 +153,7 @@ def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lo
 
 
 def test_lora_export_of_a_full_weight_run_names_the_fix(tiny_unet_folder, tmp_path):
-    recipe = load_recipe(None, ["train.steps=1", "train.batch_size=2", "eval.at_end=false"],
+    recipe = load_recipe(None, ["train.iterations=1", "train.batch_size=2", "eval.at_end=false"],
                          data={"teacher": {"name": "diffusers", "path": str(tiny_unet_folder)},
                                "objective": {"name": "vsd"}})
     Trainer(recipe, tmp_path / "run", quiet=True).run()

@@ -180,7 +180,7 @@ def test_a_trained_run_records_the_start_and_reloads_it(tmp_path):
     from stepdistill.run import load_run
     from stepdistill.training.trainer import Trainer
 
-    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=16", "train.steps=1", "eval.at_end=false",
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=16", "train.iterations=1", "eval.at_end=false",
                                                  "train.batch_size=8", "generator.start_t=0.5",
                                                  "generator.start_noise=schedule"])
     t = Trainer(r, tmp_path / "run", quiet=True)

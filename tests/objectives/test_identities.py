@@ -168,7 +168,7 @@ def test_disback_target_walks_back_from_the_degraded_score_to_the_teacher(gmm_bu
     """Stage 1 records a path (the fake score moves away from the teacher); stage 2's target starts one snapshot
     before its end (the end is the fake score itself: no gradient), differs from the teacher, moves back one snapshot
     per backtrack_every iterations, ends at the teacher. The path survives a checkpoint round trip."""
-    b = gmm_built("objective.name=disback", "objective.record_steps=6", "objective.record_every=2",
+    b = gmm_built("objective.name=disback", "objective.record_iterations=6", "objective.record_every=2",
                   "objective.backtrack_every=3", "train.lr=1e-2", "train.fake_lr=1e-2")
     obj, fake = b.objective, b.nets.fake_score
     opt = torch.optim.Adam(fake.parameters(), lr=1e-2)
@@ -198,7 +198,7 @@ def test_disback_target_walks_back_from_the_degraded_score_to_the_teacher(gmm_bu
     obj.target_index = lambda: 3
     torch.testing.assert_close(obj.target()(x, t).x0.detach(), fake_x0)  # the path's end is the degraded score
     assert not torch.equal(seen[0][1], seen[3][1])  # each snapshot differs from the next
-    restored = gmm_built("objective.name=disback", "objective.record_steps=6", "objective.record_every=2",
+    restored = gmm_built("objective.name=disback", "objective.record_iterations=6", "objective.record_every=2",
                          "objective.backtrack_every=3").objective
     restored.load_state_dict(copy.deepcopy(obj.state_dict()))
     restored.phases(6)

@@ -52,8 +52,8 @@ def test_an_objective_in_one_new_file_trains_resumes_and_samples(tmp_path):
     out = tmp_path / "run"
     code = textwrap.dedent(f"""
         import stepdistill
-        stepdistill.train(stepdistill.load_recipe({str(tmp_path / 'toy.yaml')!r}, ["train.steps=100"]), {str(out)!r},
-                          quiet=True)
+        stepdistill.train(stepdistill.load_recipe({str(tmp_path / 'toy.yaml')!r}, ["train.iterations=100"]),
+                          {str(out)!r}, quiet=True)
         stepdistill.train(stepdistill.load_recipe({str(tmp_path / 'toy.yaml')!r}), {str(out)!r}, quiet=True)
         x = stepdistill.sample(stepdistill.load_run({str(out)!r}), 512)
         print(float(x.mean()), float(x.std()))

@@ -57,12 +57,12 @@ def test_teacher_and_student_see_the_same_per_sample_scales_drawn_from_the_set(l
 
 
 def test_scm_with_guidance_set_trains_the_embedding_resumes_exactly_and_exports(latents, tmp_path):
-    full = Trainer(recipe(latents, "train.steps=2"), tmp_path / "full", quiet=True)
+    full = Trainer(recipe(latents, "train.iterations=2"), tmp_path / "full", quiet=True)
     full.run()
     weights = load_file(tmp_path / "full" / "checkpoints" / "step_0000002" / "weights.safetensors")
     assert weights["generator.net.net.time_embedding.cond_proj.weight"].abs().max() > 0  # the embedding learned
-    Trainer(recipe(latents, "train.steps=1"), tmp_path / "resumed", quiet=True).run()
-    Trainer(recipe(latents, "train.steps=2"), tmp_path / "resumed", quiet=True).run()
+    Trainer(recipe(latents, "train.iterations=1"), tmp_path / "resumed", quiet=True).run()
+    Trainer(recipe(latents, "train.iterations=2"), tmp_path / "resumed", quiet=True).run()
     resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step_0000002" / "weights.safetensors")
     assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
 

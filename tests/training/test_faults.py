@@ -16,7 +16,7 @@ from stepdistill.training import state
 from stepdistill.training.state import RunFolderError, list_checkpoints, load_latest, run_lock, save_checkpoint
 from stepdistill.training.trainer import Interrupted, NonFiniteError, Trainer
 
-BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=12", "train.checkpoint_every=5",
+BASE = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=12", "train.checkpoint_every=5",
         "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
 
 
@@ -70,7 +70,7 @@ def test_a_crash_inside_a_resave_keeps_the_old_copy(reference, tmp_path, monkeyp
     """Every run saves its last step twice (the periodic checkpoint, then the final one). A crash after the old copy
     was moved aside and before the new one is renamed in leaves the old copy, which the rerun resumes from (with
     keep_checkpoints=1 it is the only one): it neither restarts nor rewrites stats.jsonl."""
-    Trainer(_recipe("train.steps=10", "train.keep_checkpoints=1"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=10", "train.keep_checkpoints=1"), tmp_path, quiet=True).run()
     stats = (tmp_path / "stats.jsonl").read_text()
     rename = Path.rename
 
@@ -81,12 +81,12 @@ def test_a_crash_inside_a_resave_keeps_the_old_copy(reference, tmp_path, monkeyp
 
     monkeypatch.setattr(Path, "rename", crash)
     with pytest.raises(OSError, match="simulated crash"):
-        Trainer(_recipe("train.steps=10", "train.keep_checkpoints=1"), tmp_path, quiet=True).run()
+        Trainer(_recipe("train.iterations=10", "train.keep_checkpoints=1"), tmp_path, quiet=True).run()
     monkeypatch.setattr(Path, "rename", rename)
     assert not (tmp_path / "checkpoints" / "step_0000010").exists()
     assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == [".old_step_0000010"]
     assert load_latest(tmp_path / "checkpoints")[0] == 10
-    Trainer(_recipe("train.steps=10", "train.keep_checkpoints=1"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=10", "train.keep_checkpoints=1"), tmp_path, quiet=True).run()
     assert (tmp_path / "stats.jsonl").read_text() == stats
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000010"]
     Trainer(_recipe("train.keep_checkpoints=1"), tmp_path, quiet=True).run()  # and it continues to 12 exactly
@@ -101,7 +101,7 @@ def test_the_directory_is_synced_after_the_rename(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_removes_the_partial_checkpoint_and_says_how_much_is_needed(tmp_path, monkeypatch):
-    Trainer(_recipe("train.steps=5"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=5"), tmp_path, quiet=True).run()
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -109,15 +109,15 @@ def test_a_full_disk_removes_the_partial_checkpoint_and_says_how_much_is_needed(
     monkeypatch.setattr(state.torch, "save", full)
     with pytest.raises(RunFolderError, match=r"no space left on the device of .*checkpoints: a checkpoint needs about "
                                              r"\d+\.\d MiB; free space and rerun the same command"):
-        Trainer(_recipe("train.steps=8"), tmp_path, quiet=True).run()
+        Trainer(_recipe("train.iterations=8"), tmp_path, quiet=True).run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000005"]  # no .tmp_step_*
     monkeypatch.undo()
-    Trainer(_recipe("train.steps=8"), tmp_path, quiet=True).run()  # space freed: it resumes from 5
+    Trainer(_recipe("train.iterations=8"), tmp_path, quiet=True).run()  # space freed: it resumes from 5
     assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000005", "step_0000008"]
 
 
 def test_a_torn_last_log_line_is_dropped_with_a_warning(reference, tmp_path):
-    Trainer(_recipe("train.steps=10"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=10"), tmp_path, quiet=True).run()
     with open(tmp_path / "stats.jsonl", "a") as f:
         f.write('{"step": 11, "loss/generator": 0.12')  # a write cut short
     with pytest.warns(UserWarning, match=r"stats\.jsonl: dropping its torn last line"):
@@ -130,14 +130,14 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(reference, tmp_path):
 
 
 def test_a_run_whose_checkpoints_were_deleted_says_it_starts_over(tmp_path):
-    Trainer(_recipe("train.steps=5"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=5"), tmp_path, quiet=True).run()
     for c in list_checkpoints(tmp_path / "checkpoints"):
         for f in c.iterdir():
             f.unlink()
         c.rmdir()
     with pytest.warns(UserWarning, match="no checkpoint to resume from, so the run starts over at iteration 0: 5 "
                                          "lines of an earlier run's stats.jsonl are dropped"):
-        Trainer(_recipe("train.steps=5"), tmp_path, quiet=True).run()
+        Trainer(_recipe("train.iterations=5"), tmp_path, quiet=True).run()
 
 
 @pytest.mark.parametrize("override", ["train.lr=.inf", "train.fake_lr=.nan", "teacher.std=.inf",
@@ -149,7 +149,7 @@ def test_non_finite_settings_are_refused(override):
 
 
 def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path):
-    trainer = Trainer(_recipe("train.steps=5"), tmp_path, quiet=True)
+    trainer = Trainer(_recipe("train.iterations=5"), tmp_path, quiet=True)
     trainer.run()
     with torch.no_grad():
         next(trainer.nets.generator.parameters()).fill_(float("inf"))
@@ -181,7 +181,7 @@ def _forge(ckpt: Path, name: str, data: bytes | None = None):
 
 @pytest.mark.parametrize("forgery", ["absolute", "parent", "symlinked_file", "symlinked_folder", "bad_pickle"])
 def test_a_forged_checkpoint_falls_back_to_the_older_one(forgery, tmp_path):
-    Trainer(_recipe("train.steps=10"), tmp_path / "run", quiet=True).run()
+    Trainer(_recipe("train.iterations=10"), tmp_path / "run", quiet=True).run()
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000010"
     outside = tmp_path / "outside.txt"
     outside.write_text("not yours")
@@ -204,7 +204,7 @@ def test_a_forged_checkpoint_falls_back_to_the_older_one(forgery, tmp_path):
 
 
 def test_a_checkpoint_folder_without_manifest_is_reported(tmp_path):
-    Trainer(_recipe("train.steps=5"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=5"), tmp_path, quiet=True).run()
     (tmp_path / "checkpoints" / "step_0000009").mkdir()
     with pytest.warns(UserWarning, match=r"skipping .*step_0000009: it has no manifest\.json"):
         assert load_latest(tmp_path / "checkpoints")[0] == 5
@@ -214,10 +214,10 @@ def test_a_held_run_folder_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_
     with run_lock(tmp_path):
         with pytest.raises(RunFolderError, match=rf"{tmp_path} is in use by another stepdistill command "
                                                  rf"\(pid {os.getpid()}\)"):
-            Trainer(_recipe("train.steps=2"), tmp_path, quiet=True).run()
+            Trainer(_recipe("train.iterations=2"), tmp_path, quiet=True).run()
     assert not list_checkpoints(tmp_path / "checkpoints")  # nothing was done
     (tmp_path / ".lock").write_text("999999\n")  # left by a process that died: the kernel's lock went with it
-    Trainer(_recipe("train.steps=2"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=2"), tmp_path, quiet=True).run()
     assert list_checkpoints(tmp_path / "checkpoints")
 
 
@@ -227,5 +227,5 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path
 
     monkeypatch.setattr(state, "open", denied, raising=False)  # (root ignores chmod: deny the lock file's open)
     with pytest.raises(RunFolderError, match=rf"cannot write to the run folder {tmp_path} \(Permission denied\)"):
-        Trainer(_recipe("train.steps=2"), tmp_path, quiet=True).run()
+        Trainer(_recipe("train.iterations=2"), tmp_path, quiet=True).run()
     assert not (tmp_path / "recipe.yaml").exists()

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-COMMON = ["train.steps=4", "train.checkpoint_every=4", "train.log_every=1", "train.sample_every=0",
+COMMON = ["train.iterations=4", "train.checkpoint_every=4", "train.log_every=1", "train.sample_every=0",
           "train.max_minutes=0", "eval.n=256", "eval.batch_size=128", "eval.teacher_nfe=4"]
-GMM = ["train.batch_size=64", "generator.warm_start_steps=0"]
-FASHION = ["train.batch_size=8", "generator.warm_start_steps=2", "generator.warm_start_pairs=16",
+GMM = ["train.batch_size=64", "generator.warm_start_iterations=0"]
+FASHION = ["train.batch_size=8", "generator.warm_start_iterations=2", "generator.warm_start_pairs=16",
            "generator.warm_start_nfe=4"]
 RECIPES = {  # every objective on the exact gmm teacher; UNet, CFG, LoRA and VAE paths on the bundled image teachers
     **{name: [f"configs/toy/{name}.yaml", *GMM] for name in (

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from stepdistill import parallel
 
-COMMON = ["train.steps=12", "train.checkpoint_every=6", "train.log_every=3", "train.batch_size=128",
+COMMON = ["train.iterations=12", "train.checkpoint_every=6", "train.log_every=3", "train.batch_size=128",
           "train.sample_every=0", "eval.n=512", "eval.batch_size=100", "eval.curve_every=6", "eval.curve_n=300",
           "train.watch_every=6", "train.watch_n=200"]  # watch samples sharded over 2 batches, checked in step
 RECIPES = {  # a conditional few-step student (the shared step index, per-row labels) in micro-batches; sCM (JVP,
@@ -103,10 +103,10 @@ def test_fsdp_holds_half_of_the_weights_on_each_process(one_and_two):
 @pytest.mark.parametrize("sharded", [(), (FSDP,)], ids=["data-parallel", "fsdp"])
 def test_a_two_process_checkpoint_resumes_with_one_process_and_back(one_and_two, tmp_path, sharded):
     recipe, root, *_ = one_and_two
-    _train(tmp_path / "a", recipe, 2, "train.steps=6", *sharded)
+    _train(tmp_path / "a", recipe, 2, "train.iterations=6", *sharded)
     _train(tmp_path / "a", recipe, 1)  # 6 -> 12 in one process
     _assert_close(_weights(tmp_path / "a", 12), _weights(root / "one", 12))
-    _train(tmp_path / "b", recipe, 1, "train.steps=6")
+    _train(tmp_path / "b", recipe, 1, "train.iterations=6")
     _train(tmp_path / "b", recipe, 2, *sharded)  # 6 -> 12 in two processes
     _assert_close(_weights(tmp_path / "b", 12), _weights(root / "one", 12))
 
@@ -152,7 +152,7 @@ def test_fsdp_on_a_unet_matches_one_process(objective, tmp_path):
     recipe = tmp_path / "unet.yaml"
     recipe.write_text(f"teacher: {{name: synthetic-unet, size: tiny}}\nobjective: {{name: {objective}}}\n"
                       f"data: {{path: {tmp_path / 'real.npz'}}}\neval: {{at_end: false}}\n")
-    short = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=8", "train.sample_every=2",
+    short = ["train.iterations=4", "train.checkpoint_every=2", "train.batch_size=8", "train.sample_every=2",
              "train.log_every=1"]
     _train(tmp_path / "one", [str(recipe)], 1, *short)
     _train(tmp_path / "fsdp", [str(recipe)], 2, FSDP, *short)

@@ -11,7 +11,7 @@ from stepdistill.run import load_run
 from stepdistill.training.students import train
 from stepdistill.training.trainer import Trainer, build
 
-MSD = ["configs/toy/gmm_msd.yaml", "teacher.hidden=32", "generator.students=2", "train.steps=4",
+MSD = ["configs/toy/gmm_msd.yaml", "teacher.hidden=32", "generator.students=2", "train.iterations=4",
        "train.batch_size=64", "train.checkpoint_every=2", "eval.n=256"]
 
 
@@ -23,7 +23,7 @@ def test_students_must_fit_the_conditions(gmm_built):
         train(load_recipe("configs/toy/gmm_vsd.yaml", ["generator.students=2"]), "unused")
     with pytest.raises(RecipeError, match="generator.students must be >= 1, got 0"):
         gmm_built("generator.students=0")
-    with pytest.raises(RecipeError, match=r"generator.width=0.5 .* set generator.tsm_steps"):
+    with pytest.raises(RecipeError, match=r"generator.width=0.5 .* set generator.tsm_iterations"):
         gmm_built("generator.width=0.5")
     built = gmm_built("teacher.conditional=true", "generator.students=2")
     assert built.classes is None and built.batch(200).cond.unique().tolist() == [0, 1, 2, 3]
@@ -88,8 +88,9 @@ def test_diffusers_export_writes_one_pipeline_per_student(tmp_path, tiny_unet_fo
     np.savez(tmp_path / "real.npz", x=np.random.rand(12, 1, 8, 8).astype(np.float32), labels=np.arange(12) % 3)
     out = tmp_path / "run"
     args = ["train", "configs/fashion/vsd_1step.yaml", "teacher.name=diffusers", f"teacher.path={tiny_unet_folder}",
-            "generator.students=2", "generator.warm_start_steps=0", "generator.width=0.5", "generator.tsm_steps=2",
-            f"data.path={tmp_path / 'real.npz'}", "train.steps=1", "train.batch_size=4", "train.max_minutes=0",
+            "generator.students=2", "generator.warm_start_iterations=0", "generator.width=0.5",
+            "generator.tsm_iterations=2",
+            f"data.path={tmp_path / 'real.npz'}", "train.iterations=1", "train.batch_size=4", "train.max_minutes=0",
             "eval.at_end=false", "--outdir", str(out), "--quiet"]
     assert main(args) == 0
     assert json.loads((out / "students" / "1" / "train_summary.json").read_text())["loss/tsm"] > 0
@@ -125,7 +126,7 @@ def test_smaller_student_learns_the_teacher_by_score_matching(gmm_built):
     from stepdistill.diffusion.timesteps import uniform_t
     from stepdistill.training.tsm import teacher_score_matching
 
-    b = gmm_built("teacher.conditional=true", "generator.width=0.5", "generator.tsm_steps=1")
+    b = gmm_built("teacher.conditional=true", "generator.width=0.5", "generator.tsm_iterations=1")
     student, teacher = b.nets.generator.net, b.nets.teacher
     assert student.net.hidden == 32  # teacher.hidden=64 in the fixture
 
@@ -148,8 +149,10 @@ def test_smaller_student_learns_the_teacher_by_score_matching(gmm_built):
 def test_trainer_runs_tsm_once_and_starts_the_fake_score_from_it(tmp_path, monkeypatch):
     from stepdistill.training.state import load_latest, unprefixed
 
-    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "generator.width=0.5", "generator.tsm_steps=5",
-                                                 "train.steps=0", "train.batch_size=32", "eval.at_end=false"])
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "generator.width=0.5",
+                                                 "generator.tsm_iterations=5", "train.iterations=0",
+                                                 "train.batch_size=32",
+                                                 "eval.at_end=false"])
     t = Trainer(r, tmp_path / "run", quiet=True)
     t.run()
     assert "loss/tsm" in t.last_logs

@@ -15,7 +15,7 @@ def sd_recipe(folder, *overrides):
 
 
 def test_lora_vsd_on_sd_trains_adapters_only_resumes_exactly_and_reloads(tiny_sd_folder, tmp_path):
-    full = Trainer(sd_recipe(tiny_sd_folder, "train.steps=4"), tmp_path / "full", quiet=True)
+    full = Trainer(sd_recipe(tiny_sd_folder, "train.iterations=4"), tmp_path / "full", quiet=True)
     teacher_before = {k: v.clone() for k, v in full.nets.teacher.state_dict().items()}
     full.run()
     assert all(torch.equal(v, full.nets.teacher.state_dict()[k]) for k, v in teacher_before.items())
@@ -26,8 +26,8 @@ def test_lora_vsd_on_sd_trains_adapters_only_resumes_exactly_and_reloads(tiny_sd
     assert adapters and any(v.abs().max() > 0 for v in adapters)  # the generator's adapters moved off zero
     assert (tmp_path / "full" / "samples" / "final.png").exists()
 
-    Trainer(sd_recipe(tiny_sd_folder, "train.steps=2"), tmp_path / "resumed", quiet=True).run()
-    Trainer(sd_recipe(tiny_sd_folder, "train.steps=4"), tmp_path / "resumed", quiet=True).run()
+    Trainer(sd_recipe(tiny_sd_folder, "train.iterations=2"), tmp_path / "resumed", quiet=True).run()
+    Trainer(sd_recipe(tiny_sd_folder, "train.iterations=4"), tmp_path / "resumed", quiet=True).run()
     resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step_0000004" / "weights.safetensors")
     assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
 
@@ -45,7 +45,7 @@ def test_a_first_run_on_an_sd_folder_with_default_evaluation_finishes(tiny_sd_fo
 
     data = {"teacher": {"name": "sd", "path": str(tiny_sd_folder), "prompts": str(tmp_path / "prompts.txt")},
             "objective": {"name": "vsd"}}
-    recipe = load_recipe(None, ["train.steps=1", "train.batch_size=2"], data=data)
+    recipe = load_recipe(None, ["train.iterations=1", "train.batch_size=2"], data=data)
     assert recipe.eval.at_end and recipe.eval.metrics == ["domain"]
     trainer = Trainer(recipe, tmp_path / "run")
     assert "no built-in metric and no eval.reference is set: no final evaluation" in capsys.readouterr().out
@@ -53,4 +53,5 @@ def test_a_first_run_on_an_sd_folder_with_default_evaluation_finishes(tiny_sd_fo
     assert (tmp_path / "run" / "train_summary.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
     assert load_run(tmp_path / "run").recipe.eval.at_end is False  # the recipe.yaml says what was done
     with pytest.raises(RecipeError, match=r"eval.metrics \['fid'\] needs a reference for teacher 'sd'"):
-        Trainer(load_recipe(None, ["train.steps=1", "eval.metrics=[fid]"], data=data), tmp_path / "run2", quiet=True)
+        Trainer(load_recipe(None, ["train.iterations=1", "eval.metrics=[fid]"], data=data), tmp_path / "run2",
+                quiet=True)

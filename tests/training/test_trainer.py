@@ -12,7 +12,7 @@ from stepdistill.recipe import load_recipe
 from stepdistill.training.state import list_checkpoints, load_latest
 from stepdistill.training.trainer import NonFiniteError, Trainer
 
-BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=20",
+BASE = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=20",
         "train.checkpoint_every=5", "train.log_every=1", "train.ema=0.9", "eval.at_end=false"]
 
 
@@ -43,22 +43,23 @@ def test_resume_after_a_crash_is_bitwise_identical(path, tmp_path, monkeypatch):
 
 
 def test_rerun_with_a_different_recipe_is_refused(tmp_path):
-    Trainer(_recipe("train.steps=5"), tmp_path / "r", quiet=True).run()
+    Trainer(_recipe("train.iterations=5"), tmp_path / "r", quiet=True).run()
     with pytest.raises(ValueError, match=r"train\.lr"):
-        Trainer(_recipe("train.steps=5", "train.lr=0.5"), tmp_path / "r", quiet=True).run()
-    Trainer(_recipe("train.steps=6", "eval.n=300", "train.log_every=2"), tmp_path / "r", quiet=True).run()  # allowed
+        Trainer(_recipe("train.iterations=5", "train.lr=0.5"), tmp_path / "r", quiet=True).run()
+    Trainer(_recipe("train.iterations=6", "eval.n=300", "train.log_every=2"), tmp_path / "r",
+            quiet=True).run()  # allowed
 
 
 def test_a_run_with_no_checkpoint_does_not_hold_its_folder(tmp_path):
     """A run that stopped before its first checkpoint left nothing to resume: a corrected recipe may start there."""
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "recipe.yaml").write_text(recipe_mod_dump(_recipe("train.lr=0.5")))
-    Trainer(_recipe("train.steps=2"), tmp_path / "r", quiet=True).run()
+    Trainer(_recipe("train.iterations=2"), tmp_path / "r", quiet=True).run()
     assert list_checkpoints(tmp_path / "r" / "checkpoints")
 
 
 def test_damaged_checkpoint_is_detected_and_skipped(tmp_path):
-    Trainer(_recipe("train.steps=10"), tmp_path / "r", quiet=True).run()
+    Trainer(_recipe("train.iterations=10"), tmp_path / "r", quiet=True).run()
     ckpts = list_checkpoints(tmp_path / "r" / "checkpoints")
     assert [c.name for c in ckpts] == ["step_0000005", "step_0000010"]
     weights = ckpts[-1] / "weights.safetensors"
@@ -70,12 +71,12 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])  # every checkpoint damaged: refused, not a silent restart
     stats = (tmp_path / "r" / "stats.jsonl").read_text()
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="all 2 checkpoints in .* are damaged"):
-        Trainer(_recipe("train.steps=10"), tmp_path / "r", quiet=True).run()
+        Trainer(_recipe("train.iterations=10"), tmp_path / "r", quiet=True).run()
     assert (tmp_path / "r" / "stats.jsonl").read_text() == stats  # the log is untouched
 
 
 def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
-    trainer = Trainer(_recipe("train.steps=3", "train.max_nonfinite=2", "objective.update_ratio=1"),
+    trainer = Trainer(_recipe("train.iterations=3", "train.max_nonfinite=2", "objective.update_ratio=1"),
                       tmp_path / "r", quiet=True)
     before = {k: v.clone() for k, v in trainer.nets.generator.state_dict().items()}
 
@@ -92,7 +93,7 @@ def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
 
 
 def test_bf16_autocast_trains_with_finite_losses(tmp_path):
-    trainer = Trainer(_recipe("train.steps=4", "train.precision=bf16", "objective.update_ratio=1"), tmp_path / "r",
+    trainer = Trainer(_recipe("train.iterations=4", "train.precision=bf16", "objective.update_ratio=1"), tmp_path / "r",
                       quiet=True)
     trainer.run()
     stats = _stats(tmp_path / "r" / "stats.jsonl")
@@ -134,9 +135,9 @@ def test_gradient_accumulation_must_divide_the_batch():
 
 
 def test_a_wall_time_budget_stops_the_run_and_ends_the_progress_bar_there(tmp_path, capfd):
-    """train.max_minutes ends the run before train.steps; the bar's total follows the budget, so its ETA is the
+    """train.max_minutes ends the run before train.iterations; the bar's total follows the budget, so its ETA is the
     budget's and it closes full, rather than counting towards a million iterations."""
-    Trainer(_recipe("train.steps=1000000", "train.max_minutes=0.02"), tmp_path / "r").run()
+    Trainer(_recipe("train.iterations=1000000", "train.max_minutes=0.02"), tmp_path / "r").run()
     out, err = capfd.readouterr()
     iterations = json.loads((tmp_path / "r" / "train_summary.json").read_text())["iterations"]
     assert 0 < iterations < 1000000
@@ -186,7 +187,7 @@ def test_lr_decay_runs_from_the_rate_after_warmup_to_zero_at_the_last_step(decay
         return out
 
     monkeypatch.setattr(Trainer, "train_step", record)
-    Trainer(_recipe("train.steps=12", "train.warmup=2", f"train.lr_decay={decay}"), tmp_path, quiet=True).run()
+    Trainer(_recipe("train.iterations=12", "train.warmup=2", f"train.lr_decay={decay}"), tmp_path, quiet=True).run()
     import math
     want = [0.5, 1.0] + [1 - i / 10 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]
     assert len(seen) == 12
@@ -222,5 +223,5 @@ def test_an_unavailable_tracker_is_named_before_training(tmp_path):
 
     with pytest.raises(RecipeError, match="train.log_with: unknown tracker 'tensorbored'"):
         Trainer(_recipe("train.log_with=[tensorbored]"), tmp_path / "a", quiet=True)
-    Trainer(_recipe("train.log_with=[]", "train.steps=2"), tmp_path / "b", quiet=True).run()
+    Trainer(_recipe("train.log_with=[]", "train.iterations=2"), tmp_path / "b", quiet=True).run()
     assert not (tmp_path / "b" / "tb").exists()

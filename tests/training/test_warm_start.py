@@ -22,8 +22,8 @@ def test_warm_start_moves_the_generator_onto_the_teachers_ode_map(gmm_built):
 
 
 def test_trainer_warm_starts_once_and_checkpoints_it(tmp_path):
-    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "train.steps=2", "train.checkpoint_every=0",
-                                                 "generator.warm_start_steps=20", "generator.warm_start_pairs=64",
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "train.iterations=2", "train.checkpoint_every=0",
+                                                 "generator.warm_start_iterations=20", "generator.warm_start_pairs=64",
                                                  "eval.at_end=false", "train.batch_size=32"])
     t = Trainer(r, tmp_path / "run", quiet=True)
     t.run()
@@ -53,8 +53,8 @@ def test_pairs_follow_the_objectives_guided_teacher(gmm_built, tmp_path, monkeyp
     import stepdistill.training.warm_start as ws
     seen = []
     monkeypatch.setattr(ws, "regression_warm_start", lambda *a, **k: seen.append(k["guidance_scale"]) or 0.0)
-    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "teacher.conditional=true", "train.steps=1",
-                                                 "objective.guidance_scale=2.5", "generator.warm_start_steps=5",
+    r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "teacher.conditional=true", "train.iterations=1",
+                                                 "objective.guidance_scale=2.5", "generator.warm_start_iterations=5",
                                                  "eval.at_end=false", "train.batch_size=16"])
     Trainer(r, tmp_path / "run", quiet=True).run()
     assert seen == [2.5]

@@ -12,8 +12,8 @@ from stepdistill.training.state import list_checkpoints, load_latest
 from stepdistill.training.trainer import Trainer
 from stepdistill.training.watch import BEST, CollapseError, Reference, Watch
 
-BASE = ["teacher.hidden=32", "train.batch_size=64", "train.steps=20", "train.checkpoint_every=5", "train.log_every=1",
-        "train.ema=0.9", "eval.at_end=false", "train.watch_every=5", "train.watch_n=64"]
+BASE = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=20", "train.checkpoint_every=5",
+        "train.log_every=1", "train.ema=0.9", "eval.at_end=false", "train.watch_every=5", "train.watch_n=64"]
 
 
 def _recipe(*extra, path="configs/toy/gmm_vsd.yaml"):
@@ -164,7 +164,7 @@ def test_sid_diverging_on_ring8_is_caught(tmp_path):
     finite (docs/claims_gmm.md); the watch stops it with the distance far above its best."""
     overrides = [line for line in open("configs/toy/ring8/overrides.txt").read().splitlines()
                  if line and not line.startswith("#")]
-    recipe = load_recipe("configs/toy/gmm_sid.yaml", overrides + ["objective.alpha=1.5", "train.steps=200",
+    recipe = load_recipe("configs/toy/gmm_sid.yaml", overrides + ["objective.alpha=1.5", "train.iterations=200",
                                                                    "train.watch_every=20", "train.on_collapse=stop",
                                                                    "eval.at_end=false"])
     torch.set_num_threads(1)  # a small MLP: about 12 s on one thread, several times that on two busy ones
