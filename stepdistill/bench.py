@@ -108,7 +108,7 @@ def train_runs(suite: Suite, outdir: Path, quiet: bool = False) -> list[tuple[st
 def score_run(run_dir: Path, nfes: list[int]) -> dict:
     """The run's domain metric at each NFE (its trained K from metrics.json, others generated now and cached in
     nfe_scores.json), its iterations and training time."""
-    from .eval.harness import domain_reference, domain_score, generate_student, main_metric
+    from .eval.harness import domain_metric, domain_reference, domain_score, generate_student, main_metric
     from .run import load_run
 
     run = load_run(run_dir, parallel.compute_device())
@@ -125,11 +125,13 @@ def score_run(run_dir: Path, nfes: list[int]) -> dict:
         x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size, steps=nfe)
         by_nfe[nfe] = domain_score(run.teacher, x, reference)[key]
         cache.write_text(json.dumps(by_nfe, indent=2))
-    coverage = {c: metrics["student"][c] for c in COVERAGE if c in metrics["student"]}
-    if run.teacher.domain == "gmm" and len(coverage) < len(COVERAGE):  # a run scored before coverage was measured
+    metric = domain_metric(run.teacher)
+    columns = metric.columns if metric else ()  # gmm: mode coverage
+    coverage = {c: metrics["student"][c] for c in columns if c in metrics["student"]}
+    if len(coverage) < len(columns):  # a run scored before these were measured
         x = generate_student(run.student, run.teacher, e.n, e.seed, e.batch_size)
         score = domain_score(run.teacher, x, domain_reference(run.teacher, e.n, e.seed, split=e.split))
-        coverage = {c: score[c] for c in COVERAGE}
+        coverage = {c: score[c] for c in columns}
     parts = summary.get("students", [summary])  # a multi-student run: one summary per student, trained in turn
     name = run.recipe.objective.name + (f" x {len(parts)} students" if "students" in summary else "")
     return {"objective": name, "trained_k": k, "iterations": sum(s["iterations"] for s in parts),

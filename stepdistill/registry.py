@@ -1,8 +1,9 @@
-"""Name -> class registries for objectives, teachers and domain metrics; names feed CLI help and error messages.
+"""Name -> class registries for objectives, teachers, domain metrics and backbones; names feed CLI help and errors.
 
 A leaf module: it imports nothing from the package. The plug-ins import it to `register` themselves, and it finds
-them by scanning their packages (every module of stepdistill/objectives/ and stepdistill/teachers/) the first time a
-kind's names are asked for, so a new objective or teacher is one new file and no list to update. A file outside the
+them by scanning their packages (every module of stepdistill/objectives/, stepdistill/teachers/ and
+stepdistill/models/backbones/) the first time a kind's names are asked for, so a new objective, teacher or backbone
+is one new file and no list to update. A file outside the
 package registers the same way when a recipe lists it under `plugins` (`load_file`).
 """
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 from .errors import RecipeError
 
-_REGISTRY: dict[str, dict[str, Any]] = {"objective": {}, "teacher": {}, "domain": {}}
+_REGISTRY: dict[str, dict[str, Any]] = {"objective": {}, "teacher": {}, "domain": {}, "backbone": {}}
 # where each kind's built-ins live: a package (every module of it is imported) or one module (the domain metrics)
 PLUGIN_PACKAGES = {"objective": f"{__package__}.objectives", "teacher": f"{__package__}.teachers",
-                   "domain": f"{__package__}.eval.domains"}
+                   "domain": f"{__package__}.eval.domains", "backbone": f"{__package__}.models.backbones"}
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
@@ -62,8 +63,8 @@ def _load_builtins(kind: str) -> None:
 
 def load_file(path: str) -> None:
     """Import a plug-in module from a Python file (a recipe's `plugins`), once per file: its @register decorators add
-    its objectives or teachers. Registered in sys.modules under a name derived from the path, so its dataclasses'
-    type hints resolve as a package module's do."""
+    its objectives, teachers, domain metrics or backbones. Registered in sys.modules under a name derived from the
+    path, so its dataclasses' type hints resolve as a package module's do."""
     name = "stepdistill_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:12]
     if name in sys.modules:
         return

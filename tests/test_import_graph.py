@@ -148,7 +148,7 @@ def test_no_private_name_is_reached_from_another_module():
 
 def test_the_registry_finds_every_registered_plug_in_on_its_own():
     """A fresh interpreter that imports only the registry lists every @register("kind", "name") in the source."""
-    kinds = ("objective", "teacher", "domain")
+    kinds = ("objective", "teacher", "domain", "backbone")
     declared = {k: set() for k in kinds}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -158,7 +158,7 @@ def test_the_registry_finds_every_registered_plug_in_on_its_own():
     code = "from stepdistill import registry\n" + "".join(f"print(registry.names({k!r}))\n" for k in kinds)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout.splitlines()
-    assert [ast.literal_eval(line) for line in out[-3:]] == [sorted(declared[k]) for k in kinds]
+    assert [ast.literal_eval(line) for line in out[-len(kinds):]] == [sorted(declared[k]) for k in kinds]
 
 
 def test_no_subpackage_shadows_a_top_level_function():

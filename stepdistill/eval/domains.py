@@ -33,6 +33,7 @@ class DomainMetric:
     min_samples = 1  # fewest samples one score takes (eval.n, eval.curve_n are checked against it before training)
     what = "domain metric"  # how the check names the metric
     baseline_model = ""  # what `baseline` samples, in words
+    columns: tuple[str, ...] = ()  # score entries a benchmark report shows beside the main metric
 
     def __init__(self, teacher) -> None:
         self.teacher = teacher
@@ -73,6 +74,7 @@ class MixtureMetric(DomainMetric):
     component and the worst component's relative mass error."""
 
     baseline_model = "one Gaussian with the mixture's exact mean and covariance"
+    columns = ("near_share", "worst_mass_error")
 
     def protocol(self, e) -> dict:
         return {"reference": f"{e.n} exact mixture samples (seed {e.seed + REFERENCE_SEED[e.split]})",

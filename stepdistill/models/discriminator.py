@@ -16,37 +16,29 @@ from torch import nn
 
 from ..diffusion.parametrization import Prediction
 from ..errors import InputError
-from .mlp import MLPDenoiser
+from .backbones import backbone_of
 from .score import ScoreModel, device_of
 
 
 def feature_module(score: ScoreModel) -> tuple[nn.Module, int, bool]:
     """(module whose output is the feature map, its channels, whether it is spatial) for a supported network."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    net = score.net
-    if isinstance(net, (UNet2DModel, UNet2DConditionModel)) and net.mid_block is not None:
-        return net.mid_block, net.config.block_out_channels[-1], True
-    if isinstance(net, MLPDenoiser):
-        return net.net[-2], net.hidden, False  # the activation before the output layer
-    raise InputError(f"a discriminator needs the fake score's features, and a {type(net).__name__} does not expose "
-                     "them: use a diffusers UNet (with a mid block) or the MLP, or set the GAN weight to 0")
+    found = backbone_of(score.net).bottleneck(score.net)
+    if found is None:
+        raise InputError(f"a discriminator needs the fake score's features, and a {type(score.net).__name__} does "
+                         "not expose them: use a diffusers UNet (with a mid block) or the MLP, or set the GAN weight "
+                         "to 0")
+    return found
 
 
 def feature_levels(score: ScoreModel) -> list[tuple[nn.Module, int, bool]]:
     """LADD's feature taps: (module, channels, spatial) at several depths of a supported network."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    net = score.net
-    if isinstance(net, (UNet2DModel, UNet2DConditionModel)):
-        levels = [(block, ch, True) for block, ch in zip(net.down_blocks, net.config.block_out_channels)]
-        return levels + ([(net.mid_block, net.config.block_out_channels[-1], True)] if net.mid_block else [])
-    if isinstance(net, MLPDenoiser):
-        return [(m, net.hidden, False) for m in net.net if isinstance(m, nn.SiLU)]
-    raise InputError(f"LADD reads the teacher's features, and this toolkit cannot hook the layers of a "
-                     f"{type(net).__name__} (it knows diffusers UNets and the MLP). Fallback: a discriminator head on "
-                     "the trainable fake score instead (objective vsd with objective.gan_weight > 0, DMD2's GAN), or "
-                     "objective scm with objective.adv_weight=0")
+    found = backbone_of(score.net).levels(score.net)
+    if found is None:
+        raise InputError(f"LADD reads the teacher's features, and this toolkit cannot hook the layers of a "
+                         f"{type(score.net).__name__} (it knows diffusers UNets and the MLP). Fallback: a "
+                         "discriminator head on the trainable fake score instead (objective vsd with "
+                         "objective.gan_weight > 0, DMD2's GAN), or objective scm with objective.adv_weight=0")
+    return found
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import torch
 
 from ..diffusion.schedules import RectifiedFlow, Schedule, VPDiscrete
 from ..errors import InputError, MissingFileError
+from .backbones import backbone_of
 from .score import ScoreModel
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -121,17 +122,11 @@ def load_diffusers_score(path: str, subfolder: str = "unet", dtype: torch.dtype 
 
 def score_from_diffusers(net, scheduler, meta: dict | None = None) -> ScoreModel:
     """ScoreModel of a loaded diffusers network and its scheduler (`meta`: the folder's stepdistill.json, if any)."""
-    import diffusers
-
     meta = meta or {}
     schedule, kind = schedule_from_scheduler(scheduler)
-    if isinstance(net, diffusers.UNet2DModel):
-        n_cls = net.config.num_class_embeds
-        conditioning = "class" if n_cls else "none"
-        null_label = meta.get("null_label", n_cls - 1 if n_cls else None)
-        return ScoreModel(net, schedule, kind, conditioning, null_label=null_label)
-    if isinstance(net, (diffusers.UNet2DConditionModel, diffusers.SD3Transformer2DModel,
-                        diffusers.SanaTransformer2DModel, diffusers.FluxTransformer2DModel)):
-        return ScoreModel(net, schedule, kind, "text")
-    raise InputError(f"{type(net).__name__} is not supported yet (UNet2DModel, UNet2DConditionModel, "
-                     "SD3Transformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel)")
+    conditioning = backbone_of(net).conditioning(net)
+    if conditioning is None:
+        raise InputError(f"{type(net).__name__} is not supported yet (UNet2DModel, UNet2DConditionModel, "
+                         "SD3Transformer2DModel, SanaTransformer2DModel, FluxTransformer2DModel)")
+    null_label = meta.get("null_label", net.config.num_class_embeds - 1) if conditioning == "class" else None
+    return ScoreModel(net, schedule, kind, conditioning, null_label=null_label)

@@ -12,13 +12,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..diffusion.guidance import cfg_combine, guidance_scale_embedding
+from ..diffusion.guidance import cfg_combine
 from ..diffusion.parametrization import KINDS, Prediction, to_prediction
 from ..diffusion.schedules import Schedule
 from ..errors import InputError, RecipeError
+from .backbones import backbone_of
 
 Conditioning = Literal["none", "class", "text"]
-GUIDANCE_EMBED_DIM = 256  # a UNet student's time_cond_proj_dim (LCM-SD's)
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -36,7 +36,8 @@ def move_modules(owner: object, device: torch.device) -> None:
 
 
 class ScoreModel(nn.Module):
-    """Wraps `net` (diffusers UNet2DModel / UNet2DConditionModel, or an MLPDenoiser).
+    """Wraps `net`, any network a backbone adapter knows how to call (models/backbones/: diffusers UNets, SD3, FLUX
+    and SANA transformers, the MLPDenoiser), or a plain net(x, t[, cond]).
 
     cond: None for unconditional nets; (N,) int64 labels for class-conditional ones (label `null_label` means
     unconditional); (N, L, C) text conditions for cross-attention nets (`null_cond` is the unconditional one), whose
@@ -76,64 +77,9 @@ class ScoreModel(nn.Module):
     predict = forward
 
     def _call_net(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        from diffusers import (
-            FluxTransformer2DModel,
-            SanaTransformer2DModel,
-            SD3Transformer2DModel,
-            UNet2DConditionModel,
-            UNet2DModel,
-        )
-
-        from .conditioning import unpack_pooled
-
-        net = self.net
-        net_dtype = next(net.parameters()).dtype
-        x = x.to(net_dtype)
-        if isinstance(net, UNet2DModel):
-            return net(x, timestep, class_labels=cond if self.conditioning == "class" else None).sample
-        if isinstance(net, UNet2DConditionModel):
-            c = net.config
-            if c.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop time ids
-                tokens, pooled = unpack_pooled(cond.to(net_dtype), c.projection_class_embeddings_input_dim
-                                               - len(self.time_ids) * c.addition_time_embed_dim)
-                added = {"text_embeds": pooled, "time_ids": self.time_ids.to(x).expand(len(x), -1)}
-                return net(x, timestep, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
-            embedded = None
-            if c.time_cond_proj_dim is not None and self.guidance_input is not None:  # diffusers' LCM convention
-                embedded = guidance_scale_embedding(self.guidance_vector(len(x), x.device) - 1,
-                                                    c.time_cond_proj_dim).to(net_dtype)
-            return net(x, timestep, encoder_hidden_states=cond.to(net_dtype), timestep_cond=embedded).sample
-        if isinstance(net, SD3Transformer2DModel):
-            tokens, pooled = unpack_pooled(cond.to(net_dtype), net.config.pooled_projection_dim)
-            return net(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=timestep).sample
-        if isinstance(net, FluxTransformer2DModel):
-            return self._call_flux(net, x, timestep, cond.to(net_dtype))
-        if isinstance(net, SanaTransformer2DModel):  # the attention mask is the condition's last column
-            cond = cond.to(net_dtype)
-            guidance = None
-            if net.config.guidance_embeds:  # SANA-Sprint's guidance embedding, as SanaSprintPipeline feeds it
-                guidance = self.guidance_vector(len(x), x.device) * net.config.guidance_embeds_scale
-            out = net(x, encoder_hidden_states=cond[..., :-1], encoder_attention_mask=cond[..., -1],
-                      timestep=timestep * net.config.timestep_scale, guidance=guidance).sample
-            return out[:, :x.shape[1]]  # a learned-sigma head's first half is the prediction
-        return net(x, timestep) if self.conditioning == "none" else net(x, timestep, cond)
-
-    def _call_flux(self, net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """FLUX: 2x2 patches of the latent as tokens with their (0, row, column) ids, time in [0, 1], the pooled CLIP
-        row, and the embedded guidance for guidance-distilled (dev) networks."""
-        from .conditioning import unpack_pooled
-
-        n, c, h, w = x.shape
-        tokens = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
-        ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
-        ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
-        ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
-        text, pooled = unpack_pooled(cond, net.config.pooled_projection_dim)
-        guidance = self.guidance_vector(n, x.device) if net.config.guidance_embeds else None  # FLUX-dev
-        out = net(tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep / 1000,
-                  img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
-                  guidance=guidance).sample
-        return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        """The network's raw output, called the way its family expects (models/backbones/)."""
+        x = x.to(next(self.net.parameters()).dtype)
+        return backbone_of(self.net).call(self, self.net, x, timestep, cond)
 
     def guidance_vector(self, n: int, device: torch.device) -> torch.Tensor:
         """guidance_input as (n,) float32 scales: a float repeated, or per-sample scales (repeated when a guided call
@@ -196,8 +142,6 @@ def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidan
     the UNet has time_cond_proj_dim). SANA transformers get SANA-Sprint's `guidance_embeds`: the time embedding
     becomes SanaCombinedTimestepGuidanceEmbeddings with the old time embedder's weights and a zero-initialised
     guidance embedder's output layer, fed scale x guidance_embeds_scale (as SanaSprintPipeline does)."""
-    from diffusers import SanaTransformer2DModel, UNet2DConditionModel
-
     net, name = score.net, type(score.net).__name__
     if score.conditioning != "text":
         kind = "unconditional" if score.conditioning == "none" else "class-conditional"
@@ -207,24 +151,9 @@ def embed_guidance(score: ScoreModel, scale: float, key: str = "objective.guidan
         raise RecipeError(f"{key} adds a guidance embedding to the student, which a LoRA student's checkpoints and "
                           "exports do not carry yet: set generator.lora_rank=0 (full fine-tuning), or remove "
                           f"{key}")
-    if isinstance(net, UNet2DConditionModel) and net.config.time_cond_proj_dim is None:
-        emb = net.time_embedding
-        emb.cond_proj = nn.Linear(GUIDANCE_EMBED_DIM, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight)
-        nn.init.zeros_(emb.cond_proj.weight)
-        net.register_to_config(time_cond_proj_dim=GUIDANCE_EMBED_DIM)
-    elif isinstance(net, SanaTransformer2DModel) and not net.config.guidance_embeds:
-        from diffusers.models.transformers.sana_transformer import SanaCombinedTimestepGuidanceEmbeddings
-
-        old = net.time_embed  # AdaLayerNormSingle: the same time embedder and output layer
-        new = SanaCombinedTimestepGuidanceEmbeddings(old.linear.in_features).to(old.linear.weight)
-        new.timestep_embedder.load_state_dict(old.emb.timestep_embedder.state_dict())
-        new.linear.load_state_dict(old.linear.state_dict())
-        nn.init.zeros_(new.guidance_embedder.linear_2.weight)
-        nn.init.zeros_(new.guidance_embedder.linear_2.bias)
-        net.time_embed = new
-        net.register_to_config(guidance_embeds=True)
-    else:
-        already = getattr(net.config, "time_cond_proj_dim", None) or getattr(net.config, "guidance_embeds", False)
+    if not backbone_of(net).add_guidance_embedding(net):
+        config = getattr(net, "config", None)  # diffusers' config; a plain network has none
+        already = getattr(config, "time_cond_proj_dim", None) or getattr(config, "guidance_embeds", False)
         why = ("this teacher already takes a guidance scale as an input (it is guidance-distilled)" if already else
                f"{name} has no guidance-embedding option here (UNet2DConditionModel: SD 1.x/2.x, SDXL; "
                "SanaTransformer2DModel: SANA)")

@@ -41,7 +41,7 @@ RECIPE = '''
 plugins: [{plugin}]
 teacher: {{name: gmm, means: [[-2.0, 0.0], [2.0, 0.0]], std: 0.2}}
 objective: {{name: toy_pull, target: 1.5}}
-train: {{steps: 150, batch_size: 128, lr: 1.0e-2, log_every: 50, checkpoint_every: 100, watch_every: 0}}
+train: {{iterations: 150, batch_size: 128, lr: 1.0e-2, log_every: 50, checkpoint_every: 100, watch_every: 0}}
 eval: {{at_end: false}}
 '''
 

@@ -1,0 +1,23 @@
+"""The toolkit's own MLPDenoiser (models/mlp.py): vectors, the Gaussian-mixture teachers' students."""
+from __future__ import annotations
+
+from torch import nn
+
+from ...registry import register
+from ..mlp import MLPDenoiser
+from . import Backbone
+
+
+@register("backbone", "mlp")
+class MLPBackbone(Backbone):
+    name = "MLPDenoiser"
+
+    @staticmethod
+    def claims(net: nn.Module) -> bool:
+        return isinstance(net, MLPDenoiser)
+
+    def bottleneck(self, net):
+        return net.net[-2], net.hidden, False  # the activation before the output layer
+
+    def levels(self, net):
+        return [(m, net.hidden, False) for m in net.net if isinstance(m, nn.SiLU)]
