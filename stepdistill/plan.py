@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import re
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -104,19 +104,27 @@ class BF16Emulation(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
 class FusedAttention(TorchFunctionMode):
     """scaled_dot_product_attention on meta tensors through a fused kernel's meta function (flash attention's CPU
     variant: the same outputs and saved tensors, output and logsumexp, as the CUDA flash / memory-efficient kernels
-    sdpa picks on a GPU). On meta tensors sdpa would otherwise take its math path and hold every attention matrix."""
+    sdpa picks on a GPU, with or without a mask). On meta tensors sdpa would otherwise take its math path and hold
+    every attention matrix. Where a caller forces the math backend (sCM's JVP: kernels/forward_ad.py) it stays."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta and \
-                kwargs.get("attn_mask") is None and len(args) == 3:
-            q, k, v = args
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k.to(q.dtype), v.to(q.dtype), kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
-                scale=kwargs.get("scale"))[0]
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            a = {**dict(zip(SDPA_ARGS, args)), **kwargs}  # diffusers' attention dispatcher passes them by name
+            q, k, v, mask = a.get("query"), a.get("key"), a.get("value"), a.get("attn_mask")
+            fused = torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+            if q is not None and q.is_meta and fused and not a.get("enable_gqa") and q.shape[1] == k.shape[1]:
+                if mask is not None and mask.dtype != torch.bool:
+                    mask = mask.to(q.dtype)
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k.to(q.dtype), v.to(q.dtype), a.get("dropout_p", 0.0), a.get("is_causal", False),
+                    attn_mask=mask, scale=a.get("scale"))[0]
         return func(*args, **kwargs)
 
 
@@ -130,6 +138,25 @@ def meta_scalars():
         yield
     finally:
         torch.Tensor.item, torch.Tensor.__float__ = item, to_float
+
+
+@contextmanager
+def meta_autocast():
+    """torch.autocast and torch.is_autocast_enabled know no meta device type (sCM opens an fp32 region for its
+    tangents on the tensors' device and asks whether autocast is on): for meta they act as for the CPU, where autocast
+    is off and does nothing to meta tensors (BF16Emulation stands for it there)."""
+    autocast, enabled = torch.autocast, torch.is_autocast_enabled
+    cpu = lambda device: "cpu" if device == "meta" else device  # noqa: E731
+
+    class MetaAutocast(autocast):
+        def __init__(self, device_type: str, *args, **kwargs) -> None:
+            super().__init__(cpu(device_type), *args, **kwargs)
+
+    torch.autocast, torch.is_autocast_enabled = MetaAutocast, lambda *device: enabled(*map(cpu, device))
+    try:
+        yield
+    finally:
+        torch.autocast, torch.is_autocast_enabled = autocast, enabled
 
 
 @dataclass
@@ -274,12 +301,36 @@ def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int]) 
     p.largest_phase = max(p.transient, key=p.transient.get, default="")
 
 
+class _GlobalOnly:
+    """Stands for FlopCounterMode's ModuleTracker: every FLOP counted under "Global", no module hooks."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def total_flops():
+    """torch.utils.flop_counter.FlopCounterMode for its total only (its per-module attribution hooks fail on a module
+    called with a parameter under no_grad: SANA's norm_out inside sCM's JVP), counting FusedAttention's CPU flash
+    kernel as the CUDA one it stands for (FlopCounterMode has no formula for it)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    flops = FlopCounterMode(display=False, custom_mapping={  # arguments arrive as shapes
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)})
+    flops.mod_tracker = _GlobalOnly()
+    return flops
+
+
 def _run_phases(recipe: Recipe, built, ema, m: int) -> tuple[dict, float]:
     """Run iteration 0's phases on meta tensors at micro-batch m: per phase (peak bytes allocated: activations,
     gradients, temporaries; the phase's whole gradient bytes; its networks; a note if it could not run), and the
     FLOPs of all of them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from .kernels import configure_networks
     from .objectives.base import Batch
 
@@ -295,15 +346,16 @@ def _run_phases(recipe: Recipe, built, ema, m: int) -> tuple[dict, float]:
         x0 = torch.empty(m, *built.teacher.shape) if obj.uses_data else None
         batch = Batch(m, None if cond is None else cond.to("meta"), None if x0 is None else x0.to("meta"))
         samples = None
-        flops = FlopCounterMode(display=False)
-        with meta_scalars(), flops:
+        flops = total_flops()
+        with meta_scalars(), meta_autocast(), flops:
             for phase in obj.phases(0):
                 name, note = "+".join(phase.networks), ""
                 params = [x for n in phase.networks for x in built.nets.get(n).parameters() if x.requires_grad]
                 tracker = LiveBytes()
                 try:
-                    with tracker, (FusedAttention() if t.attention != "math" else _null()), \
-                            (BF16Emulation() if t.precision == "bf16" else _null()):
+                    functions = [*([FusedAttention()] if t.attention != "math" else []),
+                                 *([BF16Emulation()] if t.precision == "bf16" else [])]
+                    with entered([tracker, *functions]), recompute_under(functions):
                         out = phase.loss(batch, samples)
                         out.loss.backward()
                         samples = out.samples if out.samples is not None else samples
@@ -319,8 +371,33 @@ def _run_phases(recipe: Recipe, built, ema, m: int) -> tuple[dict, float]:
 
 
 @contextmanager
-def _null():
-    yield
+def entered(contexts):
+    with ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+@contextmanager
+def recompute_under(modes):
+    """torch.utils.checkpoint recomputes a block in backward outside the torch-function modes active around the pass
+    (gradient checkpointing, kernels/execution.py; dispatch modes such as LiveBytes do stay): recompute it under
+    `modes` too, so that it runs the kernels and dtypes of its forward (checkpoint checks the dtypes)."""
+    from torch.utils import checkpoint as ckpt
+
+    real = ckpt.checkpoint
+
+    def checkpoint(fn, *args, context_fn=ckpt.noop_context_fn, **kwargs):
+        def contexts():
+            forward, recompute = context_fn()
+            return forward, entered([recompute, *modes])
+        return real(fn, *args, context_fn=contexts, **kwargs)
+
+    ckpt.checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        ckpt.checkpoint = real
 
 
 # ---- suggestions ---------------------------------------------------------------------------------------------------

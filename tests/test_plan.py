@@ -2,6 +2,7 @@
 SDXL-size plan, and the command line."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stepdistill.plan import GiB, LiveBytes, build_meta, parse_bytes, plan
@@ -39,18 +40,17 @@ def test_fsdp_divides_sharded_state():
     assert abs(four.components["generator weights"] * 4 - one.components["generator weights"]) <= 4
 
 
-def test_planned_peak_matches_measured_cpu_iteration(tmp_path):
-    """The plan's peak against an iteration of the real trainer on the CPU: the bytes of every tensor alive before
-    it (weights, AdamW moments, EMA) plus the peak of those it allocates (LiveBytes on real tensors)."""
+def measured_peak(recipe, tmp_path) -> int:
+    """An iteration of the real trainer on the CPU: the bytes of every tensor alive before it (weights, AdamW moments,
+    EMA) plus the peak of those it allocates (LiveBytes on real tensors)."""
     from stepdistill.training.trainer import Trainer
 
-    recipe = tiny()
     trainer = Trainer(recipe, tmp_path, quiet=True)
     trainer.train_step()  # the first step creates the AdamW moments
     trainer.step = 1
     held = {}
     for m in (trainer.nets.teacher, trainer.nets.generator, trainer.nets.fake_score, trainer.ema.model):
-        for x in [*m.parameters(), *m.buffers()]:
+        for x in [*m.parameters(), *m.buffers()] if m is not None else []:
             held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
     for o in trainer.optimizers.values():
         for state in o.state.values():
@@ -59,9 +59,43 @@ def test_planned_peak_matches_measured_cpu_iteration(tmp_path):
                     held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
     with LiveBytes() as tracker:
         trainer.train_step()
-    measured = sum(held.values()) + tracker.peak
-    planned = plan(recipe).peak
+    return sum(held.values()) + tracker.peak
+
+
+def test_planned_peak_matches_measured_cpu_iteration(tmp_path):
+    recipe = tiny()
+    planned, measured = plan(recipe).peak, measured_peak(recipe, tmp_path)
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+FAMILIES = {"sd3_medium_dmd2": ("tiny-sd3", 2.0e9), "flux_dev_dmd2": ("tiny-flux", 11.9e9),
+            "sana_1600m_sprint": ("tiny-sana", 1.6e9)}  # plan config: test size, published parameter count
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_transformer_plan_configs_plan_at_tiny_size_as_measured(name, tmp_path):
+    """Each transformer plan config as configured (vsd with LoRA, or sCM with its JVP and guidance embedding; bf16
+    emulation, gradient checkpointing) at the family's test size: every phase runs on meta tensors, and the planned
+    peak is within 15% of a measured CPU iteration (fp32 there: CPU bf16 autocast is not what the plan emulates)."""
+    over = [f"teacher.size={FAMILIES[name][0]}", "train.batch_size=4", "train.grad_accum=1", "train.ema=0.99",
+            "generator.lora_rank=4" if "flux" in name else "generator.lora_rank=0"]
+    if "dmd2" in name:  # the measured iteration runs every phase, as the plan's iteration 0 does
+        over.append("objective.update_ratio=1")
+    p = plan(load_recipe(f"configs/plan/{name}.yaml", over))
+    assert not p.notes and p.flops > 0 and p.peak > p.static
+    recipe = load_recipe(f"configs/plan/{name}.yaml", [*over, "train.precision=fp32", "train.teacher_dtype=fp32",
+                                                       "train.log_with=[]"])
+    planned, measured = plan(recipe).peak, measured_peak(recipe, tmp_path)
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_transformer_plan_configs_are_the_published_sizes(name):
+    """SD3-medium's transformer 2.0B (2.028B), FLUX.1-dev's 11.9B (11.901B), SANA-1.6B's 1.6B (1.604B): the real-size
+    synthetic teachers, built on meta by the plan."""
+    p = plan(load_recipe(f"configs/plan/{name}.yaml"), 8, activations=False)
+    assert p.params["teacher"] == pytest.approx(FAMILIES[name][1], rel=0.03)
+    assert all(x.is_meta for x in build_meta(load_recipe(f"configs/plan/{name}.yaml"))[0].nets.teacher.parameters())
 
 
 def test_sdxl_plan_counts_sdxl_unet():
