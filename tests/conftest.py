@@ -75,10 +75,11 @@ def gmm_built():
 TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
-def make_tiny_sd_folder(path, prediction_type: str = "epsilon"):
+def make_tiny_sd_folder(path, prediction_type: str = "epsilon", sd2: bool = False):
     """A tiny Stable Diffusion pipeline folder built offline (the layout of a real SD1.5 download): a 2-block
     UNet2DConditionModel on 4x8x8 latents, a 2-block AutoencoderKL (16x16 RGB images), a 2-layer CLIP text encoder
-    with the local tokenizer, and a DDPM scheduler."""
+    with the local tokenizer, and a DDPM scheduler. `sd2`: SD 2.x's differences, an OpenCLIP-style text encoder (gelu)
+    and linear projections in the UNet's transformers."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -87,11 +88,11 @@ def make_tiny_sd_folder(path, prediction_type: str = "epsilon"):
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)
+                                attention_head_dim=4, norm_num_groups=8, use_linear_projection=sd2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=8, sample_size=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(vocab)))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(vocab), hidden_act="gelu" if sd2 else "quick_gelu"))
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type, clip_sample=False, steps_offset=1)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -209,14 +210,14 @@ def make_tiny_sana_folder(path):
     return path
 
 
-def train_tiny_sd_run(root, *overrides: str):
-    """A VSD LoRA-ready student of a tiny SD teacher (folder and 3 prompts under `root`), trained with `overrides`
-    (batch 4, lr 1e-2, no evaluation); returns the loaded run."""
+def train_tiny_sd_run(root, *overrides: str, sd2: bool = False):
+    """A VSD LoRA-ready student of a tiny SD teacher (folder and 3 prompts under `root`; `sd2`: SD 2.x's text encoder
+    and UNet), trained with `overrides` (batch 4, lr 1e-2, no evaluation); returns the loaded run."""
     from stepdistill.recipe import load_recipe
     from stepdistill.run import load_run
     from stepdistill.training.trainer import Trainer
 
-    folder = make_tiny_sd_folder(root / "sd")
+    folder = make_tiny_sd_folder(root / "sd", sd2=sd2)
     (root / "prompts.txt").write_text("a red shirt\na blue bag\na green shoe\n")
     data = {"teacher": {"name": "sd", "path": str(folder), "prompts": str(root / "prompts.txt")},
             "objective": {"name": "vsd", "update_ratio": 1}}

@@ -6,9 +6,9 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path("notebooks/quickstart.ipynb")
-TINY = """STEPS = 3
+TINY = """ITERATIONS = 3
 MINUTES = 0
-WARM_START_STEPS = 0
+WARM_START_ITERATIONS = 0
 EVAL_N = 200
 TEACHER_NFE = 2
 OUT = {out!r}"""

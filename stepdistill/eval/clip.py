@@ -13,7 +13,8 @@ from .inception import check_uint8_images
 
 HOW_TO_GET = ("CLIP score needs a local CLIP model folder (config.json, weights, tokenizer and preprocessor files), "
               "e.g. one saved with CLIPModel.save_pretrained + CLIPProcessor.save_pretrained, or a downloaded "
-              "openai/clip-vit-large-patch14 snapshot; pass it with --clip PATH")
+              "openai/clip-vit-large-patch14 snapshot; pass it with --clip PATH (eval --folder) or eval.clip=PATH "
+              "(a recipe, eval.metrics clip)")
 
 
 class _Embeddings(torch.nn.Module):
@@ -42,11 +43,7 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path 
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
-    if model_path is None:
-        raise MissingFileError(HOW_TO_GET)
-    path = Path(model_path)
-    if not (path / "config.json").exists():
-        raise MissingFileError(f"no CLIP model at {path} (config.json missing); {HOW_TO_GET}")
+    path = clip_folder(model_path)
     images = check_uint8_images(images)
     if len(prompts) != len(images):
         raise InputError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one")
@@ -60,6 +57,22 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path 
     metric = CLIPScore(model_name_or_path=load)
     for i in range(0, len(images), batch_size):
         metric.update(images[i:i + batch_size], prompts[i:i + batch_size])
+    return {"clip_score": float(metric.compute()), "clip_model": clip_model_id(path)}
+
+
+def clip_folder(model_path: str | Path | None) -> Path:
+    """The CLIP model folder, checked to hold a model (a MissingFileError saying how to get one otherwise)."""
+    if model_path is None:
+        raise MissingFileError(HOW_TO_GET)
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise MissingFileError(f"no CLIP model at {path} (config.json missing); {HOW_TO_GET}")
+    return path
+
+
+def clip_model_id(model_path: str | Path) -> str:
+    """The folder's name and its weights' hash: what a CLIP score's protocol records."""
+    path = clip_folder(model_path)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     sha = file_sha256(weights[0])[:16] if weights else "unknown"
-    return {"clip_score": float(metric.compute()), "clip_model": f"{path.name} (weights sha256 {sha})"}
+    return f"{path.name} (weights sha256 {sha})"

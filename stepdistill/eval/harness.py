@@ -90,19 +90,32 @@ def protocol(recipe, teacher) -> dict:
     if hasattr(teacher, "eval_prompt_list"):  # text-to-image: the prompts are part of the protocol
         digest = hashlib.sha256("\n".join(teacher.eval_prompts).encode()).hexdigest()[:16]
         p["eval_prompts"] = f"{len(teacher.eval_prompts)} prompts, cycled (sha256 {digest})"
-    if image_metrics(e):  # only then: the domain-only protocol is what cached teacher scores are matched on
+    if image_metrics(e) or "clip" in e.metrics:  # only then: cached teacher scores are matched on the domain-only one
         p["metrics"] = list(e.metrics)
+    if "clip" in e.metrics:
+        from .clip import clip_model_id
+
+        p["clip_model"] = clip_model_id(e.clip)
     return p
 
 
 def image_metrics(e) -> tuple[str, ...]:
-    return tuple(m for m in e.metrics if m != "domain")
+    """eval.metrics' Inception metrics (FID, KID)."""
+    return tuple(m for m in e.metrics if m in ("fid", "kid"))
 
 
 def check_image_metrics(e, teacher, name: str) -> None:
-    """eval.metrics' FID/KID against what teacher `name` can give them, image samples and a reference (eval.reference
-    or the teacher's built-in data); a RecipeError naming the fix. Checked before training (training/build.py's
-    resolve_eval) and before scoring (evaluate)."""
+    """eval.metrics' FID/KID/CLIP against what teacher `name` can give them: image samples and a reference
+    (eval.reference or the teacher's built-in data) for FID/KID, prompts and a CLIP model (eval.clip) for CLIP; a
+    RecipeError naming the fix. Checked before training (training/build.py's resolve_eval) and before scoring
+    (evaluate)."""
+    if "clip" in e.metrics:
+        from .clip import clip_folder
+
+        if not hasattr(teacher, "eval_prompt_list"):
+            raise RecipeError(f"eval.metrics {list(e.metrics)}: CLIP score needs a text-to-image teacher (its samples "
+                              f"have prompts); teacher {name!r} has none: drop clip from eval.metrics")
+        clip_folder(e.clip)
     if not image_metrics(e):
         return
     if not teacher.is_image:
@@ -193,7 +206,8 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
     e = recipe.eval
     if "domain" in e.metrics and teacher.domain == "none":
         raise InputError("this teacher has no built-in evaluation domain; score it with Inception metrics instead: "
-                         "eval.metrics=[fid,kid] eval.reference=<stats .npz, image folder or dataset>")
+                         "eval.metrics=[fid,kid] eval.reference=<stats .npz, image folder or dataset>, or with CLIP "
+                         "score (text-to-image): eval.metrics=[clip] eval.clip=<CLIP model folder>")
     check_image_metrics(e, teacher, recipe.teacher.name)
     proto = protocol(recipe, teacher)
     # with several processes each generates its share of the samples; process 0 alone scores them (and computes or
@@ -205,7 +219,16 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
     def score(samples: torch.Tensor, who: str) -> dict:
         out = domain_score(teacher, samples, domain_reference(teacher, e.n, e.seed, split=e.split)) \
             if "domain" in e.metrics else {}
-        return {**out, **(scorer(teacher.decode(samples), who) if scorer is not None else {})}
+        images = teacher.decode(samples) if scorer is not None or "clip" in e.metrics else None
+        if scorer is not None:
+            out.update(scorer(images, who))
+        if "clip" in e.metrics:  # each sample's prompt: the teacher's evaluation prompts in sampling order
+            from .clip import clip_score
+            from .images import as_uint8
+
+            prompts = teacher.eval_prompt_list(len(images))
+            out["clip_score"] = clip_score(as_uint8(images), prompts, e.clip)["clip_score"]
+        return out
 
     student.eval()
     xs = generate_student(student, teacher, e.n, e.seed, e.batch_size, steps=steps, quiet=quiet, shard=True)

@@ -112,17 +112,19 @@ def save_reference(path: str | Path, features: np.ndarray, protocol: dict,
 
 
 def load_reference(path: str | Path, expect: dict | None = None) -> dict:
-    """{"mu", "sigma", "features" (or None), "protocol"} from an npz written by `save_reference` or by clean-fid /
-    pytorch-fid (mu and sigma only, no protocol). Keys of `expect` that the file records must match."""
+    """{"mu", "sigma", "features" (or None), "protocol"} from an npz written by `save_reference`, by clean-fid /
+    pytorch-fid (mu and sigma only, no protocol) or clean-fid's KID statistics (`feats`: its make_custom_stats writes
+    them to a second file). Keys of `expect` that the file records must match."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"reference statistics not found: {path}; make them with `stepdistill eval ref`")
     with open_npz(path, "the reference statistics") as z:
-        if "features" not in z and ("mu" not in z or "sigma" not in z):
+        feats = next((k for k in ("features", "feats") if k in z), None)
+        if feats is None and ("mu" not in z or "sigma" not in z):
             raise InputError(f"{path} holds {sorted(z.files)}, expected 'mu' and 'sigma' (or 'features')")
         ref = {"mu": z["mu"].astype(np.float64) if "mu" in z else None,
                "sigma": z["sigma"].astype(np.float64) if "sigma" in z else None,
-               "features": z["features"].astype(np.float64) if "features" in z else None,
+               "features": z[feats].astype(np.float64) if feats is not None else None,
                "protocol": json.loads(str(z["protocol"])) if "protocol" in z else {}}
     for key, want in (expect or {}).items():
         have = ref["protocol"].get(key)

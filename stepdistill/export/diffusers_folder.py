@@ -145,7 +145,7 @@ PIPELINE_USAGE = """# {name}: a {steps}-step text-to-image student distilled by 
 
 A complete {pipeline} folder: the teacher's VAE and text encoders, the student's {denoiser}{fused}, and a
 {scheduler} whose default is the trained steps ({timesteps}), so no `timesteps=` or `sigmas=` argument is needed.
-
+{steps_note}
 ```python
 import torch
 from diffusers import {pipeline}
@@ -176,7 +176,10 @@ def _export_pipeline(run, out: Path) -> Path:
     extra = {"sd": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
              "sdxl": dict(force_zeros_for_empty_prompt=teacher.text.null == "zeros", add_watermarker=False),
              }.get(teacher.family, {})
-    parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: merged(net),
+    denoiser = merged(net)
+    if teacher.family in ("sd", "sdxl") and denoiser.config.time_cond_proj_dim is None:
+        denoiser = without_cfg(denoiser)
+    parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: denoiser,
              **teacher.text.components(), **extra}
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
     with staged(out) as tmp:
@@ -187,12 +190,28 @@ def _export_pipeline(run, out: Path) -> Path:
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(PIPELINE_USAGE.format(
             name=out.name, steps=run.student.steps, timesteps=timesteps, path=out.name, pipeline=teacher.pipeline,
-            guidance=guidance,
+            guidance=guidance, steps_note=steps_note(run, teacher, denoiser),
             denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
             fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
             GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
             + start_note(run.student, timesteps))
     return out
+
+
+def without_cfg(unet):
+    """The UNet with a zero guidance projection (`time_cond_proj_dim`, diffusers' LCM mechanism): the SD and SDXL
+    pipelines skip classifier-free guidance for such a UNet and add cond_proj(embedding of guidance_scale) = 0 to its
+    time embedding, so the pipeline's default `guidance_scale` (7.5, 5.0) gives the student's own images instead of
+    guiding a student that was trained without it. Built on the meta device and filled from the UNet's weights."""
+    with torch.device("meta"):
+        out = type(unet).from_config({**unet.config, "time_cond_proj_dim": 256})
+    weight = out.time_embedding.cond_proj.weight
+    state = {**unet.state_dict(), "time_embedding.cond_proj.weight": torch.zeros(
+        weight.shape, dtype=unet.time_embedding.linear_1.weight.dtype, device=unet.device)}
+    out.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in (*out.parameters(), *out.buffers())):
+        raise RuntimeError("the UNet with a guidance projection kept tensors on the meta device")
+    return out.eval()
 
 
 def lcm_scheduler(run):
@@ -275,6 +294,21 @@ def pipeline_guidance(run) -> float:
                          "and its SCM scheduler, which this export does not write yet: export it with "
                          "--format safetensors")
     return 1.0 if g is None else float(g)
+
+
+def steps_note(run, teacher, denoiser) -> str:
+    """README lines on what the pipeline's default call does with this student."""
+    k = run.student.steps
+    if registry.get("objective", run.recipe.objective.name).multistep:
+        out = (f"The student was trained for {k} step(s) and takes any number: `pipe(prompt)` runs the pipeline's "
+               "default step count with the same rule.")
+    else:
+        out = (f"The student's images come from its {k} trained step(s) alone: the scheduler refuses more, so the "
+               f"pipeline's default step count raises; pass `num_inference_steps={k}`.")
+    if teacher.family in ("sd", "sdxl") and run.student.net.net.config.time_cond_proj_dim is None:
+        out += (" Its UNet carries a zero guidance projection (`time_cond_proj_dim`), so the pipeline skips "
+                "classifier-free guidance and `guidance_scale` changes nothing: the student was trained to need none.")
+    return out + "\n"
 
 
 def start_note(student, timesteps: list) -> str:

@@ -2,10 +2,12 @@
 (`models/Stable-diffusion`) and ComfyUI's CheckpointLoaderSimple load, and diffusers' `from_single_file`.
 
 One .safetensors holds the student's UNet (adapters fused) under `model.diffusion_model.`, the teacher's VAE under
-`first_stage_model.` and its text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.`; SDXL's CLIP-L under
-`conditioner.embedders.0.transformer.` and its OpenCLIP bigG under `conditioner.embedders.1.model.` (OpenCLIP's own
-names: q, k, v fused into one in_proj, the projection as a matrix). SD 2.x is refused: its OpenCLIP text encoder has
-a 24th layer in that layout which diffusers drops, so it cannot be written whole.
+`first_stage_model.` and its text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.`; SD 2.x's OpenCLIP
+ViT-H under `cond_stage_model.model.`; SDXL's CLIP-L under `conditioner.embedders.0.transformer.` and its OpenCLIP
+bigG under `conditioner.embedders.1.model.` (OpenCLIP's own names: q, k, v fused into one in_proj, the projection as a
+matrix). An SD 2.x file holds the text tower as diffusers keeps it: SD 2.x reads the penultimate layer, so diffusers'
+conversion drops the 24th layer and the projection, which never run; they are not in the file, and A1111, Forge and
+ComfyUI, which load checkpoints non-strictly, report them missing and run the same 23 layers.
 
 Why a table of our own: diffusers converts original -> diffusers inside the library (loaders/single_file_utils.py)
 but ships the reverse only as a script outside the package. The layout differs from diffusers' by block renames
@@ -105,14 +107,15 @@ OPEN_CLIP_LAYER = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_
 
 
 def open_clip_state(encoder) -> dict:
-    """An OpenCLIP text tower's keys from transformers' CLIPTextModelWithProjection."""
+    """An OpenCLIP text tower's keys from transformers' CLIPTextModelWithProjection (SDXL's bigG) or CLIPTextModel
+    (SD 2.x's ViT-H, without the projection)."""
     state = dict(clip_state(encoder))
-    state["text_projection.weight"] = state.pop("text_model.text_projection.weight")
     out = {"token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
            "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
            "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
-           "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
-           "text_projection": state.pop("text_projection.weight").T}  # OpenCLIP: x @ text_projection
+           "ln_final.bias": state.pop("text_model.final_layer_norm.bias")}
+    if "text_model.text_projection.weight" in state:
+        out["text_projection"] = state.pop("text_model.text_projection.weight").T  # OpenCLIP: x @ text_projection
     for i in range(encoder.config.num_hidden_layers):
         old, new = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -124,8 +127,8 @@ def open_clip_state(encoder) -> dict:
 
 
 def original_state(unet, vae, encoders: dict) -> dict:
-    """The original-layout state dict of a diffusers UNet, AutoencoderKL and the pipeline's text encoders (SD 1.x:
-    text_encoder; SDXL: text_encoder and text_encoder_2)."""
+    """The original-layout state dict of a diffusers UNet, AutoencoderKL and the pipeline's text encoders (SD 1.x and
+    2.x: text_encoder; SDXL: text_encoder and text_encoder_2)."""
     tensors = {f"model.diffusion_model.{k}": v for k, v in to_original(
         unet.state_dict(), unet_prefixes(unet.config), ()).items()}
     vae_state = to_original(vae.state_dict(), vae_prefixes(vae.config),
@@ -139,10 +142,17 @@ def original_state(unet, vae, encoders: dict) -> dict:
                         for k, v in clip_state(encoders["text_encoder"]).items()})
         tensors.update({f"conditioner.embedders.1.model.{k}": v
                         for k, v in open_clip_state(encoders["text_encoder_2"]).items()})
+    elif is_open_clip(encoders["text_encoder"]):  # SD 2.x
+        tensors.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_state(encoders["text_encoder"]).items()})
     else:
         tensors.update({f"cond_stage_model.transformer.{k}": v
                         for k, v in clip_state(encoders["text_encoder"]).items()})
     return tensors
+
+
+def is_open_clip(encoder) -> bool:
+    """SD 2.x's text encoder is an OpenCLIP model (gelu), SD 1.x's OpenAI CLIP (quick_gelu)."""
+    return encoder.config.hidden_act != "quick_gelu"
 
 
 def export_single_file(run, out, dtype: str = "fp16"):
@@ -156,13 +166,9 @@ def export_single_file(run, out, dtype: str = "fp16"):
                          "--format diffusers (one folder per student)")
     if not isinstance(teacher, SDTeacher) or teacher.family not in ("sd", "sdxl"):
         family = getattr(teacher, "family", run.recipe.teacher.name)
-        raise InputError(f"--format single-file writes Stable Diffusion 1.x and SDXL checkpoints; this run's teacher "
-                         f"is {family!r}: use --format diffusers")
+        raise InputError(f"--format single-file writes Stable Diffusion 1.x, 2.x and SDXL checkpoints; this run's "
+                         f"teacher is {family!r}: use --format diffusers")
     encoders = {k: v for k, v in teacher.text.components().items() if k.startswith("text_encoder") and v is not None}
-    if teacher.family == "sd" and encoders["text_encoder"].config.hidden_act != "quick_gelu":
-        # SD 2.x: OpenCLIP (gelu); SD 1.x: OpenAI CLIP (quick_gelu)
-        raise InputError("--format single-file writes the SD 1.x layout; this teacher's text encoder is an OpenCLIP "
-                         "model (SD 2.x), whose original layout is not written yet: use --format diffusers")
     out = check_out(out, "single-file")
     tensors = original_state(merged(run.student.net.net), teacher.codec.vae, encoders)
     write_atomic({k: v.detach().to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}, out,

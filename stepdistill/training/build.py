@@ -131,24 +131,30 @@ def check_trackers(cfg) -> None:
 def resolve_eval(recipe: Recipe, teacher: Teacher) -> tuple[Recipe, str | None]:
     """The recipe with the evaluation this teacher can run, and a note to print once at the start when that is not
     what the recipe says; a RecipeError now (not after training) for an evaluation that cannot run. A teacher without
-    a built-in metric (`sd`, `diffusers`: domain "none") turns the default eval.metrics=[domain] into Inception FID
-    against eval.reference when one is given, else into no final evaluation."""
-    from ..eval.harness import check_image_metrics, image_metrics
+    a built-in metric (`sd`, `diffusers`: domain "none") turns eval.metrics' `domain` into Inception FID against
+    eval.reference when one is given and CLIP score when eval.clip names a CLIP model (text-to-image teachers), else
+    into no final evaluation."""
+    from ..eval.harness import check_image_metrics
 
     e = recipe.eval
     if not e.at_end:
         return recipe, None
+    if teacher.domain == "none" and "domain" in e.metrics:
+        metrics = [m for m in e.metrics if m != "domain"] or (
+            (["fid"] if e.reference is not None else [])
+            + (["clip"] if e.clip is not None and hasattr(teacher, "eval_prompt_list") else []))
+        recipe = dataclasses.replace(recipe, eval=dataclasses.replace(e, metrics=metrics, at_end=bool(metrics)))
+        if metrics:
+            check_image_metrics(recipe.eval, teacher, recipe.teacher.name)
+            return recipe, (f"teacher {recipe.teacher.name!r} has no built-in metric: the final evaluation scores "
+                            + ", ".join(f"{m} (against eval.reference {e.reference})" if m in ("fid", "kid")
+                                        else f"{m} (with eval.clip {e.clip})" for m in metrics))
+        return recipe, (f"teacher {recipe.teacher.name!r} has no built-in metric and neither eval.reference nor "
+                        "eval.clip is set: no final evaluation (set eval.metrics=[fid] eval.reference=<stats .npz or "
+                        "image folder>, or eval.clip=<CLIP model folder> for a text-to-image teacher, to score at the "
+                        "end, or score the run later with `stepdistill eval --run`)")
     check_image_metrics(e, teacher, recipe.teacher.name)
-    if teacher.domain != "none" or "domain" not in e.metrics:
-        return recipe, None
-    metrics = list(image_metrics(e)) or (["fid"] if e.reference is not None else [])
-    new = dataclasses.replace(recipe, eval=dataclasses.replace(e, metrics=metrics, at_end=bool(metrics)))
-    if metrics:
-        return new, (f"teacher {recipe.teacher.name!r} has no built-in metric: the final evaluation scores "
-                     f"{', '.join(metrics)} against eval.reference ({e.reference})")
-    return new, (f"teacher {recipe.teacher.name!r} has no built-in metric and no eval.reference is set: no final "
-                 "evaluation (set eval.metrics=[fid] eval.reference=<stats .npz or image folder> to score at the end, "
-                 "or score the run later with `stepdistill eval --run`)")
+    return recipe, None
 
 
 def check_generator(recipe: Recipe, teacher: Teacher) -> None:

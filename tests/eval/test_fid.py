@@ -93,6 +93,31 @@ def test_reference_file_round_trip_and_protocol_mismatch(tmp_path):
         load_reference(tmp_path / "missing.npz")
 
 
+def test_clean_fids_statistics_files_are_read_and_ours_are_read_by_clean_fid(tmp_path):
+    """Both ways with clean-fid's own files: its make_custom_stats writes mu and sigma (np.cov, rowvar=False) to one
+    npz and the KID features (`feats`) to another; ours hold the same mu and sigma under the same keys, so clean-fid's
+    loader (np.load(...)["mu"], ["sigma"]) reads them and its FID from them is ours."""
+    fid = pytest.importorskip("cleanfid.fid")
+    from stepdistill.eval.fid import feature_scores
+
+    rng = np.random.default_rng(4)
+    ref_f, f = rng.normal(size=(300, 12)), rng.normal(size=(300, 12)) * 1.2 + 0.1
+    np.savez_compressed(tmp_path / "cleanfid.npz", mu=np.mean(ref_f, axis=0), sigma=np.cov(ref_f, rowvar=False))
+    np.savez_compressed(tmp_path / "cleanfid_kid.npz", feats=ref_f)
+    got = feature_scores(f, load_reference(tmp_path / "cleanfid.npz"), ("fid",))["fid"]
+    assert got == pytest.approx(fid.fid_from_feats(f, ref_f), rel=1e-8)
+    with pytest.raises(ValueError, match="KID needs the reference features.*eval ref"):
+        feature_scores(f, load_reference(tmp_path / "cleanfid.npz"), ("kid",))
+    kid = feature_scores(f, load_reference(tmp_path / "cleanfid_kid.npz"), ("kid",), kid_subset_size=300)["kid"]
+    assert kid == pytest.approx(_mmd_unbiased(f, ref_f), rel=1e-6)
+
+    ours = np.load(save_reference(tmp_path / "ours.npz", ref_f, {"backend": "clean-fid"}))
+    np.testing.assert_allclose(ours["mu"], np.mean(ref_f, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(ours["sigma"], np.cov(ref_f, rowvar=False), rtol=1e-10)
+    theirs = fid.frechet_distance(np.mean(f, axis=0), np.cov(f, rowvar=False), ours["mu"], ours["sigma"])
+    assert theirs == pytest.approx(got, rel=1e-8)
+
+
 def test_folder_errors_say_what_was_found(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.png")  # grayscale: converted to RGB

@@ -66,12 +66,39 @@ def test_from_single_file_reproduces_the_student(lora_run, tmp_path):
     torch.testing.assert_close(images, run.teacher.decode(expected), rtol=1e-4, atol=1e-5)
 
 
+def test_an_sd2_student_round_trips_through_from_single_file(tmp_path):
+    """SD 2.x (OpenCLIP text encoder, linear transformer projections): the text tower goes under
+    `cond_stage_model.model.` in OpenCLIP's names (q, k, v fused), and diffusers' from_single_file rebuilds the
+    student's pipeline from the file, text encoder included, to the student's latents."""
+    from conftest import train_tiny_sd_run
+    from diffusers import StableDiffusionPipeline
+
+    run = train_tiny_sd_run(tmp_path, "train.iterations=1", "generator.lora_rank=4", sd2=True)
+    expected = generate_student(run.student, run.teacher, N, SEED, N)
+    out = export_single_file(run, tmp_path / "model.safetensors", dtype="fp32")
+    state = load_file(out)
+    encoder = run.teacher.text.components()["text_encoder"]
+    text = [k for k in state if k.startswith("cond_stage_model.")]
+    assert all(k.startswith("cond_stage_model.model.") for k in text) and text
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in state
+    assert sum(v.numel() for k, v in state.items() if k in text) == sum(v.numel() for v in encoder.parameters())
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(run.teacher.folder), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    for k, v in encoder.state_dict().items():
+        torch.testing.assert_close(pipe.text_encoder.state_dict()[k], v, rtol=0, atol=0)
+    pipe.scheduler = lcm_scheduler(run)[0]
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(run.teacher.eval_prompt_list(N), num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(SEED)).images
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_default_dtype_is_fp16_and_other_families_are_refused(lora_run, tmp_path):
     run, _, _ = lora_run
     out = export_single_file(run, tmp_path / "model.safetensors")
     assert {v.dtype for v in load_file(out).values()} == {torch.float16}
     other = types.SimpleNamespace(student=run.student, teacher=types.SimpleNamespace(family="sd3"), recipe=run.recipe)
-    with pytest.raises(InputError, match="writes Stable Diffusion 1.x and SDXL checkpoints; .* teacher is 'sd3'"):
+    with pytest.raises(InputError, match="writes Stable Diffusion 1.x, 2.x and SDXL checkpoints; .* teacher is 'sd3'"):
         export_single_file(other, tmp_path / "x.safetensors")
 
 

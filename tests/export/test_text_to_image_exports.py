@@ -117,14 +117,17 @@ def test_pipeline_folder_samples_the_trained_steps_with_from_pretrained_alone(lo
     torch.testing.assert_close(pipeline_latents(pipe, run), expected, rtol=1e-4, atol=1e-5)
     # fused weights as safetensors: a plain UNet state dict
     fused = load_file(export_safetensors(run, tmp_path / "fused.safetensors"))
-    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
-    assert fused.keys() == unet.state_dict().keys()
-    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in fused.items())
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    # the folder's UNet adds only a zero guidance projection (the pipeline then skips CFG)
+    assert not unet.pop("time_embedding.cond_proj.weight").any()
+    assert fused.keys() == unet.keys()
+    assert all(torch.equal(v, unet[k]) for k, v in fused.items())
 
 
 def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lora_run, tmp_path):
-    """An sCM student's pipeline runs with diffusers' default call (50 steps) and reproduces the student at its own
-    step counts; a VSD student's pipeline asked for more than its trained 2 steps is refused by its scheduler."""
+    """An sCM student's pipeline with diffusers' default call (50 steps, guidance_scale 7.5) gives the student's own
+    50-step samples, and reproduces it at other step counts; a VSD student's pipeline asked for more than its trained
+    2 steps is refused by its scheduler, and at 2 steps the default guidance_scale changes nothing (no CFG)."""
     from conftest import make_tiny_sd_folder
     from diffusers import StableDiffusionPipeline
 
@@ -140,7 +143,9 @@ def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lo
     pipe = StableDiffusionPipeline.from_pretrained(export_diffusers(run, tmp_path / "pipe"), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     prompts = run.teacher.eval_prompt_list(N)
-    assert pipe(prompts[:1], output_type="latent").images.isfinite().all()  # the default call: 50 steps
+    default = pipe(prompts, output_type="latent", generator=torch.Generator().manual_seed(SEED)).images
+    torch.testing.assert_close(default, generate_student(run.student, run.teacher, N, SEED, N, steps=50),
+                               rtol=1e-4, atol=1e-5)
     for k in (1, 4):
         got = pipe(prompts, num_inference_steps=k, guidance_scale=1.0, output_type="latent",
                    generator=torch.Generator().manual_seed(SEED)).images
@@ -150,6 +155,10 @@ def test_a_consistency_student_export_takes_more_steps_and_others_refuse_them(lo
                                                   local_files_only=True)
     with pytest.raises(ValueError, match="reduce `num_inference_steps`"):  # diffusers names the limit
         vsd(prompts[:1], num_inference_steps=3, output_type="latent")
+    got = vsd(lora_run[0].teacher.eval_prompt_list(N), num_inference_steps=2, output_type="latent",
+              generator=torch.Generator().manual_seed(SEED))
+    torch.testing.assert_close(got.images, lora_run[2], rtol=1e-4, atol=1e-5)
+    assert "pass `num_inference_steps=2`" in (tmp_path / "vsd" / "README.md").read_text()
 
 
 def test_lora_export_of_a_full_weight_run_names_the_fix(tiny_unet_folder, tmp_path):

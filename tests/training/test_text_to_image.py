@@ -48,10 +48,46 @@ def test_a_first_run_on_an_sd_folder_with_default_evaluation_finishes(tiny_sd_fo
     recipe = load_recipe(None, ["train.iterations=1", "train.batch_size=2"], data=data)
     assert recipe.eval.at_end and recipe.eval.metrics == ["domain"]
     trainer = Trainer(recipe, tmp_path / "run")
-    assert "no built-in metric and no eval.reference is set: no final evaluation" in capsys.readouterr().out
+    assert "no built-in metric and neither eval.reference nor eval.clip is set: no final evaluation" \
+        in capsys.readouterr().out
     trainer.run()
     assert (tmp_path / "run" / "train_summary.json").exists() and not (tmp_path / "run" / "metrics.json").exists()
     assert load_run(tmp_path / "run").recipe.eval.at_end is False  # the recipe.yaml says what was done
     with pytest.raises(RecipeError, match=r"eval.metrics \['fid'\] needs a reference for teacher 'sd'"):
         Trainer(load_recipe(None, ["train.iterations=1", "eval.metrics=[fid]"], data=data), tmp_path / "run2",
                 quiet=True)
+
+
+def test_an_sd_run_with_a_clip_model_scores_clip_at_the_end(tiny_sd_folder, tmp_path, capsys):
+    """With eval.clip naming a CLIP model, an sd teacher's default evaluation is CLIP score of student and teacher
+    samples against their prompts (said at the start); the number is clip_score on the same samples and prompts. A
+    missing CLIP folder, or clip for a teacher without prompts, is refused before training."""
+    import pytest
+    from conftest import make_tiny_clip_folder
+
+    from stepdistill.errors import RecipeError
+    from stepdistill.eval.clip import clip_score
+    from stepdistill.eval.harness import generate_student
+    from stepdistill.eval.images import as_uint8
+
+    clip = make_tiny_clip_folder(tmp_path / "clip", image_size=16)
+    data = {"teacher": {"name": "sd", "path": str(tiny_sd_folder), "prompts": str(tmp_path / "prompts.txt")},
+            "objective": {"name": "vsd"}}
+    recipe = load_recipe(None, ["train.iterations=1", "train.batch_size=2", "eval.n=6", "eval.teacher_nfe=2",
+                                f"eval.clip={clip}"], data=data)
+    Trainer(recipe, tmp_path / "run").run()
+    assert f"the final evaluation scores clip (with eval.clip {clip})" in capsys.readouterr().out
+    metrics = __import__("json").loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["protocol"]["clip_model"].startswith("clip (weights sha256 ")
+    run = load_run(tmp_path / "run")
+    images = as_uint8(run.teacher.decode(generate_student(run.student, run.teacher, 6, 0, 1000)))
+    want = clip_score(images, run.teacher.eval_prompt_list(6), clip)["clip_score"]
+    assert metrics["student"]["clip_score"] == pytest.approx(want, abs=1e-4)
+    assert metrics["teacher"]["clip_score"] > 0
+    with pytest.raises(FileNotFoundError, match="no CLIP model at"):
+        Trainer(load_recipe(None, ["train.iterations=1", f"eval.clip={tmp_path / 'nothing'}"], data=data),
+                tmp_path / "run2", quiet=True)
+    with pytest.raises(RecipeError, match="CLIP score needs a text-to-image teacher"):
+        gmm = {"teacher": {"name": "gmm"}, "objective": {"name": "vsd"}}
+        Trainer(load_recipe(None, ["train.iterations=1", "eval.metrics=[clip]", f"eval.clip={clip}"], data=gmm),
+                tmp_path / "run3", quiet=True)
