@@ -151,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="a .safetensors path (safetensors, single-file) or a folder "
                    "(diffusers, lora); an earlier export there is replaced, anything else is refused")
     x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
-                   help="weights' precision of safetensors (default fp32) and single-file (default fp16) exports")
+                   help="weights' precision: fp32 by default, fp16 for single-file (load fp16/bf16 diffusers folders "
+                        "with torch_dtype=torch.float16 / torch.bfloat16)")
 
     pl = add("plan", "per-GPU peak memory and FLOPs of a recipe's training iteration, whether it fits, and the "
                      "cheapest changes that make it fit (no weights, no GPU)")
@@ -394,13 +395,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .errors import InputError
     from .export import export_diffusers, export_lora, export_safetensors, export_single_file
     from .run import load_run
 
-    if a.dtype and a.format not in ("safetensors", "single-file"):
-        raise InputError(f"--dtype applies to --format safetensors and single-file; --format {a.format} keeps the "
-                         "run's precision: drop --dtype")
     run = load_run(a.run)
     dtype = {"dtype": a.dtype} if a.dtype else {}
     out = {"safetensors": export_safetensors, "single-file": export_single_file, "diffusers": export_diffusers,

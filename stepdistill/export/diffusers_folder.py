@@ -22,6 +22,7 @@ import torch
 from .. import recipe as recipe_mod
 from .. import registry
 from ..errors import InputError, MissingFileError, OutputExistsError
+from .weights import cast_folder
 
 USAGE = """# {name}: a {steps}-step student distilled by stepdistill
 
@@ -103,18 +104,18 @@ def staged(out: Path):
     publish(tmp, out)
 
 
-def export_diffusers(run, out: str | Path) -> Path:
+def export_diffusers(run, out: str | Path, dtype: str = "fp32") -> Path:
     """Write `out/unet`, `out/scheduler`, `out/stepdistill.json` and a README with the sampling loop (a multi-student
-    run: `out/student_k/` with those for each student, plus `out/routing.json` and a README)."""
+    run: `out/student_k/` with those for each student, plus `out/routing.json` and a README); weights in `dtype`."""
     from diffusers import UNet2DModel
 
     from ..teachers.sd import SDTeacher
 
     if hasattr(run.student, "routing"):
-        return _export_students(run, Path(out))
+        return _export_students(run, Path(out), dtype)
 
     if isinstance(run.teacher, SDTeacher):
-        return _export_pipeline(run, Path(out))
+        return _export_pipeline(run, Path(out), dtype)
     net = run.student.net.net
     if not isinstance(net, UNet2DModel) or run.teacher.folder is None:
         raise InputError(f"--format diffusers needs a student built from a diffusers UNet teacher folder; this run's "
@@ -123,6 +124,7 @@ def export_diffusers(run, out: str | Path) -> Path:
     out = Path(out)
     with staged(out) as tmp:
         net.save_pretrained(tmp / "unet", safe_serialization=True)
+        cast_folder(tmp, dtype)
         scheduler.save_pretrained(tmp / "scheduler")
         meta = json.loads((run.teacher.folder / "stepdistill.json").read_text()) if (
             run.teacher.folder / "stepdistill.json").exists() else {}
@@ -163,7 +165,7 @@ generator: call `torch.manual_seed(...)` as well for reproducible multi-step sam
 """
 
 
-def _export_pipeline(run, out: Path) -> Path:
+def _export_pipeline(run, out: Path, dtype: str) -> Path:
     """A text-to-image student as a full pipeline folder of the teacher's family (adapters fused), loadable with
     from_pretrained alone: the teacher's own VAE, text encoders and tokenizers, the student's network and the
     few-step scheduler."""
@@ -184,6 +186,7 @@ def _export_pipeline(run, out: Path) -> Path:
     pipe = getattr(diffusers, teacher.pipeline)(**parts)
     with staged(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        cast_folder(tmp, dtype)
         meta = {"student_steps": run.student.steps, "timesteps": timesteps, "start_t": run.student.start_t,
                 "start_noise": run.student.start_noise, "iteration": run.step,
                 "guidance_scale": guidance, "recipe": recipe_mod.to_dict(run.recipe)}
@@ -323,12 +326,12 @@ def start_note(student, timesteps: list) -> str:
             "starts at the teacher's last timestep does not reproduce the student.\n")
 
 
-def _export_students(run, out: Path) -> Path:
+def _export_students(run, out: Path, dtype: str) -> Path:
     routing = {**run.student.routing(), "iterations": run.student_steps, "folders": []}
     with staged(out) as tmp:
         for k, student in enumerate(run.student.students):
             folder = export_diffusers(dataclasses.replace(run, student=student, step=run.student_steps[k],
-                                                          student_steps=None), tmp / f"student_{k}")
+                                                          student_steps=None), tmp / f"student_{k}", dtype)
             classes = routing["classes"][k]
             meta = json.loads((folder / "stepdistill.json").read_text())
             (folder / "stepdistill.json").write_text(json.dumps({**meta, "classes": classes}, indent=2))

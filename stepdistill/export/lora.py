@@ -23,6 +23,7 @@ from ..errors import InputError, MissingFileError
 from ..hashing import file_sha256
 from ..models.lora import is_lora
 from .diffusers_folder import lcm_scheduler, pipeline_guidance, staged, start_note
+from .weights import DTYPES
 
 # kohya's ss_base_model_version
 BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "sana": "sana"}
@@ -147,15 +148,16 @@ def kohya_state(peft_state: dict[str, torch.Tensor], alpha: float, prefix: str =
     return out
 
 
-def export_lora(run, out: str | Path) -> Path:
-    """Write out/pytorch_lora_weights.safetensors, out/<name>_kohya.safetensors, out/scheduler/ and a README."""
+def export_lora(run, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write out/pytorch_lora_weights.safetensors, out/<name>_kohya.safetensors (adapters in `dtype`), out/scheduler/
+    and a README."""
     import diffusers
     from peft import get_peft_model_state_dict
 
     net, teacher = _adapter(run), run.teacher
     denoiser = teacher.denoiser
     config = net.peft_config["default"]
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+    state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in get_peft_model_state_dict(net).items()}
     scheduler, timesteps = lcm_scheduler(run)  # (refuses a start no stock scheduler reproduces, before writing)
     out = Path(out)
     with staged(out) as tmp:

@@ -57,6 +57,21 @@ def export_safetensors(run, out: str | Path, dtype: str = "fp32") -> Path:
     return out
 
 
+def cast_folder(folder: Path, dtype: str) -> None:
+    """Rewrite every .safetensors file under `folder` with its floating-point tensors in `dtype` (metadata kept): the
+    precision of a diffusers folder or LoRA export, whose writers (save_pretrained, save_lora_weights) take no dtype
+    of their own; casting the files leaves the run's modules as they were."""
+    from safetensors.torch import load_file
+
+    if dtype == "fp32":
+        return
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata=metadata)
+
+
 def write_atomic(tensors: dict, out: Path, metadata: dict) -> None:
     """save_file to a temporary file beside `out`, then renamed over it: a crash leaves the previous export whole."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

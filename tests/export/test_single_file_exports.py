@@ -174,10 +174,14 @@ def test_sd15_topology_maps_to_the_blocks_of_an_sd15_checkpoint():
     assert {k.split(".")[0] for k in state} == {"time_embed", "input_blocks", "middle_block", "output_blocks", "out"}
 
 
-def test_cli_writes_single_file_and_safetensors_in_the_asked_dtype(lora_run, tmp_path, capsys):
+def test_cli_writes_every_format_in_the_asked_dtype(lora_run, tmp_path):
+    """--dtype for all four formats; a bf16 pipeline folder loaded back in fp32 samples close to the student (bf16
+    keeps 8 bits of mantissa)."""
+    from diffusers import StableDiffusionPipeline
+
     from stepdistill.cli import main
 
-    _, root, _ = lora_run
+    run, root, expected = lora_run
     out = tmp_path / "m.safetensors"
     assert main(["export", "--run", str(root / "run"), "--format", "single-file", "--out", str(out),
                  "--dtype", "bf16"]) == 0
@@ -187,8 +191,18 @@ def test_cli_writes_single_file_and_safetensors_in_the_asked_dtype(lora_run, tmp
                  "--dtype", "fp16"]) == 0
     assert {v.dtype for v in load_file(fused).values()} == {torch.float16}
     assert main(["export", "--run", str(root / "run"), "--format", "lora", "--out", str(tmp_path / "l"),
-                 "--dtype", "fp16"]) == 2
-    assert "--dtype applies to --format safetensors and single-file" in capsys.readouterr().err
+                 "--dtype", "fp16"]) == 0
+    assert {v.dtype for f in (tmp_path / "l").glob("*.safetensors") for k, v in load_file(f).items()
+            if not k.endswith(".alpha")} == {torch.float16}
+    assert main(["export", "--run", str(root / "run"), "--format", "diffusers", "--out", str(tmp_path / "p"),
+                 "--dtype", "bf16"]) == 0
+    files = list((tmp_path / "p").rglob("*.safetensors"))
+    assert len(files) == 3 and {v.dtype for f in files for v in load_file(f).values()} == {torch.bfloat16}
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(run.teacher.eval_prompt_list(N), num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(SEED)).images
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
 
 
 def test_sdxl_student_round_trips_through_from_single_file(tmp_path):
