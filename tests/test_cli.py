@@ -17,6 +17,7 @@ def test_gmm_train_sample_eval_export(tmp_path, capsys):
     assert main(["train", *GMM, "--outdir", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "student / teacher" in out
+    assert f"run folder: {run}  (samples/final.png, metrics.json, stats.jsonl, tb/)" in out
     for name in ("recipe.yaml", "stats.jsonl", "metrics.json", "samples/final.png", "checkpoints/step_0000006"):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
@@ -48,9 +49,11 @@ def test_gmm_train_sample_eval_export(tmp_path, capsys):
 def test_rerun_resumes_instead_of_restarting(tmp_path, capsys):
     run = tmp_path / "gmm"
     main(["train", *GMM, "train.iterations=3", "eval.at_end=false", "--outdir", str(run), "--quiet"])
-    main(["train", *GMM, "eval.at_end=false", "--outdir", str(run)])
+    main(["train", *GMM, "eval.at_end=false", "train.log_with=[]", "--outdir", str(run)])
     captured = capsys.readouterr()
     assert "resumed from iteration 3" in captured.out + captured.err
+    # the banner lists what exists: no metrics.json without the final evaluation
+    assert f"run folder: {run}  (samples/final.png, stats.jsonl, tb/)" in captured.out
     steps = [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
 

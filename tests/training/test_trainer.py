@@ -204,13 +204,19 @@ def _events(folder):
 
 def test_trackers_get_losses_learning_rates_grids_and_a_resume_purges_past_its_checkpoint(tmp_path, monkeypatch):
     original = crash_at(monkeypatch, 13)
+    logged = ("train.sample_every=10", "train.log_every=2", "eval.curve_every=10", "eval.curve_n=256")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(_recipe("train.sample_every=10", "train.log_every=2"), tmp_path / "run", quiet=True).run()
+        Trainer(_recipe(*logged), tmp_path / "run", quiet=True).run()
     monkeypatch.setattr(Trainer, "train_step", original)
-    Trainer(_recipe("train.sample_every=10", "train.log_every=2"), tmp_path / "run", quiet=True).run()
+    Trainer(_recipe(*logged), tmp_path / "run", quiet=True).run()
     first, second = _events(tmp_path / "run" / "tb")
     tags = {(v.tag, e.step) for e in first + second for v in e.summary.value}
     assert {("loss/generator", 2), ("lr/generator", 2), ("lr/fake_score", 2), ("samples", 10)} <= tags
+    curve = {json.loads(line)["step"]: json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").open()}
+    assert ("curve/energy_distance", 10) in tags and set(curve) == {0, 10, 20}  # the evaluation curve, as curve.jsonl
+    value = next(v.tensor.float_val[0] if v.tensor.float_val else v.simple_value for e in second
+                 for v in e.summary.value if (v.tag, e.step) == ("curve/energy_distance", 20))
+    assert value == pytest.approx(curve[20]["energy_distance"], rel=1e-5)
     assert ("samples", 20) in tags and ("loss/generator", 20) in tags
     # the crashed run logged 12; the rerun resumed from its checkpoint at 10 and purged every event from 11 on
     assert max(e.step for e in first if e.summary.value) == 12
