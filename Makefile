@@ -34,10 +34,14 @@ demo: setup
 
 # --durations lists every test over 5 s at the end: where tests/slow_tests.txt comes from (see tests/conftest.py).
 test: setup-fid
-	$(BIN)/python -m pytest -q --durations=0 --durations-min=5 tests
+	$(BIN)/python -m pytest -q --durations=0 --durations-min=5 -m "not bench" tests
+
+# The convergence runs too long for CI (marked bench in tests/objectives/test_convergence.py; about 10 min).
+test-bench: setup-fid
+	$(BIN)/python -m pytest -q -s --durations=0 -m bench tests
 
 test-fast: setup-fid
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not bench" tests
 
 lint: setup
 	$(BIN)/ruff check stepdistill tests scripts

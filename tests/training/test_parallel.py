@@ -18,7 +18,8 @@ from stepdistill import parallel
 
 COMMON = ["train.iterations=12", "train.checkpoint_every=6", "train.log_every=3", "train.batch_size=128",
           "train.sample_every=0", "eval.n=512", "eval.batch_size=100", "eval.curve_every=6", "eval.curve_n=300",
-          "train.watch_every=6", "train.watch_n=200"]  # watch samples sharded over 2 batches, checked in step
+          "train.watch_every=6", "train.watch_n=200",  # watch samples sharded over 2 batches, checked in step
+          "train.lr_decay=none"]  # a decay's schedule follows train.iterations, which the resume test moves 6 -> 12
 RECIPES = {  # a conditional few-step student (the shared step index, per-row labels) in micro-batches; sCM (JVP,
     #          data rows, an objective's own state)
     "vsd_2step_conditional_accum": ["configs/toy/gmm_vsd_2step.yaml", "teacher.conditional=true",
