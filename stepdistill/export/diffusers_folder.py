@@ -179,7 +179,8 @@ def _export_pipeline(run, out: Path, dtype: str) -> Path:
              "sdxl": dict(force_zeros_for_empty_prompt=teacher.text.null == "zeros", add_watermarker=False),
              }.get(teacher.family, {})
     denoiser = merged(net)
-    if teacher.family in ("sd", "sdxl") and denoiser.config.time_cond_proj_dim is None:
+    no_cfg = teacher.family in ("sd", "sdxl") and denoiser.config.time_cond_proj_dim is None
+    if no_cfg:
         denoiser = without_cfg(denoiser)
     parts = {"vae": teacher.codec.vae, "scheduler": scheduler, teacher.denoiser: denoiser,
              **teacher.text.components(), **extra}
@@ -193,7 +194,7 @@ def _export_pipeline(run, out: Path, dtype: str) -> Path:
         (tmp / "stepdistill.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(PIPELINE_USAGE.format(
             name=out.name, steps=run.student.steps, timesteps=timesteps, path=out.name, pipeline=teacher.pipeline,
-            guidance=guidance, steps_note=steps_note(run, teacher, denoiser),
+            guidance=guidance, steps_note=steps_note(run, no_cfg),
             denoiser=teacher.denoiser, scheduler=type(scheduler).__name__,
             fused=" (LoRA adapters fused into it)" if is_lora(net) else "") + (
             GLOBAL_NOISE_NOTE.format(pipeline=teacher.pipeline) if teacher.family in ("sd3", "flux") else "")
@@ -299,8 +300,9 @@ def pipeline_guidance(run) -> float:
     return 1.0 if g is None else float(g)
 
 
-def steps_note(run, teacher, denoiser) -> str:
-    """README lines on what the pipeline's default call does with this student."""
+def steps_note(run, no_cfg: bool) -> str:
+    """README lines on what the pipeline's default call does with this student (`no_cfg`: its UNet was given a zero
+    guidance projection by `without_cfg`)."""
     k = run.student.steps
     if registry.get("objective", run.recipe.objective.name).multistep:
         out = (f"The student was trained for {k} step(s) and takes any number: `pipe(prompt)` runs the pipeline's "
@@ -308,7 +310,7 @@ def steps_note(run, teacher, denoiser) -> str:
     else:
         out = (f"The student's images come from its {k} trained step(s) alone: the scheduler refuses more, so the "
                f"pipeline's default step count raises; pass `num_inference_steps={k}`.")
-    if teacher.family in ("sd", "sdxl") and run.student.net.net.config.time_cond_proj_dim is None:
+    if no_cfg:
         out += (" Its UNet carries a zero guidance projection (`time_cond_proj_dim`), so the pipeline skips "
                 "classifier-free guidance and `guidance_scale` changes nothing: the student was trained to need none.")
     return out + "\n"
