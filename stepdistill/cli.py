@@ -333,7 +333,7 @@ def _eval_folder(a: argparse.Namespace) -> int:
         protocol.update({**reference["protocol"], "kid_subset_size": a.kid_subset_size})
     if "clip" in metrics:
         from .data.prompts import read_prompts
-        from .eval.clip import clip_score
+        from .eval.clip import clip_model_id, clip_score
 
         if not a.prompts:
             raise SystemExit("stepdistill eval --folder: CLIP score needs --prompts (one line per image, in the "
@@ -342,9 +342,8 @@ def _eval_folder(a: argparse.Namespace) -> int:
 
         images = load_folder(a.folder, quiet=a.quiet)  # CLIP scores need the images with their prompts, in order
         protocol.setdefault("resolution", f"{images.shape[2]}x{images.shape[3]}")
-        result = clip_score(images, read_prompts(a.prompts), a.clip)
-        protocol["clip_model"] = result.pop("clip_model")
-        scores.update(result)
+        scores["clip_score"] = clip_score(images, read_prompts(a.prompts), a.clip)
+        protocol["clip_model"] = clip_model_id(a.clip)
     for k, v in scores.items():
         print(f"{k:10} {v:.6g}")
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))

@@ -125,16 +125,34 @@ def randn(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.d
     """torch.randn(n, *shape) for this process's n rows, drawn as the global batch's rows (see the module doc), from
     the CPU's stream and then moved to `device`: the same numbers on any device, and a checkpoint's CPU random state
     resumes them exactly."""
-    return rows(torch.randn(n * world(), *shape, dtype=dtype, device="cpu")).to(device)
+    return to_device(rows(torch.randn(n * world(), *shape, dtype=dtype, device="cpu")), device)
 
 
 def rand(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
          ) -> torch.Tensor:
-    return rows(torch.rand(n * world(), *shape, dtype=dtype, device="cpu")).to(device)
+    return to_device(rows(torch.rand(n * world(), *shape, dtype=dtype, device="cpu")), device)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, without waiting: a copy from pageable memory would
+    make the host wait for the GPU's queue to reach it (torch's caching host allocator keeps the pinned buffer until
+    the copy is done)."""
+    if device is None or torch.device(device).type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def randn_like(x: torch.Tensor) -> torch.Tensor:
     return randn(len(x), *x.shape[1:], dtype=x.dtype, device=x.device)
+
+
+def all_finite(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` (a 0-d bool tensor) and-ed over the processes, on the device: nothing is read back to the host."""
+    if world() == 1:
+        return flag
+    t = flag.to(_device(), torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.to(flag.device) > 0
 
 
 def all_true(flag: bool) -> bool:

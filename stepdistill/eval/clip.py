@@ -3,6 +3,7 @@ local CLIP folder (a `CLIPModel` + `CLIPProcessor` saved with `save_pretrained`)
 ships CLIP weights, so the folder must be given."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -37,11 +38,11 @@ def _tensor(out) -> torch.Tensor:
 
 
 def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path | None,
-               batch_size: int = 64) -> dict:
-    """{"clip_score", "clip_model"} of uint8 (N, C, H, W) images against their N prompts. Prompts longer than the
-    text encoder's context are truncated by the processor (CLIP: 77 tokens), as in every published CLIP score."""
+               batch_size: int = 64) -> float:
+    """The CLIP score of uint8 (N, C, H, W) images against their N prompts (what it was scored with: clip_model_id).
+    Prompts longer than the text encoder's context are truncated by the processor (CLIP: 77 tokens), as in every
+    published CLIP score."""
     from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
 
     path = clip_folder(model_path)
     images = check_uint8_images(images)
@@ -49,15 +50,26 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str | Path 
         raise InputError(f"{len(images)} images but {len(prompts)} prompts; CLIP score pairs them one to one")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-
-    def load():
-        return (_Embeddings(CLIPModel.from_pretrained(path, local_files_only=True).eval()),
-                CLIPProcessor.from_pretrained(path, local_files_only=True))
-
-    metric = CLIPScore(model_name_or_path=load)
+    weights = _weights(path)
+    stamp = tuple((w.stat().st_mtime_ns, w.stat().st_size) for w in weights)
+    metric = CLIPScore(model_name_or_path=lambda: _load(path.resolve(), stamp))
     for i in range(0, len(images), batch_size):
         metric.update(images[i:i + batch_size], prompts[i:i + batch_size])
-    return {"clip_score": float(metric.compute()), "clip_model": clip_model_id(path)}
+    return float(metric.compute())
+
+
+@functools.lru_cache(maxsize=1)
+def _load(path: Path, stamp: tuple):
+    """The model and processor, loaded once for the student's and the teacher's scores (`stamp`: the weights files'
+    times and sizes, so a folder rewritten in between is read again)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    return (_Embeddings(CLIPModel.from_pretrained(path, local_files_only=True).eval()),
+            CLIPProcessor.from_pretrained(path, local_files_only=True))
+
+
+def _weights(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
 
 
 def clip_folder(model_path: str | Path | None) -> Path:
@@ -72,7 +84,6 @@ def clip_folder(model_path: str | Path | None) -> Path:
 
 def clip_model_id(model_path: str | Path) -> str:
     """The folder's name and its weights' hash: what a CLIP score's protocol records."""
-    path = clip_folder(model_path)
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    weights = _weights(clip_folder(model_path))
     sha = file_sha256(weights[0])[:16] if weights else "unknown"
-    return f"{path.name} (weights sha256 {sha})"
+    return f"{Path(model_path).name} (weights sha256 {sha})"

@@ -227,7 +227,7 @@ def evaluate(recipe, teacher, student: Generator, quiet: bool = False, recompute
             from .images import as_uint8
 
             prompts = teacher.eval_prompt_list(len(images))
-            out["clip_score"] = clip_score(as_uint8(images), prompts, e.clip)["clip_score"]
+            out["clip_score"] = clip_score(as_uint8(images), prompts, e.clip)
         return out
 
     student.eval()

@@ -68,7 +68,7 @@ class ASD(VSD):
         x_n = self.n_step(batch, self.draw_n(), grad=True)
         adv = generator_adv_loss(self, batch, x_n, self.cfg.gan_t_min, self.cfg.gan_t_max)
         loss = out.loss + self.cfg.asd_weight * adv
-        return LossOutput(loss, {**out.logs, "loss/generator_asd": adv.item()}, samples=out.samples)
+        return LossOutput(loss, {**out.logs, "loss/generator_asd": adv.detach()}, samples=out.samples)
 
     def gan_pair(self, batch: Batch, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.draw_n()

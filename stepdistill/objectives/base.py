@@ -31,7 +31,8 @@ class Batch:
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar to backpropagate into the phase's network
-    logs: dict[str, float] = field(default_factory=dict)  # detached values for stats.jsonl / TensorBoard
+    # detached tensors (or numbers) for stats.jsonl / TensorBoard: read back only at log steps, never in the iteration
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
     samples: torch.Tensor | None = None  # detached generator samples a later phase of this step may reuse
 
 

@@ -70,7 +70,7 @@ def hinge_loss(obj: Objective, batch: Batch, fake: torch.Tensor, p_mean: float, 
     fake_logits = disc(*renoised(obj, fake, p_mean, p_std), batch.cond)
     loss = 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
     acc = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
-    return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_accuracy": acc.item()})
+    return LossOutput(loss, {"loss/discriminator": loss.detach(), "gan/d_accuracy": acc.detach()})
 
 
 @dataclass
@@ -96,4 +96,4 @@ class LADD(Objective):
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None) -> LossOutput:
         x0 = sample_generator(self, batch, grad=True)
         loss = adversarial_loss(self, x0, batch.cond, self.cfg.d_p_mean, self.cfg.d_p_std)
-        return LossOutput(loss, {"loss/generator": loss.item()}, samples=x0.detach())
+        return LossOutput(loss, {"loss/generator": loss.detach()}, samples=x0.detach())

@@ -242,8 +242,8 @@ class SCM(Objective):
         logvar = self.logvar(theta) if self.logvar is not None else torch.zeros_like(theta)
         per_element = bcast(weight / logvar.exp(), f) * (f - f_stop - g.detach()) ** 2 + bcast(logvar, f)
         loss = per_element.mean()
-        logs = {"loss/generator": loss.item(), "scm/tangent_norm": g_norm.mean().item(), "scm/r": self.r,
-                "scm/logvar": logvar.mean().item()}
+        logs = {"loss/generator": loss.detach(), "scm/tangent_norm": g_norm.mean().detach(), "scm/r": self.r,
+                "scm/logvar": logvar.mean().detach()}
         if cfg.adv_weight <= 0:
             return LossOutput(loss, logs)
         if float(torch.rand(())) < cfg.adv_largest_time:
@@ -251,7 +251,7 @@ class SCM(Objective):
         else:  # the consistency estimate at the sampled angle
             x0_adv = self.trig.x0(x, f, theta)
         adv = adversarial_loss(self, x0_adv, cond, cfg.d_p_mean, cfg.d_p_std)
-        logs.update({"loss/scm": loss.item(), "loss/generator_adv": adv.item()})
+        logs.update({"loss/scm": loss.detach(), "loss/generator_adv": adv.detach()})
         loss = loss + cfg.adv_weight * adv
-        logs["loss/generator"] = loss.item()
+        logs["loss/generator"] = loss.detach()
         return LossOutput(loss, logs, samples=x0_adv.detach())

@@ -104,12 +104,12 @@ def sida_generator_loss(x_g: torch.Tensor, y_r: torch.Tensor, y_f: torch.Tensor,
     per_sample = sid_loss(x_g, y_r, y_f, alpha) * norm
     keep = torch.isfinite(per_sample)
     loss = per_sample[keep].sum() / len(per_sample)
-    logs = {"loss/generator": loss.item(), "sid/dropped": float((~keep).sum())}
+    logs = {"loss/generator": loss.detach(), "sid/dropped": (~keep).sum().float()}
     if logits is None:
         return loss, logs
     g = F.softplus(-logits.float().clamp(-10, 10)).mean()
     adv = gan_scale * x_g[0].numel() * g * norm[keep].detach().sum() / len(norm)
-    logs["loss/generator_adv"] = adv.item()
+    logs["loss/generator_adv"] = adv.detach()
     return 0.5 * loss + 0.5 * adv, logs
 
 
@@ -194,8 +194,8 @@ class SiD(Objective):
         bce = 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
         loss = lam.mean() * bce
         acc = 0.5 * ((logits_fake < 0).float().mean() + (logits_real > 0).float().mean())
-        return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_bce": bce.item(),
-                                 "gan/d_accuracy": acc.item()})
+        return LossOutput(loss, {"loss/discriminator": loss.detach(), "gan/d_bce": bce.detach(),
+                                 "gan/d_accuracy": acc.detach()})
 
     def generator_loss(self, batch: Batch, samples: torch.Tensor | None = None, gan: bool = True) -> LossOutput:
         """SiD's generator loss; with adversarial and `gan`, SiDA's (phases() passes gan=False during warm-up)."""

@@ -52,7 +52,7 @@ def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float,
     top = alpha ** 4 if weighting == "swiftbrush" else alpha ** 2 + sigma ** 2
     weight = bcast(top / sigma.clamp_min(1e-4) ** 2, x0)
     loss = (weight * (fake.guided(x_t, t, cond, guidance_scale).x0 - x0) ** 2).mean()
-    return LossOutput(loss, {"loss/fake_score": loss.item()})
+    return LossOutput(loss, {"loss/fake_score": loss.detach()})
 
 
 @contextmanager
@@ -89,7 +89,7 @@ def discriminator_loss(obj: Objective, batch: Batch, fake_x0: torch.Tensor, real
         logits.append(discriminate(fake, head, x_t, t, batch.cond)[1])
     loss = F.softplus(logits[0]).mean() + F.softplus(-logits[1]).mean()
     acc = 0.5 * ((logits[0] < 0).float().mean() + (logits[1] > 0).float().mean())
-    return LossOutput(loss, {"loss/discriminator": loss.item(), "gan/d_accuracy": acc.item()})
+    return LossOutput(loss, {"loss/discriminator": loss.detach(), "gan/d_accuracy": acc.detach()})
 
 
 def generator_adv_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float, t_max: float) -> torch.Tensor:

@@ -149,13 +149,13 @@ class VSD(Objective):
                 grad = grad * w.reshape(-1, *[1] * (x0.ndim - 1))
             grad = torch.nan_to_num(grad.float())  # a zero normaliser gives inf/nan: zeroed, as in DMD2
         loss = 0.5 * F.mse_loss(x0.float(), (x0.float() - grad).detach())
-        logs = {"loss/generator": loss.item(), "vsd/grad_abs": grad.abs().mean().item()}
+        logs = {"loss/generator": loss.detach(), "vsd/grad_abs": grad.abs().mean().detach()}
         if nets.discriminator is not None and cfg.gan_weight > 0:
             # f-distill (FastGen) reuses the DM pass's logits; DMD2 re-noises the sample on its own
             adv = F.softplus(-logits).mean() if logits is not None else \
                 generator_adv_loss(self, batch, x0, cfg.gan_t_min, cfg.gan_t_max)
             loss = loss + cfg.gan_weight * adv
-            logs["loss/generator_adv"] = adv.item()
+            logs["loss/generator_adv"] = adv.detach()
         return LossOutput(loss, logs, samples=x0.detach())
 
     def fake_loss(self, batch: Batch, samples: torch.Tensor | None) -> LossOutput:

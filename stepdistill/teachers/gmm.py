@@ -53,6 +53,8 @@ class GMMDenoiser(nn.Module):
         super().__init__()
         self.register_buffer("means", means)
         self.register_buffer("log_w", weights.log())
+        # what sample() draws from, kept on the CPU whatever device the buffers move to: no copy back per draw
+        self._host = (means.clone(), self.log_w.exp())
         self.std, self.schedule = std, schedule
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> Prediction:
@@ -77,11 +79,10 @@ class GMMDenoiser(nn.Module):
                cond: torch.Tensor | None = None) -> torch.Tensor:
         """(n, D) exact samples, on the CPU (the draws use CPU generators); with (n,) labels cond, sample i from
         component cond[i] (the null label: any)."""
-        means = self.means.cpu()
-        k = torch.multinomial(self.log_w.exp().cpu(), n, replacement=True, generator=generator)
-        if cond is not None:
-            cond = cond.cpu()
-            k = torch.where(cond < len(means), cond.long(), k)
+        means, w = self._host
+        k = torch.multinomial(w, n, replacement=True, generator=generator)
+        if cond is not None:  # labels drawn on the host (Teacher.sample_cond)
+            k = torch.where(cond < len(means), cond.long().to(k.device), k)
         return means[k] + self.std * torch.randn(n, means.shape[1], generator=generator)
 
 

@@ -16,10 +16,17 @@ class EMA:
         self.model = copy.deepcopy(model, frozen).requires_grad_(False).eval()
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, where: torch.Tensor | None = None) -> None:
+        """One step towards `model`; with `where` (a 0-d bool tensor) only where it holds, without reading it back."""
         pairs = [(p_ema, p.detach().to(p_ema.dtype)) for p_ema, p in zip(self.model.parameters(), model.parameters())
                  if p.requires_grad]
-        if pairs:  # one lerp over the list: the same per-element update as a loop of lerp_, without its overhead
+        if pairs and where is None:  # one lerp over the list: lerp_'s per-element update without a loop's overhead
             torch._foreach_lerp_(*map(list, zip(*pairs)), 1.0 - self.decay)
+        elif pairs:  # weight 0 where the step was skipped (the weights are unchanged and finite: the EMA stays put)
+            weight = (1.0 - self.decay) * where.to(pairs[0][0].device, torch.float32)
+            torch.ops.aten._foreach_lerp_.List(*map(list, zip(*pairs)), [weight] * len(pairs))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            if where is None:
+                b_ema.copy_(b)
+            else:
+                b_ema.copy_(torch.where(where, b, b_ema))

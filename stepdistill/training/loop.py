@@ -37,7 +37,7 @@ class Run:
     bar: object = None
     first: int = 0  # the loop's first iteration and the clock then: the progress bar's rate
     loop_start: float = 0.0
-    logs: dict = field(default_factory=dict)  # the last iteration's own logs (the progress bar's losses)
+    logs: dict = field(default_factory=dict)  # the last iteration's own logs (tensors: read at log steps)
 
 
 # ---- stages, before the first iteration --------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def hooks(t, r: Run) -> list[Callable[[int], None]]:
     c = t.cfg
     return [every(c.watch_every, lambda: r.watch.check()),  # before the log line and checkpoint: a rollback is in both
             every(1, lambda: progress(t, r)),
-            every(c.log_every, lambda: log(t, r), also=(c.iterations,)),
+            every(c.log_every, lambda: log(t, r), also=(c.iterations,)),  # the only host reads of an iteration
             every(c.checkpoint_every, lambda: t.save()),
             every(c.sample_every, lambda: sample_grid(t, f"step_{t.step:07d}")),
             every(r.curve_every, lambda: t.curve_point(r.curve, t.clock()))]
@@ -142,12 +142,14 @@ def progress(t, r: Run) -> None:
         left = max(t.cfg.max_minutes * 60 - t.clock(), 0.0)
         r.bar.total = min(t.cfg.iterations, t.step + int(rate * left))
     r.bar.update(1)
-    r.bar.set_postfix({**{k.split("/")[-1]: f"{v:.3g}" for k, v in r.logs.items() if k.startswith("loss/")},
-                       **(r.watch.postfix() if r.watch is not None else {})})
 
 
 def log(t, r: Run) -> None:
-    values = parallel.mean_values(t.last_logs)  # each process logged its own rows' losses
+    """stats.jsonl's line, the trackers and the progress bar's losses; the non-finite limit is checked here."""
+    t.check_nonfinite()
+    r.bar.set_postfix({**{k.split("/")[-1]: f"{float(v):.3g}" for k, v in r.logs.items() if k.startswith("loss/")},
+                       **(r.watch.postfix() if r.watch is not None else {})})
+    values = parallel.mean_values(t.logged())  # each process logged its own rows' losses
     if r.main:
         append_jsonl(r.stats, {"step": t.step, "time": round(t.clock(), 3), **values})
     lrs = {f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in t.optimizers.items()}
@@ -230,7 +232,7 @@ def finish(t, r: Run) -> dict | None:
     t.save()
     if r.curve_every and t.step % r.curve_every:
         t.curve_point(r.curve, t.clock())
-    values = parallel.mean_values(t.last_logs)
+    values = parallel.mean_values(t.logged())
     sample_grid(t, "final")
     if r.main:
         summary = {"iterations": t.step, "train_seconds": round(t.clock(), 1), **values}

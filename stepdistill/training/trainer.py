@@ -28,6 +28,11 @@ from .ema import EMA
 from .resume import newest_checkpoint
 from .state import list_checkpoints, non_finite, prefixed, save_checkpoint, unprefixed
 
+# Devices whose optimisers are fused AdamW, which skips a non-finite phase inside its kernel, so an iteration never
+# waits for the host (Trainer._update). The CPU keeps foreach AdamW: the committed results were measured with it, fused
+# rounds differently (by an ulp), and a CPU has no queue to wait for.
+HOST_FREE = ("cuda",)
+
 
 class Trainer:
     """One run: its built networks, EMA, optimisers, step and checkpoints; `train_step` is one iteration and `run`
@@ -64,8 +69,9 @@ class Trainer:
         self.ema = EMA(self.nets.generator, self.cfg.ema) if self.cfg.ema > 0 else None
         # after the EMA copy: a copy of a compiled network would run the original (kernels/execution.py)
         self.execution = configure_networks(self.nets, self.cfg, also=(self.ema.model,) if self.ema else ())
-        self.step, self.nonfinite = 0, 0
-        self.last_logs: dict[str, float] = {}  # latest value of every logged quantity (saved with checkpoints)
+        self.step = 0
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)  # phases skipped
+        self.last_logs: dict = {}  # latest value of every logged quantity, tensors until read (saved as numbers)
         self.clock = Clock()  # training seconds, for train.max_minutes and the logs (started by the loop)
         self.broadcast()  # every process starts from process 0's weights
         self.sharded = self.cfg.fsdp and parallel.world() > 1
@@ -74,6 +80,7 @@ class Trainer:
                 parallel.shard(net)
         self._param_lists: dict[str, list[torch.nn.Parameter]] = {}
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
+        self.host_free = all(o.defaults["fused"] for o in self.optimizers.values())  # train_step never reads back
 
     def _sharded_networks(self) -> list[torch.nn.Module]:
         """What train.fsdp shards: the networks' callable parts (a Generator's network, not its wrapper), with the
@@ -114,10 +121,12 @@ class Trainer:
         params = [p for p in self._parameters(name) if p.requires_grad]
         # foreach: one update over the tensor list, torch's default on GPUs; on the CPU torch would update one tensor
         # at a time (about 5% of a Fashion-MNIST step) to the same numbers, bit for bit in torch 2.14. It cannot mix
-        # sharded and whole tensors (FSDP with an objective's own module, sCM's weighting): those go one at a time
+        # sharded and whole tensors (FSDP with an objective's own module, sCM's weighting): those go one at a time.
+        # fused (HOST_FREE devices, unsharded): one kernel that also skips a non-finite phase itself (train_step)
         mixed = len({parallel.is_sharded(p) for p in params}) > 1
+        fused = self.accelerator.device.type in HOST_FREE and not self.sharded
         return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in self.cfg.betas),
-                                 weight_decay=self.cfg.weight_decay, foreach=not mixed)
+                                 weight_decay=self.cfg.weight_decay, foreach=not (mixed or fused), fused=fused)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -141,8 +150,8 @@ class Trainer:
                                  f"e.g. {bad[0] if bad else 'on process 0'}), so they were not saved; "
                                  f"{self._newest_good()}. Try a lower train.lr or train.precision=fp32.")
         if parallel.is_main():
-            state = {"optimizers": optimizers, "rng": torch.get_rng_state(), "nonfinite": self.nonfinite,
-                     "last_logs": self.last_logs}
+            state = {"optimizers": optimizers, "rng": torch.get_rng_state(), "nonfinite": int(self.nonfinite),
+                     "last_logs": self.logged()}
             save_checkpoint(self.outdir / "checkpoints", self.step, weights, state, self.cfg.keep_checkpoints)
         parallel.barrier()
 
@@ -164,7 +173,8 @@ class Trainer:
             load_saved_state(self.ema.model, parallel.sharded_state(self.ema.model, unprefixed("ema", weights)))
         self.objective.load_state_dict(unprefixed("objective", weights))
         torch.set_rng_state(state["rng"])
-        self.step, self.nonfinite = step, int(state["nonfinite"])
+        self.step = step
+        self.nonfinite.fill_(int(state["nonfinite"]))
         self.last_logs = dict(state.get("last_logs", {}))
         return True
 
@@ -179,9 +189,12 @@ class Trainer:
         done = (self.step - c.warmup) / max(c.iterations - c.warmup, 1)
         return 1.0 - done if c.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, torch.Tensor | float]:
+        """One iteration: each phase's loss over the micro-batches, its gradients clipped, one update. The logged
+        values stay tensors (Trainer.logged reads them at log steps) and a non-finite loss or gradient is one flag
+        per phase: with fused AdamW (self.host_free) no value is read back to the host at all."""
         micro = self.built.micro_batches(self.cfg.batch_size, self.cfg.grad_accum)
-        logs: dict[str, float] = {}
+        logs: dict = {}
         samples: list = [None] * len(micro)  # each micro-batch's samples, handed from phase to phase
         for phase in self.objective.phases(self.step):
             names = phase.networks
@@ -189,7 +202,7 @@ class Trainer:
                 for group in self.optimizers[name].param_groups:
                     group.setdefault("base_lr", group["lr"])
                     group["lr"] = group["base_lr"] * self._lr_scale()
-            ok = True
+            finite = torch.ones((), dtype=torch.bool, device=self.accelerator.device)
             for j, batch in enumerate(micro):  # gradients of the mean loss over the micro-batches
                 # no weight-cast cache: torch before pytorch#165068 reused casts made under no_grad (a few-step
                 # generator's backward simulation) in the graded pass, and those weights got no gradient
@@ -197,38 +210,61 @@ class Trainer:
                                     enabled=self.cfg.precision == "bf16", cache_enabled=False):
                     out = phase.loss(batch, samples[j])
                 samples[j] = out.samples if out.samples is not None else samples[j]
-                for k, v in out.logs.items():
-                    logs[k] = (logs.get(k, 0.0) if j else 0.0) + v / len(micro)
-                ok = parallel.all_true(bool(torch.isfinite(out.loss)))  # every process skips, or none does
-                if not ok:
-                    break
-                self.accelerator.backward(out.loss / len(micro))
-            if ok:
-                max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-                for name in names:
-                    params = [p for p in self._parameters(name) if p.grad is not None]
-                    parallel.average_gradients(params)
-                    norm = parallel.clip_grad_norm(params, max_norm) if params else torch.tensor(0.0)
-                    ok = ok and bool(torch.isfinite(norm))
-                    logs[f"grad_norm/{name}"] = float(norm)
-            if ok:
-                for name in names:
-                    self.optimizers[name].step()
-            else:  # a non-finite loss or gradient never reaches the weights
-                self.nonfinite += 1
-                if self.nonfinite > self.cfg.max_nonfinite:
-                    raise NonFiniteError(
-                        f"{self.nonfinite} phases had a non-finite loss or gradient (limit train.max_nonfinite="
-                        f"{self.cfg.max_nonfinite}); last at iteration {self.step} ({'+'.join(names)}); "
-                        f"{self._newest_good()}. Try a lower train.lr, "
-                        "train.precision=fp32, or a smaller train.grad_clip.")
+                for k, v in out.logs.items():  # summed in float64, as Python floats would be
+                    v = v.detach().double() if torch.is_tensor(v) else v
+                    logs[k] = (logs[k] if j else 0.0) + v / len(micro)
+                finite &= torch.isfinite(out.loss.detach())
+                self.accelerator.backward(out.loss / len(micro))  # a non-finite loss's gradients are never applied
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            for name in names:
+                params = [p for p in self._parameters(name) if p.grad is not None]
+                parallel.average_gradients(params)
+                norm = parallel.clip_grad_norm(params, max_norm) if params else torch.zeros(())
+                finite &= torch.isfinite(norm)
+                logs[f"grad_norm/{name}"] = norm.detach()
+            self._update(names, parallel.all_finite(finite))  # every process skips, or none does
             for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad
                 for p in self._parameters(n):
                     p.grad = None
-            if ok and "generator" in names and self.ema is not None:
-                self.ema.update(self.nets.generator)
-        logs["nonfinite"] = float(self.nonfinite)
+        logs["nonfinite"] = self.nonfinite  # live: the count as of the log step that reads it
         return logs
+
+    def _update(self, names: list[str], finite: torch.Tensor) -> None:
+        """The phase's optimizer steps and the EMA's update where `finite` holds; a non-finite loss or gradient never
+        reaches the weights, the optimizer's moments or the EMA, and is counted in self.nonfinite. Fused AdamW takes
+        the flag inside its kernel (found_inf, as torch's GradScaler passes it), so a GPU never waits for the host
+        here; elsewhere the flag is read once (on the CPU every operation has already run: nothing to wait for)."""
+        if self.host_free:
+            for name in names:
+                self.optimizers[name].found_inf = (~finite).float()
+                self.optimizers[name].step()
+            if "generator" in names and self.ema is not None:
+                self.ema.update(self.nets.generator, where=finite)
+            self.nonfinite += ~finite
+            return
+        if bool(finite):
+            for name in names:
+                self.optimizers[name].step()
+            if "generator" in names and self.ema is not None:
+                self.ema.update(self.nets.generator)
+            return
+        self.nonfinite += 1
+        self.check_nonfinite(names)
+
+    def check_nonfinite(self, names: list[str] | None = None) -> None:
+        """Stop the run once more than train.max_nonfinite phases were skipped (a host read: the loop calls this at
+        its log steps, train_step after each skip when it reads the flag anyway)."""
+        count = int(self.nonfinite)
+        if count > self.cfg.max_nonfinite:
+            where = f"last at iteration {self.step} ({'+'.join(names)})" if names else f"by iteration {self.step}"
+            raise NonFiniteError(
+                f"{count} phases had a non-finite loss or gradient (limit train.max_nonfinite="
+                f"{self.cfg.max_nonfinite}); {where}; {self._newest_good()}. Try a lower train.lr, "
+                "train.precision=fp32, or a smaller train.grad_clip.")
+
+    def logged(self) -> dict[str, float]:
+        """The latest value of every logged quantity as numbers (reads the tensors back: log steps, checkpoints)."""
+        return {k: float(v) for k, v in self.last_logs.items()}
 
     def teacher_score_matching(self) -> None:
         """MSD's first stage for a smaller student: generator.tsm_iterations of TSM (train/tsm.py) on real samples of

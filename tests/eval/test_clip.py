@@ -4,7 +4,7 @@ import torch
 from conftest import make_tiny_clip_folder
 
 from stepdistill.data.prompts import read_prompts
-from stepdistill.eval.clip import clip_score
+from stepdistill.eval.clip import clip_model_id, clip_score
 
 PROMPTS = ["a red shirt", "a blue bag", "an ankle boot", "a dress " * 40]  # the last is over 77 tokens: truncated
 
@@ -37,10 +37,9 @@ def test_clip_score_equals_an_independent_computation(clip_folder):
         model.save_pretrained(clip_folder)
     want = _independent(clip_folder, images, PROMPTS)
     assert want > 0
-    got = clip_score(images, PROMPTS, clip_folder)
-    assert got["clip_score"] == pytest.approx(want, rel=1e-4, abs=1e-4)
-    assert got["clip_model"].startswith("tiny (weights sha256 ")
-    gray = clip_score(images[:, :1], PROMPTS, clip_folder)["clip_score"]  # grayscale repeated to RGB
+    assert clip_score(images, PROMPTS, clip_folder) == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert clip_model_id(clip_folder).startswith("tiny (weights sha256 ")
+    gray = clip_score(images[:, :1], PROMPTS, clip_folder)  # grayscale repeated to RGB
     assert gray == pytest.approx(_independent(clip_folder, images[:, :1].expand(-1, 3, -1, -1), PROMPTS), abs=1e-4)
 
 

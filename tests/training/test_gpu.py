@@ -93,3 +93,28 @@ def test_two_gpus_train_what_one_does(tmp_path):
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=2e-2, abs=1e-4), k
+
+
+@pytest.mark.parametrize("name", ["gmm_vsd", "gmm_sid", "gmm_scm", "gmm_fdiv_js", "gmm_vsd_gan", "fashion_vsd"])
+def test_a_gpu_iteration_never_waits_for_the_host(name, tmp_path):
+    """Fused AdamW takes the non-finite flag, the logged values stay on the GPU and the CPU's noise goes up through
+    pinned memory: torch's sync debug mode raises on any synchronising call inside an iteration (log steps aside)."""
+    from stepdistill.recipe import load_recipe
+    from stepdistill.training.trainer import Trainer
+
+    recipe, *overrides = RECIPES[name]
+    trainer = Trainer(load_recipe(recipe, [*overrides, *COMMON, "eval.at_end=false", "train.watch_every=0"]),
+                      tmp_path, quiet=True)
+    assert trainer.host_free
+    for _ in range(2):  # the first iteration allocates (moments, cuBLAS workspaces)
+        trainer.train_step()
+        trainer.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            logs = trainer.train_step()
+            trainer.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in logs.values()) and int(trainer.nonfinite) == 0

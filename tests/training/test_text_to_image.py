@@ -81,7 +81,7 @@ def test_an_sd_run_with_a_clip_model_scores_clip_at_the_end(tiny_sd_folder, tmp_
     assert metrics["protocol"]["clip_model"].startswith("clip (weights sha256 ")
     run = load_run(tmp_path / "run")
     images = as_uint8(run.teacher.decode(generate_student(run.student, run.teacher, 6, 0, 1000)))
-    want = clip_score(images, run.teacher.eval_prompt_list(6), clip)["clip_score"]
+    want = clip_score(images, run.teacher.eval_prompt_list(6), clip)
     assert metrics["student"]["clip_score"] == pytest.approx(want, abs=1e-4)
     assert metrics["teacher"]["clip_score"] > 0
     with pytest.raises(FileNotFoundError, match="no CLIP model at"):

@@ -1,10 +1,12 @@
 """Resume exactness, damaged checkpoints, the non-finite guard, the wall-time budget."""
 import json
+import math
 import re
 
 import pytest
 import torch
 from conftest import crash_at, same_newest_checkpoint
+from torch.overrides import TorchFunctionMode
 
 from stepdistill.objectives.base import LossOutput
 from stepdistill.recipe import dump as recipe_mod_dump
@@ -90,6 +92,91 @@ def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
     after = trainer.nets.generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert trainer.nonfinite == 3
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of a tensor's values into Python: on a GPU each is a host sync (the host waits for the
+    queue); on the CPU the same calls, so they are counted here."""
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__",
+             "__array__"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_sid.yaml", "configs/toy/gmm_scm.yaml",
+                                  "configs/toy/gmm_fdiv_js.yaml", "configs/toy/gmm_vsd_gan.yaml"])
+def test_with_fused_adamw_an_iteration_reads_nothing_back_outside_log_steps(path, tmp_path, monkeypatch):
+    """The loop of a GPU (trainer.HOST_FREE; the CPU is made one here): losses, gradient norms and the non-finite
+    flag stay tensors between log steps, so no iteration but a log step makes the host wait."""
+    from stepdistill.training import loop
+    from stepdistill.training import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "HOST_FREE", ("cpu",))
+    reads = {}
+    for fn, mod in (("train_step", Trainer), ("progress", loop)):
+        original = getattr(mod, fn)
+
+        def counted(*args, original=original, fn=fn):
+            with HostReads() as mode:
+                out = original(*args)
+            reads.setdefault(fn, []).extend(mode.reads)
+            return out
+
+        monkeypatch.setattr(mod, fn, counted)
+    trainer = Trainer(_recipe("train.iterations=6", "train.log_every=3", path=path), tmp_path / "r", quiet=True)
+    assert trainer.host_free
+    trainer.run()
+    assert reads == {"train_step": [], "progress": []}
+    stats = _stats(tmp_path / "r" / "stats.jsonl")
+    assert [s["step"] for s in stats] == [3, 6] and all(math.isfinite(v) for s in stats for v in s.values())
+
+
+def test_with_fused_adamw_a_non_finite_phase_leaves_weights_moments_and_ema_as_they_were(tmp_path, monkeypatch):
+    """The flag goes into fused AdamW's kernel (found_inf) and the EMA's weight: nothing moves, the phase is counted,
+    and the run stops at the next log step once train.max_nonfinite is passed (the count is read there)."""
+    from stepdistill.training import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "HOST_FREE", ("cpu",))
+    trainer = Trainer(_recipe("train.iterations=6", "train.log_every=3", "train.max_nonfinite=1",
+                              "objective.update_ratio=1"), tmp_path / "r", quiet=True)
+    trainer.train_step()  # the optimizers' moments exist from here on
+    trainer.step += 1
+    gen = trainer.optimizers["generator"]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (trainer.nets.generator, trainer.ema.model)]
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in gen.state.items()}
+
+    def nan_loss(batch, samples=None):
+        p = next(trainer.nets.generator.parameters())
+        return LossOutput(p.sum() * float("nan"), {})
+
+    monkeypatch.setattr(trainer.objective, "generator_loss", nan_loss)
+    with pytest.raises(NonFiniteError, match="2 phases had a non-finite loss .* by iteration 3"):
+        trainer.run()
+    for was, m in zip(before, (trainer.nets.generator, trainer.ema.model)):
+        assert all(torch.equal(was[k], v) for k, v in m.state_dict().items())
+    assert all(torch.equal(moments[id(p)][k], v) for p, s in gen.state.items() for k, v in s.items())
+    assert int(trainer.nonfinite) == 2 and trainer.step == 3  # iterations 2 and 3, stopped at the log step
+
+
+def test_fused_adamw_trains_as_foreach_adamw_does_to_rounding(tmp_path, monkeypatch):
+    from stepdistill.training import trainer as trainer_mod
+
+    weights = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(trainer_mod, "HOST_FREE", devices)
+        trainer = Trainer(_recipe("train.iterations=10"), tmp_path / str(len(devices)), quiet=True)
+        assert trainer.host_free == bool(devices)
+        trainer.run()
+        weights.append(trainer.ema.model.state_dict())
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_trains_with_finite_losses(tmp_path):
