@@ -59,6 +59,11 @@ def check_resumable(outdir: Path, recipe: Recipe) -> None:
         raise RecipeError(f"{outdir} holds a run with a different recipe ({'; '.join(diffs)}). Rerun with the same "
                           "recipe to resume (train.iterations, train.max_minutes, eval.* and how often it logs may "
                           "change; `stepdistill eval --run` re-scores), or choose another --outdir.")
+    was, now, decay = saved["train"]["iterations"], new["train"]["iterations"], new["train"]["lr_decay"]
+    if now != was and decay != "none":
+        warnings.warn(f"{outdir}: train.iterations {was} -> {now} with train.lr_decay={decay}: from the resumed "
+                      f"iteration on, the learning rate decays towards iteration {now}, so the run will not equal "
+                      f"one started with train.iterations={now}", stacklevel=2)
 
 
 def truncate_stats(path: Path, step: int) -> int:

@@ -282,6 +282,18 @@ def test_lr_decay_runs_from_the_rate_after_warmup_to_zero_at_the_last_step(decay
         assert all(s == pytest.approx(want[step]) for s in scales), (step, scales)
 
 
+def test_extending_a_decaying_run_warns_that_its_schedule_moves(tmp_path, recwarn):
+    """A constant rate extends silently (the run equals a longer one); a decaying rate cannot: the warning says so."""
+    for decay in ("none", "cosine"):
+        Trainer(_recipe("train.iterations=5", f"train.lr_decay={decay}"), tmp_path / decay, quiet=True).run()
+    recwarn.clear()
+    Trainer(_recipe("train.iterations=6", "train.lr_decay=none"), tmp_path / "none", quiet=True).run()
+    assert not [w for w in recwarn if "lr_decay" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"train.iterations 5 -> 6 with train.lr_decay=cosine: from the resumed "
+                                         r"iteration on, the learning rate decays towards iteration 6"):
+        Trainer(_recipe("train.iterations=6", "train.lr_decay=cosine"), tmp_path / "cosine", quiet=True).run()
+
+
 def _events(folder):
     """Every event of every TensorBoard file in `folder`, file by file in write order."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
