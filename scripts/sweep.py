@@ -40,8 +40,9 @@ def main() -> None:
             s = json.loads((run / "train_summary.json").read_text())
             key = next(k for k in ("fd", "energy_distance", "fid") if k in m["student"])
             scores.append(m["student"][key])
-            its.append(s.get("iterations", 0))
-            secs.append(s.get("train_seconds", 0))
+            parts = s.get("students", [s])  # an MSD run: its students' iterations and seconds, summed
+            its.append(sum(x["iterations"] for x in parts))
+            secs.append(sum(x["train_seconds"] for x in parts))
             teacher = m["teacher"][key]
             print(f"== {name} seed {seed}: {key} {scores[-1]:.4f} ({scores[-1] / teacher:.2f}x the teacher's "
                   f"{teacher:.4f}), {its[-1]} iterations, {secs[-1]:.0f} s", flush=True)

@@ -50,8 +50,9 @@ class Clock:
     def __init__(self) -> None:
         self.start()
 
-    def start(self) -> None:
-        self.t0, self.paused = time.time(), 0.0
+    def start(self, elapsed: float = 0.0) -> None:
+        """Count from `elapsed` seconds (a resumed run's, saved with its checkpoint)."""
+        self.t0, self.paused = time.time() - elapsed, 0.0
 
     def __call__(self) -> float:
         return time.time() - self.t0 - self.paused

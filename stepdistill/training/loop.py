@@ -51,8 +51,9 @@ def dump_recipe(t, r: Run) -> None:
 
 def resume(t, r: Run) -> None:
     torch.manual_seed(t.cfg.seed)  # after building: only the loop's draws depend on this stream
-    r.resumed = t.restore()
-    t.clock.start()  # train.max_minutes budgets the warm start too, not curve points
+    r.resumed = t.restore()  # a resumed clock goes on from its checkpoint's training seconds
+    if not r.resumed:
+        t.clock.start()  # train.max_minutes budgets the warm start too, not curve points
 
 
 def warm_start(t, r: Run) -> None:

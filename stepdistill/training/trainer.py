@@ -151,7 +151,7 @@ class Trainer:
                                  f"{self._newest_good()}. Try a lower train.lr or train.precision=fp32.")
         if parallel.is_main():
             state = {"optimizers": optimizers, "rng": torch.get_rng_state(), "nonfinite": int(self.nonfinite),
-                     "last_logs": self.logged()}
+                     "last_logs": self.logged(), "train_seconds": self.clock()}
             save_checkpoint(self.outdir / "checkpoints", self.step, weights, state, self.cfg.keep_checkpoints)
         parallel.barrier()
 
@@ -173,6 +173,7 @@ class Trainer:
             load_saved_state(self.ema.model, parallel.sharded_state(self.ema.model, unprefixed("ema", weights)))
         self.objective.load_state_dict(unprefixed("objective", weights))
         torch.set_rng_state(state["rng"])
+        self.clock.start(float(state.get("train_seconds", 0.0)))  # train.max_minutes counts the seconds before too
         self.step = step
         self.nonfinite.fill_(int(state["nonfinite"]))
         self.last_logs = dict(state.get("last_logs", {}))

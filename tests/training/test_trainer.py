@@ -294,6 +294,29 @@ def test_extending_a_decaying_run_warns_that_its_schedule_moves(tmp_path, recwar
         Trainer(_recipe("train.iterations=6", "train.lr_decay=cosine"), tmp_path / "cosine", quiet=True).run()
 
 
+def test_a_resumed_run_goes_on_counting_its_training_seconds(tmp_path, monkeypatch):
+    """The clock a checkpoint saves carries on after a crash, so train.max_minutes budgets the whole run and the
+    logs' times and train_summary.json's seconds include the time before the crash."""
+    import time
+
+    original = Trainer.train_step
+
+    def slow(self):
+        time.sleep(0.02)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow)
+    crash_at(monkeypatch, 7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(_recipe("train.iterations=10"), tmp_path / "r", quiet=True).run()
+    before = {s["step"]: s["time"] for s in map(json.loads, (tmp_path / "r" / "stats.jsonl").read_text().splitlines())}
+    monkeypatch.setattr(Trainer, "train_step", slow)
+    Trainer(_recipe("train.iterations=10"), tmp_path / "r", quiet=True).run()
+    after = {s["step"]: s["time"] for s in map(json.loads, (tmp_path / "r" / "stats.jsonl").read_text().splitlines())}
+    assert after[6] > before[5] >= 5 * 0.02  # the checkpoint at 5; step 6 was logged anew after the resume
+    assert json.loads((tmp_path / "r" / "train_summary.json").read_text())["train_seconds"] >= 10 * 0.02
+
+
 def _events(folder):
     """Every event of every TensorBoard file in `folder`, file by file in write order."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
