@@ -36,7 +36,8 @@ demo: setup
 test: setup-fid
 	$(BIN)/python -m pytest -q --durations=0 --durations-min=5 -m "not bench" tests
 
-# The convergence runs too long for CI (marked bench in tests/objectives/test_convergence.py; about 10 min).
+# What is too long for CI (marked bench): three convergence runs (tests/objectives/test_convergence.py, about 10 min)
+# and the 28 real-size dry runs beyond make test's 12 (tests/test_dry_runs.py, about 10 min).
 test-bench: setup-fid
 	$(BIN)/python -m pytest -q -s --durations=0 -m bench tests
 

@@ -327,10 +327,10 @@ def total_flops():
     return flops
 
 
-def _run_phases(recipe: Recipe, built, ema, m: int) -> tuple[dict, float]:
-    """Run iteration 0's phases on meta tensors at micro-batch m: per phase (peak bytes allocated: activations,
-    gradients, temporaries; the phase's whole gradient bytes; its networks; a note if it could not run), and the
-    FLOPs of all of them."""
+def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1) -> tuple[dict, float]:
+    """Run the phases of the first `iterations` iterations (each kind once) on meta tensors at micro-batch m: per
+    phase (peak bytes allocated: activations, gradients, temporaries; the phase's whole gradient bytes; its networks;
+    a note if it could not run), and the FLOPs of all of them."""
     from .kernels import configure_networks
     from .objectives.base import Batch
 
@@ -348,8 +348,10 @@ def _run_phases(recipe: Recipe, built, ema, m: int) -> tuple[dict, float]:
         samples = None
         flops = total_flops()
         with meta_scalars(), meta_autocast(), flops:
-            for phase in obj.phases(0):
+            for phase in (p for step in range(iterations) for p in obj.phases(step)):
                 name, note = "+".join(phase.networks), ""
+                if name in out_phases:
+                    continue
                 params = [x for n in phase.networks for x in built.nets.get(n).parameters() if x.requires_grad]
                 tracker = LiveBytes()
                 try:
@@ -368,6 +370,33 @@ def _run_phases(recipe: Recipe, built, ema, m: int) -> tuple[dict, float]:
                     x.grad = None
                 out_phases[name] = (tracker.peak, _bytes(params, 4), phase.networks, note)
     return out_phases, float(flops.get_total_flops())
+
+
+def dry_run(recipe: Recipe, iterations: int = 4) -> list[str]:
+    """A training iteration of `recipe` at its real size on meta tensors (no weights, no GPU): the phases of the
+    first `iterations` iterations, each kind once (forward and backward, as `plan` runs them: an objective whose
+    first iterations train one network, like DisBack's first stage, gets to its others), then AdamW's step on every
+    trained network and the EMA's update. Shape, dtype and device errors of a real-size run surface here in seconds.
+    Returns what could not run; empty when everything ran."""
+    built, ema = build_meta(recipe)
+    phases, _ = _run_phases(recipe, built, ema, max(recipe.train.batch_size // recipe.train.grad_accum, 1),
+                            iterations)
+    notes = [note for *_, note in phases.values() if note]
+    ran = {n for *_, networks, note in phases.values() if not note for n in networks}
+    notes += [f"no phase of the first {iterations} iterations trains {n}" for n in built.objective.trains
+              if n not in ran]
+    try:
+        for name in built.objective.trains:
+            params = [x for x in built.nets.get(name).parameters() if x.requires_grad]
+            for x in params:
+                x.grad = torch.zeros_like(x)
+            torch.optim.AdamW(params, foreach=True).step()
+        if ema is not None:  # its buffers were built on the CPU (build_meta): on meta with the generator's
+            ema.model.to("meta")
+            ema.update(built.nets.generator)
+    except Exception as e:  # noqa: BLE001 (reported, as a phase's error is)
+        notes.append(f"the optimizer step or EMA update could not run on meta tensors ({type(e).__name__}: {e})")
+    return notes
 
 
 @contextmanager

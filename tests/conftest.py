@@ -19,8 +19,8 @@ SLOW_LIST = os.path.join("tests", "slow_tests.txt")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: over about 5 s on 2 CPU cores (tests/slow_tests.txt); `make test-fast` "
                                        "runs the others")
-    config.addinivalue_line("markers", "bench: a convergence run too long for CI; `make test-bench` runs them, "
-                                       "`make test` the others")
+    config.addinivalue_line("markers", "bench: too long for CI (convergence runs, the whole dry-run matrix); "
+                                       "`make test-bench` runs them, `make test` the others")
 
 
 def pytest_collection_modifyitems(config, items):

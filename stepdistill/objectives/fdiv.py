@@ -110,8 +110,10 @@ class FDiv(VSD):
         ema * old + (1 - ema) * this batch's mean."""
         k, ema = self.cfg.ratio_bins, self.cfg.ratio_ema
         idx = (t.double() * k).floor().long().clamp(0, k - 1)
-        count, total = global_sum(torch.stack([torch.bincount(idx, minlength=k).float(),
-                                               torch.bincount(idx, weights=r, minlength=k).float()]))
+        # index_add_ rather than bincount: the same sums, but a fixed output size (bincount's depends on the data,
+        # which makes a GPU wait for the host and has no meta kernel for `stepdistill plan`)
+        count, total = global_sum(torch.stack([r.new_zeros(k).index_add_(0, idx, torch.ones_like(r)),
+                                               r.new_zeros(k).index_add_(0, idx, r)]))
         old = self.bins.mean.to(r.device)
         new = torch.where(count > 0, ema * old + (1 - ema) * total / count.clamp_min(1), old)
         self.bins.mean.copy_(new)

@@ -102,13 +102,13 @@ def sida_generator_loss(x_g: torch.Tensor, y_r: torch.Tensor, y_f: torch.Tensor,
     if norm is None:
         norm = 1 / (x_g - y_r).abs().mean(dim=dims).detach().clamp_min(1e-5)
     per_sample = sid_loss(x_g, y_r, y_f, alpha) * norm
-    keep = torch.isfinite(per_sample)
-    loss = per_sample[keep].sum() / len(per_sample)
+    keep = torch.isfinite(per_sample)  # where, not indexing: a fixed size, nothing for a GPU to wait on
+    loss = torch.where(keep, per_sample, 0.0).sum() / len(per_sample)
     logs = {"loss/generator": loss.detach(), "sid/dropped": (~keep).sum().float()}
     if logits is None:
         return loss, logs
     g = F.softplus(-logits.float().clamp(-10, 10)).mean()
-    adv = gan_scale * x_g[0].numel() * g * norm[keep].detach().sum() / len(norm)
+    adv = gan_scale * x_g[0].numel() * g * torch.where(keep, norm, 0.0).detach().sum() / len(norm)
     logs["loss/generator_adv"] = adv.detach()
     return 0.5 * loss + 0.5 * adv, logs
 

@@ -1,0 +1,45 @@
+"""Real-size dry runs (stepdistill/plan.py's dry_run): one training iteration of every objective on every network
+family at its real size (SD1.5, SDXL, SD3-medium, FLUX-dev, SANA-1.6B, random weights from teachers/synthetic.py) on
+meta tensors: each kind of phase forward and backward, AdamW's step and the EMA's update. Shape, dtype and device
+errors at SDXL or FLUX size show up here without a GPU, and so does an operation whose output size depends on the
+data (no meta kernel; on a GPU it would make the iteration wait for the host).
+
+`make test` runs every objective at SD1.5 size and vsd on every family (12 runs, about 3 minutes on 2 CPU cores);
+`make test-bench` the whole matrix (40 runs)."""
+from __future__ import annotations
+
+import pytest
+
+from stepdistill.errors import RecipeError
+from stepdistill.plan import dry_run
+from stepdistill.recipe import load_recipe
+
+FAMILIES = ["sd15", "sdxl", "sd3-medium", "flux-dev", "sana-1600m"]
+OBJECTIVES = {  # what brings every trained network into the first iterations
+    "vsd": [], "fdiv": [], "sid": [], "scm": [], "tbcm": [], "ladd": [],
+    "disback": ["objective.record_iterations=1", "objective.record_every=1"],  # stage 2 (the generator) at once
+    "asd": ["generator.steps=2"],  # it needs a few-step student
+}
+# Refused before training, with a message: f-distill's discriminator reads the fake score's mid-block features, which
+# only UNets (and the toy MLP) expose
+REFUSED = {("fdiv", f): "needs a discriminator" for f in ("sd3-medium", "flux-dev", "sana-1600m")}
+QUICK = {(o, "sd15") for o in OBJECTIVES} | {("vsd", f) for f in FAMILIES}
+
+
+def cases():
+    for family in FAMILIES:
+        for objective in OBJECTIVES:
+            marks = [] if (objective, family) in QUICK else [pytest.mark.bench]
+            yield pytest.param(objective, family, id=f"{objective}-{family}", marks=marks)
+
+
+@pytest.mark.parametrize("objective,family", list(cases()))
+def test_one_real_size_iteration_runs_on_meta_tensors(objective, family):
+    recipe = lambda: load_recipe(  # noqa: E731
+        None, ["train.batch_size=2", "train.ema=0.99", "eval.at_end=false", *OBJECTIVES[objective]],
+        data={"teacher": {"name": "synthetic", "size": family}, "objective": {"name": objective}})
+    if (objective, family) in REFUSED:
+        with pytest.raises(RecipeError, match=REFUSED[objective, family]):
+            dry_run(recipe())
+        return
+    assert dry_run(recipe()) == []
