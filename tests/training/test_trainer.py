@@ -77,16 +77,21 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path):
     assert (tmp_path / "r" / "stats.jsonl").read_text() == stats  # the log is untouched
 
 
-def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
-    trainer = Trainer(_recipe("train.iterations=3", "train.max_nonfinite=2", "objective.update_ratio=1"),
-                      tmp_path / "r", quiet=True)
-    before = {k: v.clone() for k, v in trainer.nets.generator.state_dict().items()}
-
+def nan_generator_loss(trainer, monkeypatch) -> None:
+    """The generator's loss becomes NaN (with a graph to the generator's weights)."""
     def nan_loss(batch, samples=None):
         p = next(trainer.nets.generator.parameters())
         return LossOutput(p.sum() * float("nan"), {})
 
     monkeypatch.setattr(trainer.objective, "generator_loss", nan_loss)
+
+
+def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
+    trainer = Trainer(_recipe("train.iterations=3", "train.max_nonfinite=2", "objective.update_ratio=1"),
+                      tmp_path / "r", quiet=True)
+    before = {k: v.clone() for k, v in trainer.nets.generator.state_dict().items()}
+
+    nan_generator_loss(trainer, monkeypatch)
     with pytest.raises(NonFiniteError, match="3 phases had a non-finite loss"):
         trainer.run()
     after = trainer.nets.generator.state_dict()
@@ -152,11 +157,7 @@ def test_with_fused_adamw_a_non_finite_phase_leaves_weights_moments_and_ema_as_t
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (trainer.nets.generator, trainer.ema.model)]
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in gen.state.items()}
 
-    def nan_loss(batch, samples=None):
-        p = next(trainer.nets.generator.parameters())
-        return LossOutput(p.sum() * float("nan"), {})
-
-    monkeypatch.setattr(trainer.objective, "generator_loss", nan_loss)
+    nan_generator_loss(trainer, monkeypatch)
     with pytest.raises(NonFiniteError, match="2 phases had a non-finite loss .* by iteration 3"):
         trainer.run()
     for was, m in zip(before, (trainer.nets.generator, trainer.ema.model)):
