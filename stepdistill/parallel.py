@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .devices import to_device
 from .errors import RecipeError, SetupError
 
 T = TypeVar("T")
@@ -131,15 +132,6 @@ def randn(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.d
 def rand(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
          ) -> torch.Tensor:
     return to_device(rows(torch.rand(n * world(), *shape, dtype=dtype, device="cpu")), device)
-
-
-def to_device(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU through pinned memory, without waiting: a copy from pageable memory would
-    make the host wait for the GPU's queue to reach it (torch's caching host allocator keeps the pinned buffer until
-    the copy is done)."""
-    if device is None or torch.device(device).type != "cuda" or x.device.type != "cpu":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 def randn_like(x: torch.Tensor) -> torch.Tensor:
@@ -299,12 +291,12 @@ def sharded_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 
 def sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """An optimizer state dict of whole tensors (a checkpoint's) with each parameter's moments sliced like the
-    parameter, ready for optimizer.load_state_dict. The optimizer keeps its own `foreach`: whether it may update a
-    list at once depends on this run's sharding, not the saved run's."""
+    parameter, ready for optimizer.load_state_dict. The optimizer keeps its own `foreach` and `fused`: how it updates
+    depends on this run's sharding and device (trainer.HOST_FREE), not the saved run's."""
     params = {i: p for saved, group in zip(state["param_groups"], optimizer.param_groups)
               for i, p in zip(saved["params"], group["params"])}
-    groups = [{**saved, "foreach": group["foreach"]} for saved, group in zip(state["param_groups"],
-                                                                               optimizer.param_groups)]
+    groups = [{**saved, "foreach": group["foreach"], "fused": group["fused"]}
+              for saved, group in zip(state["param_groups"], optimizer.param_groups)]
     return {**state, "param_groups": groups,
             "state": {i: {k: shard_like(v, params[i]) if v.dim() else v for k, v in s.items()}
                       for i, s in state["state"].items()}}

@@ -393,7 +393,7 @@ def dry_run(recipe: Recipe, iterations: int = 4) -> list[str]:
             torch.optim.AdamW(params, foreach=True).step()
         if ema is not None:  # its buffers were built on the CPU (build_meta): on meta with the generator's
             ema.model.to("meta")
-            ema.update(built.nets.generator)
+            ema.update(built.nets.generator, where=torch.ones((), dtype=torch.bool, device="meta"))  # a GPU's
     except Exception as e:  # noqa: BLE001 (reported, as a phase's error is)
         notes.append(f"the optimizer step or EMA update could not run on meta tensors ({type(e).__name__}: {e})")
     return notes

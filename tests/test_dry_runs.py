@@ -20,9 +20,10 @@ OBJECTIVES = {  # what brings every trained network into the first iterations
     "disback": ["objective.record_iterations=1", "objective.record_every=1"],  # stage 2 (the generator) at once
     "asd": ["generator.steps=2"],  # it needs a few-step student
 }
-# Refused before training, with a message: f-distill's discriminator reads the fake score's mid-block features, which
-# only UNets (and the toy MLP) expose
-REFUSED = {("fdiv", f): "needs a discriminator" for f in ("sd3-medium", "flux-dev", "sana-1600m")}
+# Refused before training, with a message: the discriminators of fdiv and asd read the fake score's mid-block features
+# and LADD's the teacher's blocks, which this toolkit can tap only in UNets (and the toy MLP) so far
+REFUSED = {(o, f): "needs a discriminator" for o in ("fdiv", "asd", "ladd") for f in ("sd3-medium", "flux-dev",
+                                                                                    "sana-1600m")}
 QUICK = {(o, "sd15") for o in OBJECTIVES} | {("vsd", f) for f in FAMILIES}
 
 

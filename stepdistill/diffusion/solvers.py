@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..devices import to_device
 from .parametrization import Prediction
 from .schedules import Schedule, bcast
 
@@ -18,7 +19,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], Prediction]
 def cpu_randn_like(x: torch.Tensor) -> torch.Tensor:
     """Unit Gaussian noise shaped like x, drawn from the CPU stream and moved to x's device (the same numbers on any
     device)."""
-    return torch.randn(x.shape, dtype=x.dtype).to(x.device)
+    return to_device(torch.randn(x.shape, dtype=x.dtype), x.device)
 
 
 def ode_times(steps: int, schedule: Schedule, rho: float = 7.0, ve_max: float = 80.0,

@@ -5,13 +5,14 @@ from collections.abc import Callable
 
 import torch
 
+from ..devices import to_device
 from ..errors import RecipeError
 from .schedules import Schedule
 
 
 def cpu_rand(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """torch.rand(n) from the CPU stream, moved to `device`: the same numbers on any device."""
-    return torch.rand(n).to(device)
+    return to_device(torch.rand(n), device)
 
 
 def uniform_t(n: int, t_min: float, t_max: float, schedule: Schedule,

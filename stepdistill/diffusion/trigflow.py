@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import to_device
 from ..errors import InputError
 from .schedules import Schedule, bcast
 
@@ -81,5 +82,5 @@ class TrigFlowSpace:
 
     def x0(self, x: torch.Tensor, f: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """The consistency function (cos(theta) x - sin(theta) sigma_d F) / k: the data the state x denoises to."""
-        theta = theta.to(x.device)
+        theta = to_device(theta, x.device)
         return (bcast(theta.cos(), x) * x - bcast(theta.sin(), x) * self.sigma_d * f) / self.data_scale

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from ..devices import to_device
+
 
 class TimeFeatures(nn.Module):
     """(N,) times in [0, 1] -> (N, features): sines and cosines at geometric frequencies from 1 to max_freq."""
@@ -44,7 +46,7 @@ class MLPDenoiser(nn.Module):
         if self.label is not None:
             if cond is None:
                 cond = torch.full((len(x),), self.num_classes, dtype=torch.long, device=x.device)
-            features.append(self.label(cond.long().to(x.device)))
+            features.append(self.label(to_device(cond.long(), x.device)))
         return self.net(torch.cat(features, dim=1))
 
     def config(self) -> dict:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..devices import to_device
 from ..diffusion.guidance import cfg_combine
 from ..diffusion.parametrization import KINDS, Prediction, to_prediction
 from ..diffusion.schedules import Schedule
@@ -71,8 +72,8 @@ class ScoreModel(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> Prediction:
         """x_t (N, ...), t (N,) canonical -> Prediction with x0, eps of x_t's shape (float32)."""
         alpha, sigma = self.schedule.alpha_sigma(t)
-        out = self._call_net(x_t, self.schedule.native(t).float().to(x_t.device), cond)
-        return to_prediction(self.prediction, out, x_t, alpha.to(x_t.device), sigma.to(x_t.device))
+        out = self._call_net(x_t, to_device(self.schedule.native(t).float(), x_t.device), cond)
+        return to_prediction(self.prediction, out, x_t, to_device(alpha, x_t.device), to_device(sigma, x_t.device))
 
     predict = forward
 

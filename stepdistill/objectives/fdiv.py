@@ -70,7 +70,7 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over the whole batch across processes."""
-    total = global_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device)]))
+    total = global_sum(torch.stack([x.sum(), x.new_full((), float(x.numel()))]))
     return total[0] / total[1]
 
 

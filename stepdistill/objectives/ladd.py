@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import parallel
+from ..devices import to_device
 from ..registry import register
 from .base import Batch, LossOutput, Objective, Phase
 from .terms import frozen, sample_generator
@@ -40,7 +41,7 @@ def renoised(obj: Objective, x0: torch.Tensor, p_mean: float, p_std: float) -> t
     discriminator times), fresh noise per sample."""
     schedule = obj.nets.teacher.schedule
     n = p_mean + p_std * parallel.randn(len(x0))
-    t = schedule.t_of_logsnr(-2 * (n - math.log(SANA_SIGMA_D))).float().to(x0.device)
+    t = to_device(schedule.t_of_logsnr(-2 * (n - math.log(SANA_SIGMA_D))).float(), x0.device)
     return schedule.add_noise(x0, parallel.randn_like(x0), t), t
 
 

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .. import parallel
+from ..devices import to_device
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import TrigFlowSpace
 from ..errors import RecipeError, SetupError
@@ -229,7 +230,7 @@ class SCM(Objective):
     def _generator_loss(self, batch: Batch) -> LossOutput:
         cfg, sd = self.cfg, self.cfg.sigma_data
         x, theta, dxdt, cond = self.training_points(batch)
-        theta = theta.to(x.device)  # drawn on the CPU; the adaptive weight and the loss terms compute beside x
+        theta = to_device(theta, x.device)  # drawn on the CPU; the adaptive weight and the loss terms compute beside x
         cos, sin = bcast(theta.cos(), x), bcast(theta.sin(), x)
         f_minus, df = self.velocity_and_tangent(x, theta, cond, cos * sin * dxdt, theta.cos() * theta.sin())
         g = -cos ** 2 * (sd * f_minus - dxdt) - self.r * (cos * sin * x + sd * df)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import parallel
+from ..devices import to_device
 from ..diffusion.timesteps import uniform_t
 from ..errors import RecipeError
 from ..models.discriminator import discriminate
@@ -174,7 +175,7 @@ class SiD(Objective):
     def discriminator_times(self, n: int, device: torch.device) -> torch.Tensor:
         """SiDA's discriminator times: sigma = exp(N(d_p_mean, d_p_std)) as the teacher's t (log-SNR -2 log sigma)."""
         log_sigma = self.cfg.d_p_mean + self.cfg.d_p_std * parallel.randn(n)
-        return self.nets.fake_score.schedule.t_of_logsnr(-2 * log_sigma).float().to(device)
+        return to_device(self.nets.fake_score.schedule.t_of_logsnr(-2 * log_sigma).float(), device)
 
     def discriminator_loss(self, batch: Batch, fake_x0: torch.Tensor) -> LossOutput:
         """lambda-weighted BCE of the discriminator on real and generated samples sharing each sample's noise and

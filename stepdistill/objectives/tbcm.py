@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import parallel
+from ..devices import to_device
 from ..diffusion.schedules import bcast
 from ..diffusion.trigflow import TrigFlowSpace
 from ..errors import RecipeError
@@ -119,8 +120,9 @@ class TBCM(SCM):
         pick = parallel.rows(kept[torch.randperm(len(kept))[:n]].sort().values)
         first, last = int(pick[0]) // pairs, int(pick[-1]) // pairs + 1  # this process's trajectories
         theta, pick = theta[first:last], pick - first * pairs
-        cond = None if batch.cond is None else torch.cat(parallel.gather([batch.cond]))[first:last].to(self.device)
-        x = sd * noise[first:last].to(self.device)
+        cond = None if batch.cond is None else to_device(torch.cat(parallel.gather([batch.cond]))[first:last],
+                                                         self.device)
+        x = sd * to_device(noise[first:last], self.device)
         xs, dxdts = [], []
         for i in range(cfg.route_points):  # the teacher at every point; training on all but the start (pi/2)
             dxdt = sd * self.trig.velocity(self.nets.teacher, x, theta[:, i], cond, cfg.guidance_scale)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
+from ..devices import to_device
 from ..diffusion.schedules import bcast
 from ..diffusion.timesteps import uniform_t
 from ..errors import InputError
@@ -32,7 +33,7 @@ def drop_cond(score: ScoreModel, cond: torch.Tensor | None, p: float) -> torch.T
     if cond is None or p <= 0 or score.conditioning == "none":
         return cond
     mask = parallel.rand(len(cond)) < p
-    return torch.where(mask.reshape(-1, *[1] * (cond.ndim - 1)).to(cond.device), score.null(cond), cond)
+    return torch.where(to_device(mask.reshape(-1, *[1] * (cond.ndim - 1)), cond.device), score.null(cond), cond)
 
 
 def denoising_loss(obj: Objective, batch: Batch, x0: torch.Tensor, t_min: float, t_max: float,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.real import FunctionData
+from ..devices import to_device
 from ..diffusion.parametrization import Prediction, from_prediction, to_prediction
 from ..diffusion.schedules import SCHEDULES, bcast
 from ..errors import RecipeError
@@ -97,7 +98,7 @@ class _Residual(ScoreModel):
     def forward(self, x_t, t, cond=None):  # noqa: D102
         alpha, sigma = self.schedule.alpha_sigma(t)
         base = from_prediction(self.prediction, self._exact[0](x_t, t, cond), alpha, sigma)
-        t = t.float().to(x_t.device)  # canonical t in [0, 1]: smooth time features
+        t = to_device(t.float(), x_t.device)  # canonical t in [0, 1]: smooth time features
         out = base + (self.net(x_t, t) if self.conditioning == "none" else self.net(x_t, t, cond))
         return to_prediction(self.prediction, out, x_t, alpha, sigma)
 

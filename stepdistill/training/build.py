@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import parallel
+from ..devices import to_device
 from ..models.generator import Generator
 from ..models.score import student_guidance
 from ..objectives.base import Batch, Nets, Objective
@@ -44,7 +45,7 @@ class Built:
         """One iteration's conditions and, for objectives that need them, real samples with the same conditions."""
         cond = self.sample_cond(n)
         x0 = self.data.sample(n, cond) if self.objective.uses_data else None
-        to = lambda x: None if x is None else parallel.to_device(x, self.device)  # noqa: E731
+        to = lambda x: None if x is None else to_device(x, self.device)  # noqa: E731
         return Batch(n=n, cond=to(cond), x0=to(x0))
 
     def micro_batches(self, n: int, k: int) -> list[Batch]:

@@ -22,9 +22,13 @@ class EMA:
                  if p.requires_grad]
         if pairs and where is None:  # one lerp over the list: lerp_'s per-element update without a loop's overhead
             torch._foreach_lerp_(*map(list, zip(*pairs)), 1.0 - self.decay)
-        elif pairs:  # weight 0 where the step was skipped (the weights are unchanged and finite: the EMA stays put)
-            weight = (1.0 - self.decay) * where.to(pairs[0][0].device, torch.float32)
-            torch.ops.aten._foreach_lerp_.List(*map(list, zip(*pairs)), [weight] * len(pairs))
+        elif pairs:  # weight 0 where the step was skipped (the weights are unchanged and finite: the EMA stays put);
+            # a lerp by a tensor weight as three list ops, each one launch on a GPU (lerp with a list of 0-d weights
+            # would launch once per tensor there)
+            ema, new = map(list, zip(*pairs))
+            step = torch._foreach_sub(new, ema)
+            torch._foreach_mul_(step, (1.0 - self.decay) * where.float())
+            torch._foreach_add_(ema, step)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             if where is None:
                 b_ema.copy_(b)

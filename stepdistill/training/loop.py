@@ -230,6 +230,7 @@ def finish(t, r: Run) -> dict | None:
     one MSD student: train/students.py evaluates the ensemble)."""
     from ..eval.harness import evaluate, write_metrics
 
+    t.check_nonfinite()  # a run stopped by its budget or a signal between log steps, too
     t.save()
     if r.curve_every and t.step % r.curve_every:
         t.curve_point(r.curve, t.clock())

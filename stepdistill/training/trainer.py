@@ -213,7 +213,7 @@ class Trainer:
                 samples[j] = out.samples if out.samples is not None else samples[j]
                 for k, v in out.logs.items():  # summed in float64, as Python floats would be
                     v = v.detach().double() if torch.is_tensor(v) else v
-                    logs[k] = (logs[k] if j else 0.0) + v / len(micro)
+                    logs[k] = (logs.get(k, 0.0) if j else 0.0) + v / len(micro)
                 finite &= torch.isfinite(out.loss.detach())
                 self.accelerator.backward(out.loss / len(micro))  # a non-finite loss's gradients are never applied
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf

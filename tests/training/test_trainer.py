@@ -180,6 +180,22 @@ def test_fused_adamw_trains_as_foreach_adamw_does_to_rounding(tmp_path, monkeypa
         torch.testing.assert_close(weights[1][k], v, rtol=1e-4, atol=1e-5)
 
 
+def test_a_checkpoint_resumes_with_the_resuming_runs_optimizer_kind(tmp_path, monkeypatch):
+    """A foreach checkpoint (a CPU's, or one from before fused AdamW) resumes as fused where HOST_FREE says so, and a
+    fused one (a GPU's) as foreach on the CPU: the saved param groups' `fused` does not carry over."""
+    from stepdistill.training import trainer as trainer_mod
+
+    for first, then in (((), ("cpu",)), (("cpu",), ())):
+        out = tmp_path / str(len(first))
+        monkeypatch.setattr(trainer_mod, "HOST_FREE", first)
+        Trainer(_recipe("train.iterations=5"), out, quiet=True).run()
+        monkeypatch.setattr(trainer_mod, "HOST_FREE", then)
+        resumed = Trainer(_recipe("train.iterations=7"), out, quiet=True)
+        resumed.run()
+        assert resumed.step == 7
+        assert all(bool(g["fused"]) == bool(then) for o in resumed.optimizers.values() for g in o.param_groups)
+
+
 def test_bf16_autocast_trains_with_finite_losses(tmp_path):
     trainer = Trainer(_recipe("train.iterations=4", "train.precision=bf16", "objective.update_ratio=1"), tmp_path / "r",
                       quiet=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...devices import to_device
 from ...diffusion.guidance import guidance_scale_embedding
 from ...registry import register
 from ..conditioning import unpack_pooled
@@ -28,7 +29,8 @@ class TextUNetBackbone(Backbone):
         if c.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop time ids
             tokens, pooled = unpack_pooled(cond.to(dtype), c.projection_class_embeddings_input_dim
                                            - len(score.time_ids) * c.addition_time_embed_dim)
-            added = {"text_embeds": pooled, "time_ids": score.time_ids.to(x).expand(len(x), -1)}
+            time_ids = to_device(score.time_ids, x.device).to(x.dtype)
+            added = {"text_embeds": pooled, "time_ids": time_ids.expand(len(x), -1)}
             return net(x, timestep, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
         embedded = None
         if c.time_cond_proj_dim is not None and score.guidance_input is not None:  # diffusers' LCM convention
