@@ -53,8 +53,8 @@ def test_scm_with_adv_weight_alternates_generator_and_discriminator(gmm_built):
     torch.manual_seed(0)
     out = b.objective.generator_loss(b.batch(32))
     assert {"loss/scm", "loss/generator_adv"} <= set(out.logs)
-    assert out.logs["loss/generator"] == pytest.approx(out.logs["loss/scm"] + 0.5 * out.logs["loss/generator_adv"],
-                                                       rel=1e-5)
+    logs = {k: float(v) for k, v in out.logs.items()}
+    assert logs["loss/generator"] == pytest.approx(logs["loss/scm"] + 0.5 * logs["loss/generator_adv"], rel=1e-5)
     assert [p.networks for p in gmm_built("objective.name=scm").objective.phases(0)] == [("generator",)]
 
 

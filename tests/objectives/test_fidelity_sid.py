@@ -32,7 +32,7 @@ def test_generator_loss_is_sidas_weighted_sum_by_hand():
         loss, logs = sida_generator_loss(x_g, y_r, y_f, 1.2, logits, gan_scale)
         expected = 0.5 * -1.7 + 0.5 * gan_scale * 2 * g * 1.5
         assert loss.item() == pytest.approx(expected, rel=1e-6)
-        assert logs["loss/generator"] == pytest.approx(-1.7, rel=1e-6)
+        assert float(logs["loss/generator"]) == pytest.approx(-1.7, rel=1e-6)
     plain, logs = sida_generator_loss(x_g, y_r, y_f, 1.2, None, 1e-4)  # no logits: plain SiD
     assert plain.item() == pytest.approx(-1.7, rel=1e-6) and "loss/generator_adv" not in logs
 
@@ -47,9 +47,9 @@ def test_warmups_follow_the_reference_loop(gmm_built):
     torch.manual_seed(0)
     out = obj.phases(3)[-1].loss(b.batch(8), None)
     assert "loss/generator_adv" not in out.logs
-    assert out.loss.item() == pytest.approx(out.logs["loss/generator"], rel=1e-6)
+    assert out.loss.item() == pytest.approx(float(out.logs["loss/generator"]), rel=1e-6)
     out = obj.phases(4)[-1].loss(b.batch(8), None)
-    expected = 0.5 * out.logs["loss/generator"] + 0.5 * out.logs["loss/generator_adv"]
+    expected = 0.5 * float(out.logs["loss/generator"]) + 0.5 * float(out.logs["loss/generator_adv"])
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
