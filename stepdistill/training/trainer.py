@@ -236,8 +236,9 @@ class Trainer:
         the flag inside its kernel (found_inf, as torch's GradScaler passes it), so a GPU never waits for the host
         here; elsewhere the flag is read once (on the CPU every operation has already run: nothing to wait for)."""
         if self.host_free:
+            skipped = (~finite).float()
             for name in names:
-                self.optimizers[name].found_inf = (~finite).float()
+                self.optimizers[name].found_inf = skipped
                 self.optimizers[name].step()
             if "generator" in names and self.ema is not None:
                 self.ema.update(self.nets.generator, where=finite)

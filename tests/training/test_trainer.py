@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 from stepdistill.objectives.base import LossOutput
 from stepdistill.recipe import dump as recipe_mod_dump
 from stepdistill.recipe import load_recipe
+from stepdistill.training import trainer as trainer_mod
 from stepdistill.training.state import list_checkpoints, load_latest
 from stepdistill.training.trainer import NonFiniteError, Trainer
 
@@ -121,8 +122,6 @@ def test_with_fused_adamw_an_iteration_reads_nothing_back_outside_log_steps(path
     """The loop of a GPU (trainer.HOST_FREE; the CPU is made one here): losses, gradient norms and the non-finite
     flag stay tensors between log steps, so no iteration but a log step makes the host wait."""
     from stepdistill.training import loop
-    from stepdistill.training import trainer as trainer_mod
-
     monkeypatch.setattr(trainer_mod, "HOST_FREE", ("cpu",))
     reads = {}
     for fn, mod in (("train_step", Trainer), ("progress", loop)):
@@ -146,8 +145,6 @@ def test_with_fused_adamw_an_iteration_reads_nothing_back_outside_log_steps(path
 def test_with_fused_adamw_a_non_finite_phase_leaves_weights_moments_and_ema_as_they_were(tmp_path, monkeypatch):
     """The flag goes into fused AdamW's kernel (found_inf) and the EMA's weight: nothing moves, the phase is counted,
     and the run stops at the next log step once train.max_nonfinite is passed (the count is read there)."""
-    from stepdistill.training import trainer as trainer_mod
-
     monkeypatch.setattr(trainer_mod, "HOST_FREE", ("cpu",))
     trainer = Trainer(_recipe("train.iterations=6", "train.log_every=3", "train.max_nonfinite=1",
                               "objective.update_ratio=1"), tmp_path / "r", quiet=True)
@@ -167,8 +164,6 @@ def test_with_fused_adamw_a_non_finite_phase_leaves_weights_moments_and_ema_as_t
 
 
 def test_fused_adamw_trains_as_foreach_adamw_does_to_rounding(tmp_path, monkeypatch):
-    from stepdistill.training import trainer as trainer_mod
-
     weights = []
     for devices in ((), ("cpu",)):
         monkeypatch.setattr(trainer_mod, "HOST_FREE", devices)
@@ -183,8 +178,6 @@ def test_fused_adamw_trains_as_foreach_adamw_does_to_rounding(tmp_path, monkeypa
 def test_a_checkpoint_resumes_with_the_resuming_runs_optimizer_kind(tmp_path, monkeypatch):
     """A foreach checkpoint (a CPU's, or one from before fused AdamW) resumes as fused where HOST_FREE says so, and a
     fused one (a GPU's) as foreach on the CPU: the saved param groups' `fused` does not carry over."""
-    from stepdistill.training import trainer as trainer_mod
-
     for first, then in (((), ("cpu",)), (("cpu",), ())):
         out = tmp_path / str(len(first))
         monkeypatch.setattr(trainer_mod, "HOST_FREE", first)
