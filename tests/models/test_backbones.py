@@ -26,7 +26,7 @@ PLUGIN = '''
 import torch
 from torch import nn
 
-from stepdistill.models.backbones import Backbone
+from stepdistill.models.backbones import Backbone, Tap
 from stepdistill.registry import register
 
 
@@ -52,10 +52,10 @@ class KeywordBackbone(Backbone):
         return net(x, noise_level=timestep)
 
     def bottleneck(self, net):
-        return net.hidden, 16, False
+        return Tap(net.hidden, 16, "vector")
 
     def levels(self, net):
-        return [(net.hidden, 16, False)]
+        return [Tap(net.hidden, 16, "vector")]
 '''
 
 
@@ -96,8 +96,8 @@ def test_a_backbone_in_one_new_file_drives_the_score_model_and_the_discriminator
     x_t, t = torch.randn(4, 2), torch.rand(4)
     with torch.no_grad():  # called through the adapter: the network takes its time only as a keyword
         torch.testing.assert_close(score(x_t, t).x0, score.net(x_t, noise_level=score.schedule.native(t).float()))
-    assert feature_module(score)[0] is score.net.hidden
-    assert [m for m, _, _ in feature_levels(score)] == [score.net.hidden]
+    assert feature_module(score).module is score.net.hidden
+    assert [tap.module for tap in feature_levels(score)] == [score.net.hidden]
 
 def test_a_family_without_features_or_guidance_says_so():
     score = ScoreModel(nn.Linear(2, 2), RectifiedFlow(), "flow", "text", null_cond=torch.zeros(1, 3, 2))

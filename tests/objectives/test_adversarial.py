@@ -23,7 +23,7 @@ def test_ladd_heads_read_every_down_block_and_the_mid_block_of_a_frozen_teacher(
     teacher = _unet_teacher(tiny_unet_folder)
     disc = TeacherFeatureDiscriminator(teacher.score)
     net = teacher.score.net
-    assert [m for m, _, _ in feature_levels(teacher.score)] == [*net.down_blocks, net.mid_block]
+    assert [tap.module for tap in feature_levels(teacher.score)] == [*net.down_blocks, net.mid_block]
     # only the heads are the discriminator's: the teacher is neither trained nor saved with it
     assert {n.split(".")[0] for n in disc.state_dict()} == {"heads"}
     assert sum(p.numel() for p in disc.parameters()) == sum(p.numel() for p in disc.heads.parameters())

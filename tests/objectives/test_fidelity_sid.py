@@ -104,8 +104,7 @@ def test_encoder_mean_discriminator_has_no_head(gmm_built):
     assert b.nets.discriminator is None and "discriminator" not in b.objective.trains
     fake = b.nets.fake_score
     x, t = torch.randn(5, 2), torch.full((5,), 0.5)
-    module, _, _ = feature_module(fake)
-    with captured(module) as (feats,):
+    with captured(feature_module(fake)) as (feats,):
         fake(x, t, None)
     _, logits = discriminate(fake, None, x, t, None)
     torch.testing.assert_close(logits, feats[-1].float().mean(dim=1).reshape(5, -1))

@@ -10,10 +10,24 @@ features (the base class).
 """
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
 from torch import nn
 
 from ... import registry
+
+
+class Tap(NamedTuple):
+    """A layer whose output a discriminator reads: the module, its feature width, the feature's layout ("map":
+    (N, C, H, W); "vector": (N, C); "tokens": (N, L, C), a transformer's image tokens) and, for a module returning a
+    tuple, which element holds the features (a UNet down block: 0; SD3's and FLUX's joint blocks return (text, image)
+    tokens: 1)."""
+
+    module: nn.Module
+    channels: int
+    kind: Literal["map", "vector", "tokens"]
+    output: int = 0
 
 
 class Backbone:
@@ -33,13 +47,13 @@ class Backbone:
         ScoreModel (its conditioning, time_ids and guidance_vector)."""
         return net(x, timestep) if score.conditioning == "none" else net(x, timestep, cond)
 
-    def bottleneck(self, net: nn.Module) -> tuple[nn.Module, int, bool] | None:
-        """(module whose output is the feature map, its channels, whether it is spatial): DMD2's and SiDA's
-        discriminator input. None: the family exposes none."""
+    def bottleneck(self, net: nn.Module) -> Tap | None:
+        """The layer DMD2's and SiDA's discriminators read on the fake score (a UNet's mid block, a transformer's
+        middle block). None: the family exposes none."""
         return None
 
-    def levels(self, net: nn.Module) -> list[tuple[nn.Module, int, bool]] | None:
-        """LADD's feature taps at several depths, each as bottleneck's triple. None: the family exposes none."""
+    def levels(self, net: nn.Module) -> list[Tap] | None:
+        """LADD's feature taps at several depths of the teacher. None: the family exposes none."""
         return None
 
     def add_guidance_embedding(self, net: nn.Module) -> bool:
@@ -63,3 +77,26 @@ def backbone_of(net: nn.Module) -> Backbone:
         claimed = [cls for cls in claimed if cls.claims(net)]
         _by_type[kind] = claimed[0]() if claimed else Backbone()
     return _by_type[kind]
+
+
+class TransformerBackbone(Backbone):
+    """A diffusion transformer (SD3, FLUX, SANA): the discriminators read its image tokens after whole blocks; the
+    bottleneck is the middle block, LADD's levels four evenly spaced blocks, the last included (LADD and SANA-Sprint
+    read a few intermediate blocks of the teacher, not all of them)."""
+
+    image_output = 0  # which element of a block's output tuple holds the image tokens
+
+    def blocks(self, net: nn.Module) -> list[nn.Module]:
+        return list(net.transformer_blocks)
+
+    def _tap(self, net: nn.Module, block: nn.Module) -> Tap:
+        return Tap(block, net.config.num_attention_heads * net.config.attention_head_dim, "tokens", self.image_output)
+
+    def bottleneck(self, net):
+        blocks = self.blocks(net)
+        return self._tap(net, blocks[(len(blocks) - 1) // 2])
+
+    def levels(self, net, count: int = 4):
+        blocks = self.blocks(net)
+        return [self._tap(net, blocks[i]) for i in sorted({round((k + 1) * len(blocks) / count) - 1
+                                                           for k in range(count)} - {-1})]

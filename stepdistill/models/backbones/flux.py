@@ -6,12 +6,13 @@ from torch import nn
 
 from ...registry import register
 from ..conditioning import unpack_pooled
-from . import Backbone
+from . import TransformerBackbone
 
 
 @register("backbone", "flux")
-class FluxBackbone(Backbone):
+class FluxBackbone(TransformerBackbone):
     name = "FluxTransformer2DModel"
+    image_output = 1  # both kinds of block return (text tokens, image tokens)
 
     @staticmethod
     def claims(net: nn.Module) -> bool:
@@ -33,6 +34,9 @@ class FluxBackbone(Backbone):
                   img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
                   guidance=guidance).sample
         return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+    def blocks(self, net):
+        return [*net.transformer_blocks, *net.single_transformer_blocks]
 
     def conditioning(self, net):
         return "text"

@@ -5,7 +5,7 @@ from torch import nn
 
 from ...registry import register
 from ..mlp import MLPDenoiser
-from . import Backbone
+from . import Backbone, Tap
 
 
 @register("backbone", "mlp")
@@ -17,7 +17,7 @@ class MLPBackbone(Backbone):
         return isinstance(net, MLPDenoiser)
 
     def bottleneck(self, net):
-        return net.net[-2], net.hidden, False  # the activation before the output layer
+        return Tap(net.net[-2], net.hidden, "vector")  # the activation before the output layer
 
     def levels(self, net):
-        return [(m, net.hidden, False) for m in net.net if isinstance(m, nn.SiLU)]
+        return [Tap(m, net.hidden, "vector") for m in net.net if isinstance(m, nn.SiLU)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from ...registry import register
-from . import Backbone
+from . import TransformerBackbone
 
 
 @register("backbone", "sana")
-class SanaBackbone(Backbone):
+class SanaBackbone(TransformerBackbone):
     name = "SanaTransformer2DModel"
 
     @staticmethod

@@ -5,12 +5,13 @@ from torch import nn
 
 from ...registry import register
 from ..conditioning import unpack_pooled
-from . import Backbone
+from . import TransformerBackbone
 
 
 @register("backbone", "sd3")
-class SD3Backbone(Backbone):
+class SD3Backbone(TransformerBackbone):
     name = "SD3Transformer2DModel"
+    image_output = 1  # a JointTransformerBlock returns (text tokens, image tokens)
 
     @staticmethod
     def claims(net: nn.Module) -> bool:

@@ -5,18 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from ...registry import register
-from . import Backbone
+from . import Backbone, Tap
 
 
 def unet_bottleneck(net):
     """A diffusers UNet's mid block (None without one)."""
-    return (net.mid_block, net.config.block_out_channels[-1], True) if net.mid_block is not None else None
+    return Tap(net.mid_block, net.config.block_out_channels[-1], "map") if net.mid_block is not None else None
 
 
 def unet_levels(net):
     """Every down block of a diffusers UNet, then its mid block."""
-    levels = [(block, ch, True) for block, ch in zip(net.down_blocks, net.config.block_out_channels)]
-    return levels + ([(net.mid_block, net.config.block_out_channels[-1], True)] if net.mid_block else [])
+    levels = [Tap(block, ch, "map") for block, ch in zip(net.down_blocks, net.config.block_out_channels)]
+    return levels + ([unet_bottleneck(net)] if net.mid_block else [])
 
 
 @register("backbone", "unet")
