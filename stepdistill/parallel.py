@@ -22,7 +22,7 @@ with any process count, sharded or not.
 from __future__ import annotations
 
 import atexit
-import math
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -148,37 +148,51 @@ def all_finite(flag: torch.Tensor) -> torch.Tensor:
 
 
 def all_true(flag: bool) -> bool:
-    """True only if `flag` holds on every process (so all of them take the same branch)."""
+    """True only if `flag` (a host value: a signal, the clock) holds on every process, so all of them take the same
+    branch. Agreed over a CPU (gloo) group: under NCCL a GPU tensor's read would make the host wait for the queue."""
     if world() == 1:
         return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=_device())
-    dist.all_reduce(t)
+    t = torch.tensor([0.0 if flag else 1.0])
+    dist.all_reduce(t, group=_host_group())
     return t.item() == 0
 
 
-def average_gradients(params: list[nn.Parameter]) -> None:
+@functools.cache
+def _host_group():
+    """The default group where it already talks gloo; else a gloo group of the same processes (made once, by every
+    process at its first all_true, which every process reaches at the same point)."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def average_gradients(params: list[nn.Parameter]) -> torch.Tensor:
     """Replace each gradient by its mean over processes. Every process must hold gradients for the same parameters
-    (they run the same phases on batches of equal size); a mismatch is an error, not a hang."""
+    (they run the same phases on batches of equal size). The buckets are laid out over `params`, not over the
+    gradients present, so a process missing one (a phase that ran differently there) still makes the same
+    collectives (zeros in its place) rather than hang; which gradients each process held travels in the first bucket.
+    Returns a 0-d bool on the device: whether every process held the same ones (nothing is read back here; the
+    trainer skips the update when it does not hold and raises at its next log step)."""
     if world() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]  # FSDP averaged the sharded
-    count = torch.tensor([len(grads), -len(grads)], device=_device())
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    if count[0] != -count[1]:
-        raise RuntimeError(f"processes hold gradients for different numbers of tensors ({-count[1]}..{count[0]}): "
-                           "the phase ran differently on some process")
+        return torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
+    params = [p for p in params if not is_sharded(p)]  # FSDP averaged the sharded ones
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    held = to_device(torch.tensor([float(p.grad is not None) for p in params]), _device())
+    agreed = torch.ones((), dtype=torch.bool, device=_device())
     bucket: list[torch.Tensor] = []
     size = 0  # elements in the bucket
     for i, g in enumerate(grads):
         bucket.append(g)
         size += g.numel()
         if i + 1 == len(grads) or size + grads[i + 1].numel() > BUCKET:
-            flat = torch.cat([b.reshape(-1).float() for b in bucket])
+            lead = held if i + 1 == len(bucket) else held[:0]  # the first bucket carries the counts
+            flat = torch.cat([lead, *(b.reshape(-1).float() for b in bucket)])
             dist.all_reduce(flat)
-            flat /= world()
+            if len(lead):  # each count is 0 or world() when the processes agree
+                agreed = ((flat[:len(lead)] == 0) | (flat[:len(lead)] == world())).all()
+            flat = flat[len(lead):] / world()
             for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(part.view_as(b))
+                b.copy_(part.view_as(b))  # the zeros standing in for a missing gradient are dropped
             bucket, size = [], 0
+    return agreed
 
 
 def mean_values(values: dict[str, float]) -> dict[str, float]:
@@ -303,7 +317,9 @@ def sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> di
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ for parameters of which some may be sharded: the norm is the whole gradient's."""
+    """torch's clip_grad_norm_ for parameters of which some may be sharded: the norm is the whole gradient's, and the
+    scale is applied on the device, as torch's own does (nothing is read back: a non-finite norm gives non-finite
+    gradients, whose update the trainer skips)."""
     sharded = [p.grad for p in params if is_sharded(p)]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -312,11 +328,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if plain:
         norms.append(torch.nn.utils.get_total_norm(plain).to(norms[0].device))
     total = torch.linalg.vector_norm(torch.stack(norms))
-    value = total.item()
-    if math.isfinite(value) and value > max_norm:
-        scale = max_norm / (value + 1e-6)
-        for g in sharded + plain:
-            g.mul_(scale)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in sharded + plain:
+        g.mul_(scale.to(g.device) if not is_sharded(g) else scale)
     return total
 
 

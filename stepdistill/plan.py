@@ -339,6 +339,9 @@ def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1) -> tupl
     cfg.compile = False  # nothing to compile on meta
     out_phases = {}
     with torch.random.fork_rng(devices=[]):
+        # the run's seed: a few-step generator's step index (how many steps its backward simulation runs) is a random
+        # draw, and an unseeded one made the FLOPs of 4-step recipes differ from one plan to the next
+        torch.manual_seed(t.seed)
         built.to(torch.device("meta"))
         configure_networks(built.nets, cfg, also=(ema.model,) if ema is not None else ())
         obj = built.objective

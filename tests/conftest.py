@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 if not torch.cuda.is_available():  # Triton's interpreter runs the Triton kernels on the CPU (tests/kernels/
     os.environ.setdefault("TRITON_INTERPRET", "1")  # test_jvp_attention.py); set before triton's first import
@@ -278,3 +279,19 @@ def same_newest_checkpoint(a, b):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     return (sa, wa, ra), (sb, wb, rb)
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of a tensor's values into Python: on a GPU each is a host sync (the host waits for the
+    queue); on the CPU the same calls, so they are counted here."""
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__",
+             "__array__"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))

@@ -71,6 +71,7 @@ class Trainer:
         self.execution = configure_networks(self.nets, self.cfg, also=(self.ema.model,) if self.ema else ())
         self.step = 0
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)  # phases skipped
+        self.disagreed = torch.zeros_like(self.nonfinite)  # phases whose gradients differed between processes
         self.last_logs: dict = {}  # latest value of every logged quantity, tensors until read (saved as numbers)
         self.clock = Clock()  # training seconds, for train.max_minutes and the logs (started by the loop)
         self.broadcast()  # every process starts from process 0's weights
@@ -122,9 +123,10 @@ class Trainer:
         # foreach: one update over the tensor list, torch's default on GPUs; on the CPU torch would update one tensor
         # at a time (about 5% of a Fashion-MNIST step) to the same numbers, bit for bit in torch 2.14. It cannot mix
         # sharded and whole tensors (FSDP with an objective's own module, sCM's weighting): those go one at a time.
-        # fused (HOST_FREE devices, unsharded): one kernel that also skips a non-finite phase itself (train_step)
+        # fused (HOST_FREE devices, sharded or not, but not mixed): one kernel that also skips a non-finite phase
+        # itself (train_step)
         mixed = len({parallel.is_sharded(p) for p in params}) > 1
-        fused = self.accelerator.device.type in HOST_FREE and not self.sharded
+        fused = self.accelerator.device.type in HOST_FREE and not mixed
         return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in self.cfg.betas),
                                  weight_decay=self.cfg.weight_decay, foreach=not (mixed or fused), fused=fused)
 
@@ -218,10 +220,11 @@ class Trainer:
                 self.accelerator.backward(out.loss / len(micro))  # a non-finite loss's gradients are never applied
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
             for name in names:
+                agreed = parallel.average_gradients(self._parameters(name))
+                self.disagreed += ~agreed  # a phase that ran differently on some process: raised at the log step
                 params = [p for p in self._parameters(name) if p.grad is not None]
-                parallel.average_gradients(params)
                 norm = parallel.clip_grad_norm(params, max_norm) if params else torch.zeros(())
-                finite &= torch.isfinite(norm)
+                finite &= torch.isfinite(norm) & agreed
                 logs[f"grad_norm/{name}"] = norm.detach()
             self._update(names, parallel.all_finite(finite))  # every process skips, or none does
             for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad
@@ -254,8 +257,13 @@ class Trainer:
         self.check_nonfinite(names)
 
     def check_nonfinite(self, names: list[str] | None = None) -> None:
-        """Stop the run once more than train.max_nonfinite phases were skipped (a host read: the loop calls this at
-        its log steps, train_step after each skip when it reads the flag anyway)."""
+        """Stop the run once more than train.max_nonfinite phases were skipped, or once any phase's gradients differed
+        between processes (host reads: the loop calls this at its log steps, train_step after each skip when it
+        reads the flag anyway)."""
+        if int(self.disagreed):
+            raise RuntimeError(f"{int(self.disagreed)} phases, by iteration {self.step}, left gradients for different "
+                               "parameters on different processes (their updates were skipped): a phase ran "
+                               "differently on some process")
         count = int(self.nonfinite)
         if count > self.cfg.max_nonfinite:
             where = f"last at iteration {self.step} ({'+'.join(names)})" if names else f"by iteration {self.step}"

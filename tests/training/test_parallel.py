@@ -163,3 +163,77 @@ def test_fsdp_on_a_unet_matches_one_process(objective, tmp_path):
     # rounded differently (the sums run in another order) can move a weight by up to 4 x lr after 4 steps
     _assert_close(_weights(tmp_path / "one", 4), _weights(tmp_path / "fsdp", 4), tol=4e-4)
     assert (tmp_path / "fsdp" / "samples" / "step_0000002.png").exists()  # drawn by process 0 from gathered weights
+
+
+HOST_FREE_RUN = '''
+import json, sys
+sys.path.insert(0, "tests")
+from conftest import HostReads
+from stepdistill import parallel
+from stepdistill.recipe import load_recipe
+from stepdistill.training import trainer as trainer_mod
+
+case, out = sys.argv[1], sys.argv[2]
+parallel.init()
+trainer_mod.HOST_FREE = ("cpu",)  # the GPU's path: fused AdamW, no read of the non-finite flag
+reads, original = [], trainer_mod.Trainer.train_step
+
+def counted(self):
+    with HostReads() as mode:
+        logs = original(self)
+    reads.extend(mode.reads)
+    return logs
+
+trainer_mod.Trainer.train_step = counted
+if case == "differ" and parallel.rank() == 1:  # process 1 loses one gradient at iteration 1
+    average = parallel.average_gradients
+
+    def dropping(params):
+        if trainer.step == 1:
+            params[0].grad = None
+        return average(params)
+
+    parallel.average_gradients = dropping
+overrides = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=6", "train.log_every=3",
+             "train.checkpoint_every=6", "train.ema=0.9", "train.sample_every=0", "eval.at_end=false",
+             "objective.update_ratio=1"] + (["train.fsdp=true"] if case == "fsdp" else [])
+trainer = trainer_mod.Trainer(load_recipe("configs/toy/gmm_vsd.yaml", overrides), out, quiet=True)
+try:
+    trainer.run()
+    error = None
+except RuntimeError as e:
+    error = str(e)
+print("RESULT " + json.dumps({"rank": parallel.rank(), "host_free": trainer.host_free, "reads": reads,
+                              "error": error, "step": trainer.step}))
+parallel.finish(0)
+'''
+
+
+@pytest.mark.parametrize("case", ["data-parallel", "fsdp", "differ"])
+def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case, tmp_path):
+    """With the GPU's optimizer path forced on (fused AdamW, trainer.HOST_FREE) two processes, data-parallel or
+    sharded, make no host read inside an iteration: the gradient average checks on the device that every process
+    held the same gradients, the clipping scale stays a tensor. They train what one foreach process trains. A phase
+    that ran differently on one process (a gradient missing there) is skipped on both and stops the run at the next
+    log step with an error, rather than hanging in mismatched collectives."""
+    (tmp_path / "run.py").write_text(HOST_FREE_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "run.py"), case, str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2 and all(r["host_free"] and r["reads"] == [] for r in results)
+    if case == "differ":
+        assert all(r["step"] == 3 and "ran differently on some process" in r["error"] for r in results)
+        return
+    assert all(r["error"] is None for r in results)
+    from stepdistill.recipe import load_recipe
+    from stepdistill.training.trainer import Trainer
+
+    Trainer(load_recipe("configs/toy/gmm_vsd.yaml", [
+        "teacher.hidden=32", "train.batch_size=64", "train.iterations=6", "train.log_every=3",
+        "train.checkpoint_every=6", "train.ema=0.9", "train.sample_every=0", "eval.at_end=false",
+        "objective.update_ratio=1"]), tmp_path / "one", quiet=True).run()
+    _assert_close(_weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6))
+    _assert_same_records(tmp_path / "one" / "stats.jsonl", tmp_path / "two" / "stats.jsonl")

@@ -5,8 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import crash_at, same_newest_checkpoint
-from torch.overrides import TorchFunctionMode
+from conftest import HostReads, crash_at, same_newest_checkpoint
 
 from stepdistill.objectives.base import LossOutput
 from stepdistill.recipe import dump as recipe_mod_dump
@@ -98,22 +97,6 @@ def test_non_finite_losses_never_reach_the_weights(tmp_path, monkeypatch):
     after = trainer.nets.generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert trainer.nonfinite == 3
-
-
-class HostReads(TorchFunctionMode):
-    """Records every read of a tensor's values into Python: on a GPU each is a host sync (the host waits for the
-    queue); on the CPU the same calls, so they are counted here."""
-    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__",
-             "__array__"}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("path", ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_sid.yaml", "configs/toy/gmm_scm.yaml",
