@@ -10,9 +10,9 @@ drawn at the size of the *global* batch on every process, and each process keeps
   resumes with any number of processes;
 - one process is the ordinary code path, bit for bit (every helper here is then the plain torch call).
 
-Gradients are averaged by `average_gradients` (bucketed all-reduces, after the backward pass) rather than by wrapping
-networks in DistributedDataParallel: an objective's phases call the same network several times, with and without
-gradients, which DDP's per-forward bookkeeping does not allow.
+Gradients are averaged by `GradientSync` (bucketed all-reduces launched during the backward pass as each bucket's
+gradients complete) rather than by wrapping networks in DistributedDataParallel: an objective's phases call the same
+network several times, with and without gradients, which DDP's per-forward bookkeeping does not allow.
 
 With `train.fsdp`, networks are instead sharded (`shard`, torch's FSDP2): each process holds a slice of every weight,
 gradient and optimizer moment, a block's weights are gathered for its forward and backward, and FSDP averages the
@@ -164,35 +164,71 @@ def _host_group():
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
-def average_gradients(params: list[nn.Parameter]) -> torch.Tensor:
-    """Replace each gradient by its mean over processes. Every process must hold gradients for the same parameters
-    (they run the same phases on batches of equal size). The buckets are laid out over `params`, not over the
-    gradients present, so a process missing one (a phase that ran differently there) still makes the same
-    collectives (zeros in its place) rather than hang; which gradients each process held travels in the first bucket.
-    Returns a 0-d bool on the device: whether every process held the same ones (nothing is read back here; the
-    trainer skips the update when it does not hold and raises at its next log step)."""
-    if world() == 1:
-        return torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
-    params = [p for p in params if not is_sharded(p)]  # FSDP averaged the sharded ones
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    held = to_device(torch.tensor([float(p.grad is not None) for p in params]), _device())
-    agreed = torch.ones((), dtype=torch.bool, device=_device())
-    bucket: list[torch.Tensor] = []
-    size = 0  # elements in the bucket
-    for i, g in enumerate(grads):
-        bucket.append(g)
-        size += g.numel()
-        if i + 1 == len(grads) or size + grads[i + 1].numel() > BUCKET:
-            lead = held if i + 1 == len(bucket) else held[:0]  # the first bucket carries the counts
-            flat = torch.cat([lead, *(b.reshape(-1).float() for b in bucket)])
-            dist.all_reduce(flat)
-            if len(lead):  # each count is 0 or world() when the processes agree
-                agreed = ((flat[:len(lead)] == 0) | (flat[:len(lead)] == world())).all()
-            flat = flat[len(lead):] / world()
-            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(part.view_as(b))  # the zeros standing in for a missing gradient are dropped
-            bucket, size = [], 0
-    return agreed
+class GradientSync:
+    """Averages the gradients of `params` over processes, overlapped with the backward pass that makes them: buckets
+    of about BUCKET elements, laid out in reverse parameter order (about the order backward finishes them), each
+    all-reduced asynchronously as soon as its last gradient is accumulated (a post-accumulate-grad hook), while the
+    backward pass goes on; `finish` waits for them and divides. Only the backward pass after `arm` (a phase's last
+    micro-batch) launches anything, and only for the phase's own networks.
+
+    The buckets are laid out over the parameters, not over the gradients a pass happened to make, so a process
+    missing one (a phase that ran differently there) still makes the same collectives, zeros in its place, rather
+    than hang; which gradients each process held travels in a small all-reduce of its own. torch's
+    DistributedDataParallel does this overlap too, but it wraps a module and keeps per-forward bookkeeping, and an
+    objective's phases call one network several times, with and without gradients."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = [p for p in params if p.requires_grad and not is_sharded(p)]  # FSDP averages the sharded
+        self.buckets: list[list[int]] = []
+        size = 0  # elements in the newest bucket
+        for i in reversed(range(len(self.params))):
+            if not self.buckets or size + self.params[i].numel() > BUCKET:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(i)
+            size += self.params[i].numel()
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.armed, self.waiting, self.launched = False, [], {}
+        self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._ready, i))
+                      for i, p in enumerate(self.params)]
+
+    def arm(self) -> None:
+        """Launch each bucket's all-reduce during the next backward pass, as its gradients complete."""
+        self.armed, self.waiting, self.launched = True, [len(b) for b in self.buckets], {}
+
+    def _ready(self, i: int, _param: nn.Parameter) -> None:
+        if self.armed:
+            b = self.bucket_of[i]
+            self.waiting[b] -= 1
+            if self.waiting[b] == 0:
+                self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        grads = [self.params[i].grad for i in self.buckets[b]]
+        flat = torch.cat([(g if g is not None else torch.zeros_like(self.params[i])).reshape(-1).float()
+                          for i, g in zip(self.buckets[b], grads)])
+        self.launched[b] = (dist.all_reduce(flat, async_op=True), flat)
+
+    def finish(self) -> torch.Tensor:
+        """Every bucket averaged (those not launched yet, now); returns a 0-d bool on the device, whether every
+        process held the same gradients (nothing is read back: the trainer skips the update when it does not hold,
+        and raises at its next log step)."""
+        self.armed = False
+        if not self.params:  # all sharded: FSDP averaged them
+            return torch.ones((), dtype=torch.bool, device=_device())
+        held = to_device(torch.tensor([float(p.grad is not None) for p in self.params]), _device())
+        dist.all_reduce(held)
+        for b in range(len(self.buckets)):
+            if b not in self.launched:
+                self._launch(b)
+        for b, (work, flat) in sorted(self.launched.items()):
+            work.wait()
+            flat /= world()
+            for i, part in zip(self.buckets[b], flat.split([self.params[i].numel() for i in self.buckets[b]])):
+                if self.params[i].grad is not None:  # the zeros standing in for a missing gradient are dropped
+                    self.params[i].grad.copy_(part.view_as(self.params[i].grad))
+        self.launched = {}
+        return ((held == 0) | (held == world())).all()
 
 
 def mean_values(values: dict[str, float]) -> dict[str, float]:

@@ -81,6 +81,8 @@ class Trainer:
                 parallel.shard(net)
         self._param_lists: dict[str, list[torch.nn.Parameter]] = {}
         self.optimizers = {name: self._optimizer(name) for name in self.objective.trains}
+        self.syncs = ({name: parallel.GradientSync(self._parameters(name)) for name in self.objective.trains}
+                      if parallel.world() > 1 else {})  # gradient averages, overlapped with the backward pass
         self.host_free = all(o.defaults["fused"] for o in self.optimizers.values())  # train_step never reads back
 
     def _sharded_networks(self) -> list[torch.nn.Module]:
@@ -217,14 +219,20 @@ class Trainer:
                     v = v.detach().double() if torch.is_tensor(v) else v
                     logs[k] = (logs.get(k, 0.0) if j else 0.0) + v / len(micro)
                 finite &= torch.isfinite(out.loss.detach())
+                if j == len(micro) - 1:  # the last backward pass of the phase averages its gradients as it goes
+                    for name in names:
+                        if name in self.syncs:
+                            self.syncs[name].arm()
                 self.accelerator.backward(out.loss / len(micro))  # a non-finite loss's gradients are never applied
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
             for name in names:
-                agreed = parallel.average_gradients(self._parameters(name))
-                self.disagreed += ~agreed  # a phase that ran differently on some process: raised at the log step
+                if name in self.syncs:  # several processes: wait for the average
+                    agreed = self.syncs[name].finish()
+                    self.disagreed += ~agreed  # a phase that ran differently on some process: raised at the log step
+                    finite &= agreed
                 params = [p for p in self._parameters(name) if p.grad is not None]
                 norm = parallel.clip_grad_norm(params, max_norm) if params else torch.zeros(())
-                finite &= torch.isfinite(norm) & agreed
+                finite &= torch.isfinite(norm)
                 logs[f"grad_norm/{name}"] = norm.detach()
             self._update(names, parallel.all_finite(finite))  # every process skips, or none does
             for n in self.objective.trains:  # a loss may reach other trained networks too: clear every grad

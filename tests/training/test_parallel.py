@@ -167,6 +167,7 @@ def test_fsdp_on_a_unet_matches_one_process(objective, tmp_path):
 
 HOST_FREE_RUN = '''
 import json, sys
+import torch
 sys.path.insert(0, "tests")
 from conftest import HostReads
 from stepdistill import parallel
@@ -185,15 +186,32 @@ def counted(self):
     return logs
 
 trainer_mod.Trainer.train_step = counted
+launches = []  # for each all-reduce launched asynchronously: whether a backward pass was running then
+backward, all_reduce = torch.autograd.backward, torch.distributed.all_reduce
+
+def tracked_backward(*args, **kwargs):
+    launches.append("backward")
+    try:
+        return backward(*args, **kwargs)
+    finally:
+        launches.append("done")
+
+def tracked_all_reduce(*args, async_op=False, **kwargs):
+    if async_op:
+        launches.append("launch")
+    return all_reduce(*args, async_op=async_op, **kwargs)
+
+torch.autograd.backward, torch.distributed.all_reduce = tracked_backward, tracked_all_reduce
+parallel.BUCKET = 300  # several buckets even in the toy's MLP
 if case == "differ" and parallel.rank() == 1:  # process 1 loses one gradient at iteration 1
-    average = parallel.average_gradients
+    finish = parallel.GradientSync.finish
 
-    def dropping(params):
+    def dropping(self):
         if trainer.step == 1:
-            params[0].grad = None
-        return average(params)
+            self.params[0].grad = None
+        return finish(self)
 
-    parallel.average_gradients = dropping
+    parallel.GradientSync.finish = dropping
 overrides = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=6", "train.log_every=3",
              "train.checkpoint_every=6", "train.ema=0.9", "train.sample_every=0", "eval.at_end=false",
              "objective.update_ratio=1"] + (["train.fsdp=true"] if case == "fsdp" else [])
@@ -203,8 +221,15 @@ try:
     error = None
 except RuntimeError as e:
     error = str(e)
+inside = outside = 0
+state = "done"
+for event in launches:
+    state = event if event != "launch" else state
+    inside += event == "launch" and state == "backward"
+    outside += event == "launch" and state == "done"
 print("RESULT " + json.dumps({"rank": parallel.rank(), "host_free": trainer.host_free, "reads": reads,
-                              "error": error, "step": trainer.step}))
+                              "error": error, "step": trainer.step, "launched": [inside, outside],
+                              "buckets": len(trainer.syncs["generator"].buckets)}))
 parallel.finish(0)
 '''
 
@@ -213,7 +238,8 @@ parallel.finish(0)
 def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case, tmp_path):
     """With the GPU's optimizer path forced on (fused AdamW, trainer.HOST_FREE) two processes, data-parallel or
     sharded, make no host read inside an iteration: the gradient average checks on the device that every process
-    held the same gradients, the clipping scale stays a tensor. They train what one foreach process trains. A phase
+    held the same gradients, the clipping scale stays a tensor. The average's buckets are launched during the
+    backward pass as their gradients complete. They train what one foreach process trains. A phase
     that ran differently on one process (a gradient missing there) is skipped on both and stops the run at the next
     log step with an error, rather than hanging in mismatched collectives."""
     (tmp_path / "run.py").write_text(HOST_FREE_RUN)
@@ -224,6 +250,8 @@ def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case,
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 2 and all(r["host_free"] and r["reads"] == [] for r in results)
+    if case == "data-parallel":  # the averages overlap the backward pass: every bucket goes out while it runs
+        assert all(r["buckets"] > 1 and r["launched"][0] > 0 and r["launched"][1] == 0 for r in results)
     if case == "differ":
         assert all(r["step"] == 3 and "ran differently on some process" in r["error"] for r in results)
         return
