@@ -95,14 +95,20 @@ def test_two_gpus_train_what_one_does(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=2e-2, abs=1e-4), k
 
 
-@pytest.mark.parametrize("name", ["gmm_vsd", "gmm_sid", "gmm_scm", "gmm_fdiv_js", "gmm_vsd_gan", "fashion_vsd"])
+# SANA-Sprint's recipe (sCM + LADD, bf16, gradient checkpointing, guidance embedding) at test size: the transformer's
+# JVP and the token heads of the discriminator on the teacher's blocks
+SPRINT = ["configs/plan/sana_1600m_sprint.yaml", "teacher.size=tiny-sana", "train.batch_size=4"]
+
+
+@pytest.mark.parametrize("name", ["gmm_vsd", "gmm_sid", "gmm_scm", "gmm_fdiv_js", "gmm_vsd_gan", "fashion_vsd",
+                                  "tiny_sana_sprint"])
 def test_a_gpu_iteration_never_waits_for_the_host(name, tmp_path):
     """Fused AdamW takes the non-finite flag, the logged values stay on the GPU and the CPU's noise goes up through
     pinned memory: torch's sync debug mode raises on any synchronising call inside an iteration (log steps aside)."""
     from stepdistill.recipe import load_recipe
     from stepdistill.training.trainer import Trainer
 
-    recipe, *overrides = RECIPES[name]
+    recipe, *overrides = SPRINT if name == "tiny_sana_sprint" else RECIPES[name]
     trainer = Trainer(load_recipe(recipe, [*overrides, *COMMON, "eval.at_end=false", "train.watch_every=0"]),
                       tmp_path, quiet=True)
     assert trainer.host_free
