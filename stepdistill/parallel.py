@@ -167,13 +167,13 @@ def _host_group():
 class GradientSync:
     """Averages the gradients of `params` over processes, overlapped with the backward pass that makes them: buckets
     of about BUCKET elements, laid out in reverse parameter order (about the order backward finishes them), each
-    all-reduced asynchronously as soon as its last gradient is accumulated (a post-accumulate-grad hook), while the
-    backward pass goes on; `finish` waits for them and divides. Only the backward pass after `arm` (a phase's last
-    micro-batch) launches anything, and only for the phase's own networks.
+    all-reduced asynchronously, in order, as soon as its gradients and those of the buckets before it are accumulated
+    (a post-accumulate-grad hook), while the backward pass goes on; `finish` waits for them and divides. Only the
+    backward pass after `arm` (a phase's last micro-batch) launches anything, and only for the phase's own networks.
 
     The buckets are laid out over the parameters, not over the gradients a pass happened to make, so a process
     missing one (a phase that ran differently there) still makes the same collectives, zeros in its place, rather
-    than hang; which gradients each process held travels in a small all-reduce of its own. torch's
+    than hang; which gradients each process held travels in each bucket, ahead of its gradients. torch's
     DistributedDataParallel does this overlap too, but it wraps a module and keeps per-forward bookkeeping, and an
     objective's phases call one network several times, with and without gradients."""
 
@@ -197,16 +197,21 @@ class GradientSync:
         self.armed, self.waiting, self.launched = True, [len(b) for b in self.buckets], {}
 
     def _ready(self, i: int, _param: nn.Parameter) -> None:
+        """A gradient is complete: launch every bucket, in order, whose gradients all are. In order, as DDP does:
+        collectives pair up by the order each process issues them, so a process whose bucket waits for a gradient it
+        never gets (launched at finish) must not let a later bucket go out before it."""
         if self.armed:
-            b = self.bucket_of[i]
-            self.waiting[b] -= 1
-            if self.waiting[b] == 0:
-                self._launch(b)
+            self.waiting[self.bucket_of[i]] -= 1
+            while len(self.launched) < len(self.buckets) and self.waiting[len(self.launched)] == 0:
+                self._launch(len(self.launched))
 
     def _launch(self, b: int) -> None:
-        grads = [self.params[i].grad for i in self.buckets[b]]
-        flat = torch.cat([(g if g is not None else torch.zeros_like(self.params[i])).reshape(-1).float()
-                          for i, g in zip(self.buckets[b], grads)])
+        """Bucket b's all-reduce, its gradients (zeros for a missing one) behind one flag per parameter: 1 where this
+        process holds the gradient, so the sum says whether every process held the same ones."""
+        params = [self.params[i] for i in self.buckets[b]]
+        held = to_device(torch.tensor([float(p.grad is not None) for p in params]), params[0].device)
+        flat = torch.cat([held, *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                  for p in params)])
         self.launched[b] = (dist.all_reduce(flat, async_op=True), flat)
 
     def finish(self) -> torch.Tensor:
@@ -214,21 +219,19 @@ class GradientSync:
         process held the same gradients (nothing is read back: the trainer skips the update when it does not hold,
         and raises at its next log step)."""
         self.armed = False
-        if not self.params:  # all sharded: FSDP averaged them
-            return torch.ones((), dtype=torch.bool, device=_device())
-        held = to_device(torch.tensor([float(p.grad is not None) for p in self.params]), _device())
-        dist.all_reduce(held)
-        for b in range(len(self.buckets)):
-            if b not in self.launched:
-                self._launch(b)
-        for b, (work, flat) in sorted(self.launched.items()):
+        agreed = torch.ones((), dtype=torch.bool, device=_device())
+        for b in range(len(self.launched), len(self.buckets)):
+            self._launch(b)
+        for b, (work, flat) in self.launched.items():
             work.wait()
-            flat /= world()
-            for i, part in zip(self.buckets[b], flat.split([self.params[i].numel() for i in self.buckets[b]])):
-                if self.params[i].grad is not None:  # the zeros standing in for a missing gradient are dropped
-                    self.params[i].grad.copy_(part.view_as(self.params[i].grad))
+            params = [self.params[i] for i in self.buckets[b]]
+            held, grads = flat[:len(params)], flat[len(params):] / world()
+            agreed &= ((held == 0) | (held == world())).all()
+            for p, part in zip(params, grads.split([p.numel() for p in params])):
+                if p.grad is not None:  # the zeros standing in for a missing gradient are dropped
+                    p.grad.copy_(part.view_as(p.grad))
         self.launched = {}
-        return ((held == 0) | (held == world())).all()
+        return agreed
 
 
 def mean_values(values: dict[str, float]) -> dict[str, float]:

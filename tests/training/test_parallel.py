@@ -203,15 +203,16 @@ def tracked_all_reduce(*args, async_op=False, **kwargs):
 
 torch.autograd.backward, torch.distributed.all_reduce = tracked_backward, tracked_all_reduce
 parallel.BUCKET = 300  # several buckets even in the toy's MLP
-if case == "differ" and parallel.rank() == 1:  # process 1 loses one gradient at iteration 1
-    finish = parallel.GradientSync.finish
+if case == "differ" and parallel.rank() == 1:  # process 1 never gets one gradient at iteration 1, one of the first
+    ready = parallel.GradientSync._ready          # bucket's: its later buckets must still go out after that one
 
-    def dropping(self):
-        if trainer.step == 1:
-            self.params[0].grad = None
-        return finish(self)
+    def dropping(self, i, param):
+        if trainer.step == 1 and i == len(self.params) - 1:
+            param.grad = None
+            return
+        return ready(self, i, param)
 
-    parallel.GradientSync.finish = dropping
+    parallel.GradientSync._ready = dropping
 overrides = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=6", "train.log_every=3",
              "train.checkpoint_every=6", "train.ema=0.9", "train.sample_every=0", "eval.at_end=false",
              "objective.update_ratio=1"] + (["train.fsdp=true"] if case == "fsdp" else [])
