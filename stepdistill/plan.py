@@ -465,9 +465,12 @@ def candidates(recipe: Recipe, gpus: int) -> list[tuple[str, list[str], int]]:
 def suggest(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 4) -> list[dict]:
     """The candidates that make the run fit alone, then (if none does) the cheapest accumulation of them that fits;
     each re-planned."""
+    from tqdm import tqdm
+
     data = to_dict(recipe)
     found, acc_over, acc_gpus = [], [], gpus
-    for desc, over, n in candidates(recipe, gpus):
+    bar = dict(leave=False, disable=None, unit="plan")  # each re-plan takes seconds at SDXL size; shown on a terminal
+    for desc, over, n in tqdm(candidates(recipe, gpus), desc="re-planning each change", **bar):
         try:
             q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), over)), n, gpu_memory)
         except ValueError:  # a change this recipe refuses (RecipeError, a LoRA rank above a layer's width)
@@ -476,7 +479,7 @@ def suggest(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 4) -> list[
             found.append({"change": desc, "overrides": over, "gpus": n, "peak": q.peak})
     if found:
         return sorted(found, key=lambda s: s["peak"])[:limit] if len(found) > limit else found
-    for desc, over, n in candidates(recipe, gpus):  # one after another until it fits
+    for desc, over, n in tqdm(candidates(recipe, gpus), desc="re-planning the changes together", **bar):
         if "LoRA" in desc and acc_gpus > 1 and "train.fsdp=true" in acc_over:
             continue
         acc_over, acc_gpus = acc_over + over, max(acc_gpus, n)
