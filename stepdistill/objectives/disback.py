@@ -79,11 +79,15 @@ class DisBack(VSD):
         return self._target
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"path.{i}.{k}": v for i, snap in enumerate(self.path) for k, v in snap.items()}
+        return {**super().state_dict(),
+                **{f"path.{i}.{k}": v for i, snap in enumerate(self.path) for k, v in snap.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        path = {k: state.pop(k) for k in list(state) if k.startswith("path.")}
+        super().load_state_dict(state)
         snaps: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in state.items():
+        for key, v in path.items():
             _, i, k = key.split(".", 2)
             snaps.setdefault(int(i), {})[k] = v
         self.path = [snaps[i] for i in sorted(snaps)]

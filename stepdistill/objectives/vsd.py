@@ -16,6 +16,8 @@ generated samples (its loss, times `gan_d_weight`, joins the fake score's; it ne
 gets `gan_weight * softplus(-D(x_t'))`. As in DMD2's diffusion GAN, every sample D sees (the generator's, and real and
 fake in D's loss) is noised with its own fresh noise at t' ~ U[gan_t_min, gan_t_max], by default the full range
 (DMD2: U{0..diffusion_gan_max_timestep - 1} = 0..999), independently of the distribution-matching pass.
+`regression_weight` > 0 adds DMD (v1)'s regression loss: the generator's MSE on the regression warm start's teacher ODE
+pairs, at every generator update (DMD: LPIPS, weight 0.25).
 `guidance_range` turns on SNOOPI's random guidance: each iteration draws one guidance scale, applied to the teacher
 and the fake score alike (the fake then learns its unconditional prediction too, from `cond_dropout` of its
 training batches). SNOOPI's PG-SB is defined on SwiftBrush: PG-SB = `guidance_range` with `weighting: swiftbrush`.
@@ -64,10 +66,15 @@ class VSDConfig:
     guidance_range: list[float] | None = None  # SNOOPI: per-iteration scale ~ U[lo, hi] for teacher and fake
     cond_dropout: float = 0.1  # share of fake-score training batches made unconditional when the fake is guided
     weighting: Literal["dmd", "swiftbrush"] = "dmd"  # DMD2's per-sample normaliser, or SwiftBrush's alpha sigma
+    # DMD's regression loss: the generator's MSE on the warm start's teacher ODE pairs (generator.warm_start_pairs,
+    # made even without warm-start iterations, kept in checkpoints), added at every generator update (DMD: 0.25, LPIPS)
+    regression_weight: float = 0.0
 
     def __post_init__(self) -> None:  # runs for the recipe and for direct construction alike
         if self.update_ratio < 1:
             raise RecipeError(f"objective.update_ratio must be >= 1, got {self.update_ratio}")
+        if self.regression_weight < 0:
+            raise RecipeError(f"objective.regression_weight must be >= 0, got {self.regression_weight}")
 
 
 @register("objective", "vsd")
@@ -95,6 +102,20 @@ class VSD(Objective):
             raise RecipeError(f"unknown objective.weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         # (teacher, fake score) guidance of the current iteration; SwiftBrush guides its LoRA fake as the teacher
         self.scales = (cfg.guidance_scale, cfg.guidance_scale if cfg.weighting == "swiftbrush" else 1.0)
+        self.pairs: tuple | None = None  # (z, cond, x0) for regression_weight, set by the warm start or a checkpoint
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.pairs is None:
+            return {}
+        z, cond, x0 = self.pairs
+        return {"pairs.z": z, "pairs.x0": x0, **({} if cond is None else {"pairs.cond": cond})}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        pairs = {k: state.pop(k) for k in list(state) if k.startswith("pairs.")}
+        super().load_state_dict(state)
+        if pairs:
+            self.pairs = (pairs["pairs.z"], pairs.get("pairs.cond"), pairs["pairs.x0"])
 
     def phases(self, step: int) -> list[Phase]:
         if self.cfg.guidance_range is not None:  # one draw per iteration, shared by its phases
@@ -156,7 +177,23 @@ class VSD(Objective):
                 generator_adv_loss(self, batch, x0, cfg.gan_t_min, cfg.gan_t_max)
             loss = loss + cfg.gan_weight * adv
             logs["loss/generator_adv"] = adv.detach()
+        if cfg.regression_weight > 0:
+            reg = self.regression_loss(batch.n)
+            loss = loss + cfg.regression_weight * reg
+            logs["loss/regression"] = reg.detach()
         return LossOutput(loss, logs, samples=x0.detach())
+
+    def regression_loss(self, n: int) -> torch.Tensor:
+        """DMD's regression term: MSE of the generator's first step on n of the teacher ODE pairs (this process's rows
+        of a global draw, as noise is drawn)."""
+        if self.pairs is None:
+            raise RuntimeError("objective.regression_weight > 0 but no teacher ODE pairs were made (the training "
+                               "loop's warm start makes them)")
+        z, cond, target = self.pairs
+        idx = parallel.rows(torch.randint(0, len(z), (n * parallel.world(),)))
+        gen, device = self.nets.generator, self.device
+        x0 = gen.step(gen.prior(z[idx].to(device)), 0, None if cond is None else cond[idx].to(device))
+        return F.mse_loss(x0.float(), target[idx].to(device).float())
 
     def fake_loss(self, batch: Batch, samples: torch.Tensor | None) -> LossOutput:
         if samples is None:  # not a generator iteration: make fresh samples without gradients

@@ -60,18 +60,24 @@ def warm_start(t, r: Run) -> None:
     """generator.tsm_iterations and generator.warm_start_iterations of a fresh run, then a checkpoint: a crash never
     redoes them."""
     g = t.recipe.generator
-    if r.resumed or not (g.tsm_iterations > 0 or g.warm_start_iterations > 0):
+    keeps_pairs = getattr(t.recipe.objective, "regression_weight", 0.0) > 0  # vsd's regression term trains on them
+    if r.resumed or not (g.tsm_iterations > 0 or g.warm_start_iterations > 0 or keeps_pairs):
         return
     if g.tsm_iterations > 0:
         t.teacher_score_matching()
-    if g.warm_start_iterations > 0:
-        from .warm_start import regression_warm_start
+    if g.warm_start_iterations > 0 or keeps_pairs:
+        from .warm_start import regression_warm_start, teacher_pairs
 
         scale = type(t.objective).warm_start_guidance(t.recipe.objective)  # the objective says which teacher
-        loss = regression_warm_start(t.nets.generator, t.built.teacher, g.warm_start_lr or t.cfg.lr,
-                                     g.warm_start_iterations, g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size,
-                                     t.quiet, classes=t.classes, guidance_scale=scale)
-        t.last_logs["loss/warm_start"] = loss
+        pairs = teacher_pairs(t.built.teacher, g.warm_start_pairs, g.warm_start_nfe, classes=t.classes,
+                              guidance_scale=scale, generator=t.nets.generator)
+        if g.warm_start_iterations > 0:
+            t.last_logs["loss/warm_start"] = regression_warm_start(
+                t.nets.generator, t.built.teacher, g.warm_start_lr or t.cfg.lr, g.warm_start_iterations,
+                g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size, t.quiet, classes=t.classes,
+                guidance_scale=scale, made=pairs)
+        if keeps_pairs:
+            t.objective.pairs = pairs  # saved with every checkpoint (the objective's state): a resume keeps them
     if t.ema is not None:
         t.ema.model.load_state_dict(t.nets.generator.state_dict())
     t.broadcast()  # every process ran the same warm start: keep them bitwise equal all the same

@@ -44,11 +44,14 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
 
 
 def regression_warm_start(generator, teacher, lr: float, steps: int, pairs: int, nfe: int, batch_size: int,
-                          quiet: bool = False, classes: list[int] | None = None, guidance_scale: float = 1.0) -> float:
+                          quiet: bool = False, classes: list[int] | None = None, guidance_scale: float = 1.0,
+                          made: tuple | None = None) -> float:
     """Fit the generator's first step to teacher ODE pairs for `steps` Adam iterations (its own optimiser, so
-    distillation starts with fresh moments); returns the last loss. `classes`: an MSD student's labels."""
-    z, cond, target = teacher_pairs(teacher, pairs, nfe, classes=classes, guidance_scale=guidance_scale,
-                                    generator=generator)
+    distillation starts with fresh moments); returns the last loss. `classes`: an MSD student's labels; `made`: the
+    pairs (teacher_pairs' output) when the caller made them."""
+    z, cond, target = made if made is not None else teacher_pairs(
+        teacher, pairs, nfe, classes=classes, guidance_scale=guidance_scale, generator=generator)
+    pairs = len(z)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):

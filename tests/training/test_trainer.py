@@ -26,21 +26,27 @@ def _stats(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("path", ["configs/toy/gmm_vsd.yaml", "configs/toy/gmm_scm.yaml"])
-def test_resume_after_a_crash_is_bitwise_identical(path, tmp_path, monkeypatch):
-    """Also for an objective that trains parameters of its own (sCM's adaptive weight, saved as objective.*)."""
-    Trainer(_recipe(path=path), tmp_path / "a", quiet=True).run()
+@pytest.mark.parametrize("path, extra", [("configs/toy/gmm_vsd.yaml", ()), ("configs/toy/gmm_scm.yaml", ()),
+                                         ("configs/toy/gmm_vsd.yaml", ("objective.regression_weight=0.5",
+                                                                       "generator.warm_start_pairs=96"))],
+                         ids=["vsd", "scm", "vsd-regression"])
+def test_resume_after_a_crash_is_bitwise_identical(path, extra, tmp_path, monkeypatch):
+    """Also for an objective that keeps state of its own (sCM's adaptive weight, the regression term's teacher ODE
+    pairs: saved as objective.*)."""
+    Trainer(_recipe(*extra, path=path), tmp_path / "a", quiet=True).run()
 
     original = crash_at(monkeypatch, 13)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(_recipe(path=path), tmp_path / "b", quiet=True).run()
+        Trainer(_recipe(*extra, path=path), tmp_path / "b", quiet=True).run()
     monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = Trainer(_recipe(path=path), tmp_path / "b", quiet=True)
+    resumed = Trainer(_recipe(*extra, path=path), tmp_path / "b", quiet=True)
     resumed.run()
 
     (_, wa, _), _ = same_newest_checkpoint(tmp_path / "a", tmp_path / "b")
     if "scm" in path:
         assert wa["objective.logvar.linear.weight"].abs().sum() > 0  # it trained (it starts at zero)
+    if extra:
+        assert wa["objective.pairs.x0"].shape == (96, 2) and "loss/regression" in resumed.last_logs
     assert _stats(tmp_path / "a" / "stats.jsonl") == _stats(tmp_path / "b" / "stats.jsonl")
 
 
