@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import re
 import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -218,8 +218,10 @@ def build_meta(recipe: Recipe):
     return built, ema
 
 
-def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations: bool = True) -> Plan:
-    """Per-GPU memory and FLOPs of one iteration of `recipe` on `gpus` GPUs of `gpu_memory` bytes (module doc)."""
+def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations: bool = True,
+         flops: bool = True) -> Plan:
+    """Per-GPU memory and FLOPs of one iteration of `recipe` on `gpus` GPUs of `gpu_memory` bytes (module doc);
+    `flops=False` skips counting them (a quarter of the time; suggestions re-plan memory only)."""
     from .training.trainer import check_fsdp
 
     t = recipe.train
@@ -268,7 +270,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
         largest = max((_bytes(_unique([c]).values()) for b in blocks for c in b), default=0)
         p.components["FSDP all-gather buffers (estimate)"] = 2 * largest
     if activations:
-        _measure_phases(recipe, built, ema, p, grads)
+        _measure_phases(recipe, built, ema, p, grads, flops)
     else:
         p.transient = {f"{r} (gradients only)": g for r, g in grads.items()}
         p.notes.append("activations not measured (--no-activations)")
@@ -278,7 +280,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
 _MEASURED: dict[str, tuple[dict, float]] = {}  # re-plans (suggestions) reuse a pass with the same key
 
 
-def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int]) -> None:
+def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int], count_flops: bool) -> None:
     """Each phase's transient bytes per GPU from the meta pass (`_run_phases`, cached): the measured peak with the
     phase's whole gradients replaced by this GPU's share, or the AdamW step if larger (estimate: the gradients and
     one fp32 temporary of the weights, foreach)."""
@@ -287,9 +289,9 @@ def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int]) 
     data = to_dict(recipe)
     for k in ("fsdp", "batch_size", "grad_accum", "iterations", "compile"):  # what does not change one GPU's pass
         data["train"].pop(k, None)
-    key = json.dumps([data, p.micro_batch], sort_keys=True, default=str)
+    key = json.dumps([data, p.micro_batch, count_flops], sort_keys=True, default=str)
     if key not in _MEASURED:
-        _MEASURED[key] = _run_phases(recipe, built, ema, p.micro_batch)
+        _MEASURED[key] = _run_phases(recipe, built, ema, p.micro_batch, count_flops=count_flops)
     phases, flops = _MEASURED[key]
     for name, (peak, full_grads, networks, note) in phases.items():
         if note:
@@ -297,7 +299,7 @@ def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int]) 
         share = sum(grads[n] for n in networks)
         measured = peak - full_grads + share if peak >= full_grads else peak
         p.transient[name] = max(measured, 2 * share)
-    p.flops = flops * recipe.train.grad_accum
+    p.flops = None if flops is None else flops * recipe.train.grad_accum
     p.largest_phase = max(p.transient, key=p.transient.get, default="")
 
 
@@ -327,7 +329,8 @@ def total_flops():
     return flops
 
 
-def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1) -> tuple[dict, float]:
+def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1, count_flops: bool = True
+                ) -> tuple[dict, float | None]:
     """Run the phases of the first `iterations` iterations (each kind once) on meta tensors at micro-batch m: per
     phase (peak bytes allocated: activations, gradients, temporaries; the phase's whole gradient bytes; its networks;
     a note if it could not run), and the FLOPs of all of them."""
@@ -349,7 +352,7 @@ def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1) -> tupl
         x0 = torch.empty(m, *built.teacher.shape) if obj.uses_data else None
         batch = Batch(m, None if cond is None else cond.to("meta"), None if x0 is None else x0.to("meta"))
         samples = None
-        flops = total_flops()
+        flops = total_flops() if count_flops else nullcontext()
         with meta_scalars(), meta_autocast(), flops:
             for phase in (p for step in range(iterations) for p in obj.phases(step)):
                 name, note = "+".join(phase.networks), ""
@@ -372,7 +375,7 @@ def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1) -> tupl
                 for x in [*built.nets.teacher.parameters(), *params]:
                     x.grad = None
                 out_phases[name] = (tracker.peak, _bytes(params, 4), phase.networks, note)
-    return out_phases, float(flops.get_total_flops())
+    return out_phases, float(flops.get_total_flops()) if count_flops else None
 
 
 def dry_run(recipe: Recipe, iterations: int = 4) -> list[str]:
@@ -472,7 +475,7 @@ def suggest(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 4) -> list[
     bar = dict(leave=False, disable=None, unit="plan")  # each re-plan takes seconds at SDXL size; shown on a terminal
     for desc, over, n in tqdm(candidates(recipe, gpus), desc="re-planning each change", **bar):
         try:
-            q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), over)), n, gpu_memory)
+            q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), over)), n, gpu_memory, flops=False)
         except ValueError:  # a change this recipe refuses (RecipeError, a LoRA rank above a layer's width)
             continue
         if q.fits:
@@ -484,7 +487,8 @@ def suggest(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 4) -> list[
             continue
         acc_over, acc_gpus = acc_over + over, max(acc_gpus, n)
         try:
-            q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), acc_over)), acc_gpus, gpu_memory)
+            q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), acc_over)), acc_gpus, gpu_memory,
+                     flops=False)
         except ValueError:  # a change this recipe refuses (RecipeError, a LoRA rank above a layer's width)
             continue
         if q.fits:
