@@ -9,6 +9,8 @@ drawn at the size of the *global* batch on every process, and each process keeps
   gradient average sums; and the random state a checkpoint saves is the same whichever process saved it, so a run
   resumes with any number of processes;
 - one process is the ordinary code path, bit for bit (every helper here is then the plain torch call).
+`train.noise: device` (`keyed_noise`) gives these up for the per-sample noise, which each process then draws for its
+own rows on its device from a keyed generator.
 
 Gradients are averaged by `GradientSync` (bucketed all-reduces launched during the backward pass as each bucket's
 gradients complete) rather than by wrapping networks in DistributedDataParallel: an objective's phases call the same
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -121,16 +124,39 @@ def rows(x: T) -> T:
     return x[rank() * n:(rank() + 1) * n]
 
 
+_keyed: list[torch.Generator] = []  # the generator of the current keyed_noise block
+
+
+@contextmanager
+def keyed_noise(device: torch.device, seed: int, *key: int) -> Iterator[None]:
+    """train.noise: device. Inside, the draws that name a device (`randn`, `rand`, `randn_like`: the per-sample
+    noise and times) take only this process's n rows, on that device, from a generator seeded by (seed, *key, rank):
+    nothing is drawn on the host or copied from it, and nothing needs checkpointing (a resumed iteration re-derives
+    its keys). Draws without a device (scalars and small per-sample choices) stay on the host's shared stream."""
+    digest = hashlib.blake2b(repr((seed, *key, rank())).encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") >> 1)
+    _keyed.append(generator)
+    try:
+        yield
+    finally:
+        _keyed.pop()
+
+
 def randn(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
           ) -> torch.Tensor:
     """torch.randn(n, *shape) for this process's n rows, drawn as the global batch's rows (see the module doc), from
     the CPU's stream and then moved to `device`: the same numbers on any device, and a checkpoint's CPU random state
-    resumes them exactly."""
+    resumes them exactly. Inside `keyed_noise`, this process's rows from its keyed generator."""
+    if _keyed and device is not None:
+        return torch.randn(n, *shape, dtype=dtype, device=device, generator=_keyed[-1])
     return to_device(rows(torch.randn(n * world(), *shape, dtype=dtype, device="cpu")), device)
 
 
 def rand(n: int, *shape: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
          ) -> torch.Tensor:
+    if _keyed and device is not None:
+        return torch.rand(n, *shape, dtype=dtype, device=device, generator=_keyed[-1])
     return to_device(rows(torch.rand(n * world(), *shape, dtype=dtype, device="cpu")), device)
 
 

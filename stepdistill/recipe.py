@@ -64,6 +64,12 @@ class TrainConfig:
     grad_clip: float = 10.0  # max global grad norm per network (0 disables)
     ema: float = 0.0  # EMA decay of the generator (0 disables); sampling and eval use the EMA weights
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: torch.autocast around each loss, float32 master weights
+    # Where the losses' per-sample noise is drawn. host: the global batch's rows from the CPU stream, this process's
+    # kept (the same numbers on any device and any process count; the stream resumes from checkpoints). device: only
+    # this process's rows, on the compute device, from a generator keyed by (seed, iteration, phase, micro-batch,
+    # process): nothing drawn on the host or copied from it (SDXL latents at a global batch of 512 are 33M normals
+    # per draw), exact resume on one device type, but other numbers per device type and per process count
+    noise: Literal["host", "device"] = "host"
     # How the networks execute, not what they compute (stepdistill/kernels): attention kernel of diffusers networks
     # (sdpa: PyTorch's fused kernels; xformers: when installed on a CUDA machine, else a warning and sdpa; math: the
     # explicit reference), torch.compile of each network, activation recomputation in backward (less memory), and

@@ -10,6 +10,7 @@ CPU). Several students (MSD) are trained above this module, by train/students.py
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -184,6 +185,12 @@ class Trainer:
         return True
 
     # ---- one iteration ---------------------------------------------------------------------------------------
+    def noise(self, phase: int, micro: int):
+        """Where phase `phase`'s micro-batch `micro` draws its noise (train.noise)."""
+        if self.cfg.noise == "host":
+            return nullcontext()
+        return parallel.keyed_noise(self.accelerator.device, self.cfg.seed, self.step, phase, micro)
+
     def _lr_scale(self) -> float:
         """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.iterations."""
         c = self.cfg
@@ -201,7 +208,7 @@ class Trainer:
         micro = self.built.micro_batches(self.cfg.batch_size, self.cfg.grad_accum)
         logs: dict = {}
         samples: list = [None] * len(micro)  # each micro-batch's samples, handed from phase to phase
-        for phase in self.objective.phases(self.step):
+        for i, phase in enumerate(self.objective.phases(self.step)):
             names = phase.networks
             for name in names:
                 for group in self.optimizers[name].param_groups:
@@ -212,7 +219,7 @@ class Trainer:
                 # no weight-cast cache: torch before pytorch#165068 reused casts made under no_grad (a few-step
                 # generator's backward simulation) in the graded pass, and those weights got no gradient
                 with torch.autocast(self.accelerator.device.type, torch.bfloat16,
-                                    enabled=self.cfg.precision == "bf16", cache_enabled=False):
+                                    enabled=self.cfg.precision == "bf16", cache_enabled=False), self.noise(i, j):
                     out = phase.loss(batch, samples[j])
                 samples[j] = out.samples if out.samples is not None else samples[j]
                 for k, v in out.logs.items():  # summed in float64, as Python floats would be

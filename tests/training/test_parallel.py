@@ -131,6 +131,31 @@ def test_one_process_draws_exactly_what_torch_draws():
         assert torch.equal(a, theirs())
 
 
+def test_keyed_noise_draws_this_processes_rows_from_its_key_and_leaves_the_host_stream(monkeypatch):
+    """train.noise: device. Only n rows (not the global batch's), the same for the same key and different for
+    another iteration, phase, micro-batch or process; the host's stream, which checkpoints resume, is not touched."""
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    monkeypatch.setattr(parallel, "rank", lambda: 0)
+
+    def draw(*key):
+        with parallel.keyed_noise(torch.device("cpu"), 0, *key):
+            return torch.cat([parallel.randn(4, 3, device="cpu").flatten(), parallel.rand(4, device="cpu")])
+
+    torch.manual_seed(0)
+    host = torch.get_rng_state()
+    a = draw(5, 1, 0)
+    assert a.shape == (16,) and torch.equal(torch.get_rng_state(), host) and torch.equal(a, draw(5, 1, 0))
+    others = [draw(6, 1, 0), draw(5, 0, 0), draw(5, 1, 1), draw(5, 1, 0, 0)]
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    others.append(draw(5, 1, 0))
+    assert not any(torch.allclose(a, b) for b in others)
+    with parallel.keyed_noise(torch.device("cpu"), 0, 5, 1, 0):  # no device: the host's shared stream, global rows
+        torch.manual_seed(0)
+        ours = parallel.randn(4)
+    torch.manual_seed(0)
+    assert torch.equal(ours, torch.randn(8)[4:])
+
+
 def test_fsdp_refuses_what_it_cannot_shard_naming_the_fix():
     from stepdistill.recipe import RecipeError, load_recipe
     from stepdistill.training.trainer import check_fsdp
@@ -177,12 +202,14 @@ from stepdistill.training import trainer as trainer_mod
 case, out = sys.argv[1], sys.argv[2]
 parallel.init()
 trainer_mod.HOST_FREE = ("cpu",)  # the GPU's path: fused AdamW, no read of the non-finite flag
-reads, original = [], trainer_mod.Trainer.train_step
+reads, host_draws, original = [], [], trainer_mod.Trainer.train_step
 
 def counted(self):
+    before = torch.get_rng_state()
     with HostReads() as mode:
         logs = original(self)
     reads.extend(mode.reads)
+    host_draws.append(not torch.equal(before, torch.get_rng_state()))
     return logs
 
 trainer_mod.Trainer.train_step = counted
@@ -215,7 +242,8 @@ if case == "differ" and parallel.rank() == 1:  # process 1 never gets one gradie
     parallel.GradientSync._ready = dropping
 overrides = ["teacher.hidden=32", "train.batch_size=64", "train.iterations=6", "train.log_every=3",
              "train.checkpoint_every=6", "train.ema=0.9", "train.sample_every=0", "eval.at_end=false",
-             "objective.update_ratio=1"] + (["train.fsdp=true"] if case == "fsdp" else [])
+             "objective.update_ratio=1"] + (["train.fsdp=true"] if case == "fsdp" else []) + \
+    (["train.noise=device"] if case == "device-noise" else [])
 trainer = trainer_mod.Trainer(load_recipe("configs/toy/gmm_vsd.yaml", overrides), out, quiet=True)
 try:
     trainer.run()
@@ -230,19 +258,21 @@ for event in launches:
     outside += event == "launch" and state == "done"
 print("RESULT " + json.dumps({"rank": parallel.rank(), "host_free": trainer.host_free, "reads": reads,
                               "error": error, "step": trainer.step, "launched": [inside, outside],
+                              "host_draws": any(host_draws),
                               "buckets": len(trainer.syncs["generator"].buckets)}))
 parallel.finish(0)
 '''
 
 
-@pytest.mark.parametrize("case", ["data-parallel", "fsdp", "differ"])
+@pytest.mark.parametrize("case", ["data-parallel", "fsdp", "differ", "device-noise"])
 def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case, tmp_path):
     """With the GPU's optimizer path forced on (fused AdamW, trainer.HOST_FREE) two processes, data-parallel or
     sharded, make no host read inside an iteration: the gradient average checks on the device that every process
     held the same gradients, the clipping scale stays a tensor. The average's buckets are launched during the
     backward pass as their gradients complete. They train what one foreach process trains. A phase
     that ran differently on one process (a gradient missing there) is skipped on both and stops the run at the next
-    log step with an error, rather than hanging in mismatched collectives."""
+    log step with an error, rather than hanging in mismatched collectives. With train.noise: device nothing is
+    drawn on the host either."""
     (tmp_path / "run.py").write_text(HOST_FREE_RUN)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -257,6 +287,9 @@ def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case,
         assert all(r["step"] == 3 and "ran differently on some process" in r["error"] for r in results)
         return
     assert all(r["error"] is None for r in results)
+    assert all(r["host_draws"] == (case != "device-noise") for r in results)  # the CPU's stream untouched
+    if case == "device-noise":  # each process draws its own rows from its own key: not what one process draws
+        return
     from stepdistill.recipe import load_recipe
     from stepdistill.training.trainer import Trainer
 

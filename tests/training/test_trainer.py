@@ -28,8 +28,9 @@ def _stats(path):
 
 @pytest.mark.parametrize("path, extra", [("configs/toy/gmm_vsd.yaml", ()), ("configs/toy/gmm_scm.yaml", ()),
                                          ("configs/toy/gmm_vsd.yaml", ("objective.regression_weight=0.5",
-                                                                       "generator.warm_start_pairs=96"))],
-                         ids=["vsd", "scm", "vsd-regression"])
+                                                                       "generator.warm_start_pairs=96")),
+                                         ("configs/toy/gmm_vsd.yaml", ("train.noise=device",))],
+                         ids=["vsd", "scm", "vsd-regression", "vsd-device-noise"])
 def test_resume_after_a_crash_is_bitwise_identical(path, extra, tmp_path, monkeypatch):
     """Also for an objective that keeps state of its own (sCM's adaptive weight, the regression term's teacher ODE
     pairs: saved as objective.*)."""
@@ -45,8 +46,11 @@ def test_resume_after_a_crash_is_bitwise_identical(path, extra, tmp_path, monkey
     (_, wa, _), _ = same_newest_checkpoint(tmp_path / "a", tmp_path / "b")
     if "scm" in path:
         assert wa["objective.logvar.linear.weight"].abs().sum() > 0  # it trained (it starts at zero)
-    if extra:
+    if "objective.regression_weight=0.5" in extra:
         assert wa["objective.pairs.x0"].shape == (96, 2) and "loss/regression" in resumed.last_logs
+    if "train.noise=device" in extra:  # the keyed draws are not the host stream's
+        Trainer(_recipe("train.iterations=5", path=path), tmp_path / "host", quiet=True).run()
+        assert _stats(tmp_path / "host" / "stats.jsonl")[-1] != _stats(tmp_path / "a" / "stats.jsonl")[4]
     assert _stats(tmp_path / "a" / "stats.jsonl") == _stats(tmp_path / "b" / "stats.jsonl")
 
 
