@@ -73,9 +73,8 @@ def warm_start(t, r: Run) -> None:
                               guidance_scale=scale, generator=t.nets.generator)
         if g.warm_start_iterations > 0:
             t.last_logs["loss/warm_start"] = regression_warm_start(
-                t.nets.generator, t.built.teacher, g.warm_start_lr or t.cfg.lr, g.warm_start_iterations,
-                g.warm_start_pairs, g.warm_start_nfe, t.cfg.batch_size, t.quiet, classes=t.classes,
-                guidance_scale=scale, made=pairs)
+                t.nets.generator, pairs, g.warm_start_lr or t.cfg.lr, g.warm_start_iterations, t.cfg.batch_size,
+                t.quiet)
         if keeps_pairs:
             t.objective.pairs = pairs  # saved with every checkpoint (the objective's state): a resume keeps them
     if t.ema is not None:

@@ -43,14 +43,11 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
     return z, cond, torch.cat(out)
 
 
-def regression_warm_start(generator, teacher, lr: float, steps: int, pairs: int, nfe: int, batch_size: int,
-                          quiet: bool = False, classes: list[int] | None = None, guidance_scale: float = 1.0,
-                          made: tuple | None = None) -> float:
-    """Fit the generator's first step to teacher ODE pairs for `steps` Adam iterations (its own optimiser, so
-    distillation starts with fresh moments); returns the last loss. `classes`: an MSD student's labels; `made`: the
-    pairs (teacher_pairs' output) when the caller made them."""
-    z, cond, target = made if made is not None else teacher_pairs(
-        teacher, pairs, nfe, classes=classes, guidance_scale=guidance_scale, generator=generator)
+def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_size: int, quiet: bool = False
+                          ) -> float:
+    """Fit the generator's first step to teacher ODE `pairs` (teacher_pairs' (z, cond, x0)) for `steps` Adam
+    iterations (its own optimiser, so distillation starts with fresh moments); returns the last loss."""
+    z, cond, target = pairs
     pairs = len(z)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))

@@ -14,7 +14,7 @@ def test_warm_start_moves_the_generator_onto_the_teachers_ode_map(gmm_built):
     gen = b.nets.generator
     before = float((gen(z).detach() - target).pow(2).mean())
     torch.manual_seed(1)
-    last = regression_warm_start(gen, b.teacher, 3e-3, 300, 512, 16, 256, quiet=True)
+    last = regression_warm_start(gen, teacher_pairs(b.teacher, 512, 16, generator=gen), 3e-3, 300, 256, quiet=True)
     after = float((gen(z).detach() - target).pow(2).mean())
     assert after < 0.25 * before and last < 0.25 * before
     ref = b.teacher.sample(2048, torch.Generator().manual_seed(0))
@@ -52,7 +52,8 @@ def test_pairs_follow_the_objectives_guided_teacher(gmm_built, tmp_path, monkeyp
     assert not torch.allclose(pairs[1.0][2], pairs[3.0][2])
     import stepdistill.training.warm_start as ws
     seen = []
-    monkeypatch.setattr(ws, "regression_warm_start", lambda *a, **k: seen.append(k["guidance_scale"]) or 0.0)
+    made = ws.teacher_pairs
+    monkeypatch.setattr(ws, "teacher_pairs", lambda *a, **k: seen.append(k["guidance_scale"]) or made(*a, **k))
     r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "teacher.conditional=true", "train.iterations=1",
                                                  "objective.guidance_scale=2.5", "generator.warm_start_iterations=5",
                                                  "eval.at_end=false", "train.batch_size=16"])
