@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): the GPU's fast exponential is base 2
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e); a compiled kernel reads only constexpr globals
 
 
 @triton.jit

@@ -122,7 +122,7 @@ def test_sdpa_calls_the_kernel_takes_and_those_it_leaves():
     want = torch.func.jvp(math_attention, (q, k, v), (dq, dk, dv))  # (SDPA's fused kernels have no forward mode)
     with J.sdpa_to_kernel() as calls:
         got = torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (dq, dk, dv))
-        mask = torch.ones(17, 17, dtype=torch.bool).tril()
+        mask = torch.ones(17, 17, dtype=torch.bool, device=q.device).tril()
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # masks stay with PyTorch
     assert calls == {"kernel": 1, "sdpa": 1}
     torch.testing.assert_close(masked, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
