@@ -128,12 +128,59 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _caller() -> str:
+    """file:line of the innermost frame of this package outside this module and devices.py (who asked)."""
+    import traceback
+    from pathlib import Path
+
+    package = Path(__file__).parent
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename)
+        if path.is_relative_to(package) and path.name not in ("plan.py", "devices.py"):
+            return f"stepdistill/{path.relative_to(package)}:{frame.lineno}"
+    return "outside stepdistill"
+
+
+class HostSync(TorchDispatchMode):
+    """Where a pass on meta tensors would make a GPU's host wait (`waits`, file:line each): a value read back
+    (Tensor.item() or float() of a device tensor, seen through meta_scalars) or a copy up from pageable host memory
+    (a CPU tensor copied to the device without non_blocking: torch synchronises the stream after it;
+    devices.to_device marks its pinned copies non-blocking). Scalars (0-d CPU tensors) go up as kernel arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten._to_copy.default:
+            src, to, blocking = args[0], kwargs.get("device"), not kwargs.get("non_blocking", False)
+        elif func is aten.copy_.default:
+            src, to, blocking = args[1], args[0].device, not (args[2] if len(args) > 2 else kwargs.get("non_blocking"))
+        else:
+            src = None
+        if src is not None and blocking and src.device.type == "cpu" and src.ndim > 0 and to is not None \
+                and torch.device(to).type == "meta":
+            self.waits.append(f"a blocking copy from host memory at {_caller()}")
+        return func(*args, **kwargs)
+
+
 @contextmanager
-def meta_scalars():
-    """Meta tensors have no values: Tensor.item() and float() of one give 0.0 (objectives log scalars)."""
+def meta_scalars(reads: list[str] | None = None):
+    """Meta tensors have no values: Tensor.item() and float() of one give 0.0 (objectives log scalars); each such read
+    is appended to `reads` (file:line)."""
     item, to_float = torch.Tensor.item, torch.Tensor.__float__
-    torch.Tensor.item = lambda self: 0.0 if self.is_meta else item(self)
-    torch.Tensor.__float__ = lambda self: 0.0 if self.is_meta else to_float(self)
+
+    def read(self, real):
+        if not self.is_meta:
+            return real(self)
+        if reads is not None:
+            reads.append(f"a value read back at {_caller()}")
+        return 0.0
+
+    torch.Tensor.item = lambda self: read(self, item)
+    torch.Tensor.__float__ = lambda self: read(self, to_float)
     try:
         yield
     finally:
@@ -206,7 +253,8 @@ def _bytes(tensors, dtype_bytes: int | None = None) -> int:
 
 
 def build_meta(recipe: Recipe):
-    """The run's networks as trainer.Trainer builds them (trainer.build, then the EMA copy), weights on meta."""
+    """The run's networks as trainer.Trainer builds them (trainer.build, then the EMA copy), weights on meta, and the
+    teacher ODE pairs an objective keeps (vsd's regression term; the warm start makes them on the device)."""
     from accelerate import init_empty_weights
 
     from .training.ema import EMA
@@ -214,6 +262,11 @@ def build_meta(recipe: Recipe):
 
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
         built = build(recipe)
+        if built.objective.keeps_pairs:
+            n = recipe.generator.warm_start_pairs
+            cond = built.sample_cond(n)
+            z = torch.empty(n, *built.teacher.shape, device="meta")
+            built.objective.pairs = (z, None if cond is None else cond.to("meta"), torch.empty_like(z))
     ema = EMA(built.nets.generator, recipe.train.ema) if recipe.train.ema > 0 else None
     return built, ema
 
@@ -263,6 +316,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
         p.components[f"{r} AdamW moments"] = shard(r, _bytes(trained[r], 8))
     if ema is not None:
         p.components["EMA weights"] = shard("ema", _bytes(tensors["ema"], 4))
+    if obj.keeps_pairs:
+        p.components["teacher ODE pairs (regression)"] = _bytes(x for x in obj.pairs if x is not None)
     grads = {r: shard(r, _bytes(trained[r], 4)) for r in obj.trains}
     if sharded:  # two blocks' full weights gathered at a time (the one running, the one prefetched): estimated
         blocks = [b for r in ("teacher", "generator", "fake_score") if roles[r] is not None
@@ -277,7 +332,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
     return p
 
 
-_MEASURED: dict[str, tuple[dict, float]] = {}  # re-plans (suggestions) reuse a pass with the same key
+_MEASURED: dict[str, tuple[dict, float | None]] = {}  # re-plans (suggestions) reuse a pass with the same key
 
 
 def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int], count_flops: bool) -> None:
@@ -293,9 +348,9 @@ def _measure_phases(recipe: Recipe, built, ema, p: Plan, grads: dict[str, int], 
     if key not in _MEASURED:
         _MEASURED[key] = _run_phases(recipe, built, ema, p.micro_batch, count_flops=count_flops)
     phases, flops = _MEASURED[key]
-    for name, (peak, full_grads, networks, note) in phases.items():
-        if note:
-            p.notes.append(note)
+    for name, (peak, full_grads, networks, note, waits) in phases.items():
+        p.notes += [note] if note else []
+        p.notes += [f"phase {name} makes the host wait for the GPU: {w}" for w in waits]
         share = sum(grads[n] for n in networks)
         measured = peak - full_grads + share if peak >= full_grads else peak
         p.transient[name] = max(measured, 2 * share)
@@ -333,7 +388,7 @@ def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1, count_f
                 ) -> tuple[dict, float | None]:
     """Run the phases of the first `iterations` iterations (each kind once) on meta tensors at micro-batch m: per
     phase (peak bytes allocated: activations, gradients, temporaries; the phase's whole gradient bytes; its networks;
-    a note if it could not run), and the FLOPs of all of them."""
+    a note if it could not run; where it would make a GPU's host wait, HostSync), and the FLOPs of all of them."""
     from .kernels import configure_networks
     from .objectives.base import Batch
 
@@ -353,17 +408,19 @@ def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1, count_f
         batch = Batch(m, None if cond is None else cond.to("meta"), None if x0 is None else x0.to("meta"))
         samples = None
         flops = total_flops() if count_flops else nullcontext()
-        with meta_scalars(), meta_autocast(), flops:
+        host = HostSync()  # its list also takes the values read back (meta_scalars)
+        with meta_scalars(host.waits), meta_autocast(), flops:
             for phase in (p for step in range(iterations) for p in obj.phases(step)):
                 name, note = "+".join(phase.networks), ""
                 if name in out_phases:
                     continue
                 params = [x for n in phase.networks for x in built.nets.get(n).parameters() if x.requires_grad]
                 tracker = LiveBytes()
+                host.waits.clear()
                 try:
                     functions = [*([FusedAttention()] if t.attention != "math" else []),
                                  *([BF16Emulation()] if t.precision == "bf16" else [])]
-                    with entered([tracker, *functions]), recompute_under(functions):
+                    with entered([tracker, host, *functions]), recompute_under(functions):
                         out = phase.loss(batch, samples)
                         out.loss.backward()
                         samples = out.samples if out.samples is not None else samples
@@ -374,7 +431,7 @@ def _run_phases(recipe: Recipe, built, ema, m: int, iterations: int = 1, count_f
                     tracker.peak = 0
                 for x in [*built.nets.teacher.parameters(), *params]:
                     x.grad = None
-                out_phases[name] = (tracker.peak, _bytes(params, 4), phase.networks, note)
+                out_phases[name] = (tracker.peak, _bytes(params, 4), phase.networks, note, sorted(set(host.waits)))
     return out_phases, float(flops.get_total_flops()) if count_flops else None
 
 
@@ -382,13 +439,16 @@ def dry_run(recipe: Recipe, iterations: int = 4) -> list[str]:
     """A training iteration of `recipe` at its real size on meta tensors (no weights, no GPU): the phases of the
     first `iterations` iterations, each kind once (forward and backward, as `plan` runs them: an objective whose
     first iterations train one network, like DisBack's first stage, gets to its others), then AdamW's step on every
-    trained network and the EMA's update. Shape, dtype and device errors of a real-size run surface here in seconds.
-    Returns what could not run; empty when everything ran."""
+    trained network and the EMA's update. Shape, dtype and device errors of a real-size run surface here in seconds,
+    and so do the places a phase would make a GPU's host wait (HostSync). Returns what could not run or would wait;
+    empty when everything ran without waiting."""
     built, ema = build_meta(recipe)
     phases, _ = _run_phases(recipe, built, ema, max(recipe.train.batch_size // recipe.train.grad_accum, 1),
                             iterations)
-    notes = [note for *_, note in phases.values() if note]
-    ran = {n for *_, networks, note in phases.values() if not note for n in networks}
+    notes = [note for *_, note, _ in phases.values() if note]
+    notes += [f"phase {name} makes the host wait for the GPU: {w}" for name, (*_, waits) in phases.items()
+              for w in waits]
+    ran = {n for *_, networks, note, _ in phases.values() if not note for n in networks}
     notes += [f"no phase of the first {iterations} iterations trains {n}" for n in built.objective.trains
               if n not in ran]
     try:

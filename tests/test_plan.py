@@ -120,3 +120,16 @@ def test_cli_prints_verdict_and_suggestions(capsys):
 def test_build_meta_allocates_no_weights():
     built, _ = build_meta(load_recipe("configs/plan/sdxl_dmd2.yaml"))
     assert all(x.is_meta for x in built.nets.generator.parameters())
+
+
+def test_plan_answers_for_the_bundled_text_to_image_recipe():
+    """A real pipeline's text encoder built without weights (transformers' hub kernels refuse the meta device), and
+    vsd's regression pairs (which the warm start would make) held through the run and counted."""
+    import math
+
+    recipe = load_recipe("configs/fashion_t2i/vsd_1step.yaml")
+    p = plan(recipe, flops=False)
+    assert p.notes == [] and {"generator", "fake_score"} <= set(p.transient)  # every phase ran on meta tensors
+    built, _ = build_meta(recipe)
+    latent = math.prod(built.teacher.shape) * 4  # float32 bytes of one z (and of one x0)
+    assert p.components["teacher ODE pairs (regression)"] > 4096 * 2 * latent  # z, x0 and the prompts' encodings

@@ -10,12 +10,14 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..devices import to_device
 from ..errors import InputError
 
 
 def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (N, 1, 1, ...) to broadcast against a (N, ...) tensor."""
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
+    """(N,) -> (N, 1, 1, ...) to broadcast against a (N, ...) tensor, on its device (a host tensor goes up without
+    making the host wait: devices.to_device)."""
+    return to_device(v.reshape(-1, *([1] * (like.ndim - 1))), like.device).to(like.dtype)
 
 
 class Schedule(ABC):
@@ -67,10 +69,11 @@ class VPDiscrete(Schedule):
         self.log_snr = torch.log(ac) - torch.log1p(-ac)
         self.num_steps = len(ac)
         self._tables = {self.log_snr.device: self.log_snr}  # the log-SNR table on each device times were seen on
+        self._range = float(self.log_snr.min()), float(self.log_snr.max())  # read here, not from a GPU's copy
 
     def _log_snr(self, device: torch.device) -> torch.Tensor:
         if device not in self._tables:
-            self._tables[device] = self.log_snr.to(device)
+            self._tables[device] = to_device(self.log_snr, device)
         return self._tables[device]
 
     @classmethod
@@ -95,7 +98,7 @@ class VPDiscrete(Schedule):
 
     def t_of_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
         table = self._log_snr(log_snr.device).flip(0)  # increasing in log-SNR; position p is timestep T - 1 - p
-        lam = log_snr.double().clamp(float(table[0]), float(table[-1]))
+        lam = log_snr.double().clamp(*self._range)
         hi = torch.searchsorted(table, lam.detach()).clamp(1, self.num_steps - 1)
         w = (lam - table[hi - 1]) / (table[hi] - table[hi - 1])  # linear in log-SNR, as alpha_sigma interpolates
         return ((self.num_steps - 1) - (hi - 1 + w)) / (self.num_steps - 1)

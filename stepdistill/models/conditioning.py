@@ -139,6 +139,8 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
         """(N, L, C) conditions of N prompts."""
+        if next(self.parameters()).is_meta:  # built without weights (stepdistill plan): shapes only, nothing cached
+            return self._encode(prompts).float()
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         for i in range(0, len(missing), 64):
             chunk = missing[i:i + 64]

@@ -87,7 +87,7 @@ class ScoreModel(nn.Module):
         stacks [uncond, cond] rows of the same samples)."""
         if self.guidance_input is None:
             raise ValueError("this network embeds a guidance scale: set the ScoreModel's guidance_input")
-        w = torch.as_tensor(self.guidance_input, dtype=torch.float32, device=device).flatten()
+        w = to_device(torch.as_tensor(self.guidance_input, dtype=torch.float32).flatten(), device)
         if n % len(w):
             raise ValueError(f"{len(w)} per-sample guidance scales for a batch of {n}")
         return w.repeat(n // len(w))

@@ -102,6 +102,7 @@ class Objective(ABC):
         needs = self.needs_for(cfg)
         self.uses_data = "data" in needs
         self.trains = tuple(n for n in TRAINABLE if n == "generator" or n in needs)
+        self.keeps_pairs = False  # trains on the warm start's teacher ODE pairs: the loop sets self.pairs (vsd)
 
     @property
     def device(self) -> torch.device:

@@ -102,6 +102,7 @@ class VSD(Objective):
             raise RecipeError(f"unknown objective.weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         # (teacher, fake score) guidance of the current iteration; SwiftBrush guides its LoRA fake as the teacher
         self.scales = (cfg.guidance_scale, cfg.guidance_scale if cfg.weighting == "swiftbrush" else 1.0)
+        self.keeps_pairs = cfg.regression_weight > 0
         self.pairs: tuple | None = None  # (z, cond, x0) for regression_weight, set by the warm start or a checkpoint
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -79,7 +79,13 @@ def _text_encoder(where: Path, index: dict, family: str, null: str, width: int |
             return None
         if pipe is not None:
             return getattr(pipe, name)
-        return from_pretrained_locally(getattr(transformers, spec[1]), where, name)
+        # a model without hub kernels: transformers 5 swaps in layers from the kernels package when it is installed
+        # (peft brings it), which would fetch them online and refuses the meta device of `stepdistill plan`; a
+        # transformers that knows no hub kernels would pass the keyword on to the model and fail
+        knows = hasattr(transformers.PreTrainedModel, "set_use_kernels") or hasattr(transformers.PreTrainedModel,
+                                                                                      "kernelize")
+        kw = {"use_kernels": False} if knows and "token" not in name else {}
+        return from_pretrained_locally(getattr(transformers, spec[1]), where, name, **kw)
 
     names = {"sd": ("",), "sana": ("",), "sdxl": ("", "_2"), "flux": ("", "_2"), "sd3": ("", "_2", "_3")}[family]
     from ..models.conditioning import TextEncoder

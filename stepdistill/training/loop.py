@@ -60,7 +60,7 @@ def warm_start(t, r: Run) -> None:
     """generator.tsm_iterations and generator.warm_start_iterations of a fresh run, then a checkpoint: a crash never
     redoes them."""
     g = t.recipe.generator
-    keeps_pairs = getattr(t.recipe.objective, "regression_weight", 0.0) > 0  # vsd's regression term trains on them
+    keeps_pairs = t.objective.keeps_pairs  # vsd's regression term trains on them
     if r.resumed or not (g.tsm_iterations > 0 or g.warm_start_iterations > 0 or keeps_pairs):
         return
     if g.tsm_iterations > 0:
