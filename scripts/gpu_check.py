@@ -5,7 +5,9 @@ objective and backend (sdpa; xformers when importable; sdpa + torch.compile) it 
 (train.precision=bf16 autocast with float32 master weights, train.teacher_dtype=bf16), times training iterations
 and reports images per second, peak memory (torch.cuda.max_memory_allocated), the achieved bf16 TFLOP/s as a fraction
 of the card's dense peak (FLOPs of one iteration counted by torch.utils.flop_counter.FlopCounterMode), and the loop's
-overhead ratio (stepdistill/speed.py: step time / its network passes replayed alone). A VSD iteration here has
+overhead ratio (stepdistill/speed.py: step time / its network passes replayed alone), beside the peak that
+`stepdistill plan` predicts for the same recipe on meta tensors (its error against the measured peak checks the
+planner on a real card). A VSD iteration here has
 update_ratio 1 (a generator and a fake-score update every iteration). The markdown section, naming the card, is
 appended to docs/benchmarks_gpu.md (--report).
 
@@ -74,6 +76,19 @@ def count_flops(trainer) -> float:
     return float(counter.get_total_flops())
 
 
+def planned_peak(recipe, device: torch.device) -> int | None:
+    """`stepdistill plan`'s per-GPU peak for the recipe on one card (memory only; None if the planner fails, which
+    must not cost the measured row)."""
+    from stepdistill.plan import plan
+
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 80 * 2**30
+    try:
+        return plan(recipe, gpus=1, gpu_memory=memory, flops=False).peak
+    except Exception:
+        traceback.print_exc()
+        return None
+
+
 def check(size: str, objective: str, backend: str, a, flops_cache: dict) -> dict:
     from stepdistill.training.trainer import Trainer
 
@@ -83,6 +98,7 @@ def check(size: str, objective: str, backend: str, a, flops_cache: dict) -> dict
     batch = a.batch or BATCH[size]
     try:
         recipe = recipe_for(size, objective, backend, batch, a.gradient_checkpointing, not a.fp32)
+        row["planned"] = planned_peak(recipe, a.device)
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             with torch.device(a.device):  # build the random networks on the GPU (the CPU takes minutes for SDXL);
@@ -115,17 +131,19 @@ def markdown(rows: list[dict], card: str, peak: float | None, command: str, a) -
              f"{precision}; gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; {a.iterations} timed "
              f"iterations after {a.warmup} warm-up ones. VSD with update_ratio 1 (generator and fake score update "
              f"every iteration). Peak bf16 dense: {peak_text}.",
-             "", "| size | objective | attention | batch | step ms | images/s | peak memory | TFLOP/s | of peak | "
-             "overhead ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| size | objective | attention | batch | step ms | images/s | peak memory | planned peak | "
+             "plan error | TFLOP/s | of peak | overhead ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['size']} | {r['objective']} | {r['backend']} | {r['note']} |||||||")
+            lines.append(f"| {r['size']} | {r['objective']} | {r['backend']} | {r['note']} |||||||||")
             continue
-        mem = f"{r['peak'] / 2**30:.1f} GiB" if r["peak"] is not None else "n/a (CPU)"
+        mem = f"{r['peak'] / 2**30:.2f} GiB" if r["peak"] is not None else "n/a (CPU)"
+        planned = f"{r['planned'] / 2**30:.2f} GiB" if r["planned"] is not None else "failed"
+        error = f"{100 * (r['planned'] / r['peak'] - 1):+.1f}%" if r["planned"] and r["peak"] else "n/a"
         tf = f"{r['tflops']:.1f}" if r["tflops"] is not None else "n/a"
         frac = f"{100 * r['tflops'] / peak:.1f}%" if r["tflops"] is not None and peak else "n/a"
         lines.append(f"| {r['size']} | {r['objective']} | {r['backend']} | {r['batch']} | {r['step_ms']:.1f} | "
-                     f"{r['images_per_s']:.2f} | {mem} | {tf} | {frac} | {r['ratio']:.2f} |")
+                     f"{r['images_per_s']:.2f} | {mem} | {planned} | {error} | {tf} | {frac} | {r['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,8 +21,9 @@ def test_tiny_run_appends_a_section_naming_the_card(tmp_path):
     for size in ("tiny", "tiny-xl"):
         for objective in ("vsd", "sid"):
             row = next(line for line in text.splitlines() if line.startswith(f"| {size} | {objective} | sdpa |"))
-            images_per_s = float(row.split("|")[6])
-            assert images_per_s > 0
+            cells = row.split("|")
+            assert float(cells[6]) > 0  # images/s
+            assert cells[8].strip().endswith("GiB") and float(cells[8].split()[0]) > 0  # the planner's peak
     assert "| tiny | vsd | xformers | skipped: xformers" in text  # not installed here: a row that says so
     # a configuration that fails is a row saying why, after which the others still run
     assert "| tiny | nosuch | sdpa | failed: RecipeError: objective.name: unknown objective 'nosuch'" in text

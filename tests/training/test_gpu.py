@@ -98,17 +98,21 @@ def test_two_gpus_train_what_one_does(tmp_path):
 # SANA-Sprint's recipe (sCM + LADD, bf16, gradient checkpointing, guidance embedding) at test size: the transformer's
 # JVP and the token heads of the discriminator on the teacher's blocks
 SPRINT = ["configs/plan/sana_1600m_sprint.yaml", "teacher.size=tiny-sana", "train.batch_size=4"]
+# and train.noise=device: the per-sample noise drawn on the GPU from keyed generators, nothing copied up
+HOST_FREE = {"tiny_sana_sprint": SPRINT,
+             "fashion_vsd_device_noise": [*RECIPES["fashion_vsd"], "train.noise=device"],
+             "gmm_scm_device_noise": [*RECIPES["gmm_scm"], "train.noise=device"]}
 
 
 @pytest.mark.parametrize("name", ["gmm_vsd", "gmm_sid", "gmm_scm", "gmm_fdiv_js", "gmm_vsd_gan", "fashion_vsd",
-                                  "tiny_sana_sprint"])
+                                  *HOST_FREE])
 def test_a_gpu_iteration_never_waits_for_the_host(name, tmp_path):
     """Fused AdamW takes the non-finite flag, the logged values stay on the GPU and the CPU's noise goes up through
     pinned memory: torch's sync debug mode raises on any synchronising call inside an iteration (log steps aside)."""
     from stepdistill.recipe import load_recipe
     from stepdistill.training.trainer import Trainer
 
-    recipe, *overrides = SPRINT if name == "tiny_sana_sprint" else RECIPES[name]
+    recipe, *overrides = HOST_FREE.get(name) or RECIPES[name]
     trainer = Trainer(load_recipe(recipe, [*overrides, *COMMON, "eval.at_end=false", "train.watch_every=0"]),
                       tmp_path, quiet=True)
     assert trainer.host_free
