@@ -256,10 +256,11 @@ for event in launches:
     state = event if event != "launch" else state
     inside += event == "launch" and state == "backward"
     outside += event == "launch" and state == "done"
-print("RESULT " + json.dumps({"rank": parallel.rank(), "host_free": trainer.host_free, "reads": reads,
-                              "error": error, "step": trainer.step, "launched": [inside, outside],
-                              "host_draws": any(host_draws),
-                              "buckets": len(trainer.syncs["generator"].buckets)}))
+# a file per process: two processes printing to one pipe can interleave their lines
+with open(f"{out}.result{parallel.rank()}.json", "w") as f:
+    json.dump({"rank": parallel.rank(), "host_free": trainer.host_free, "reads": reads, "error": error,
+               "step": trainer.step, "launched": [inside, outside], "host_draws": any(host_draws),
+               "buckets": len(trainer.syncs["generator"].buckets)}, f)
 parallel.finish(0)
 '''
 
@@ -279,7 +280,7 @@ def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case,
                            str(tmp_path / "run.py"), case, str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("two.result*.json"))]
     assert len(results) == 2 and all(r["host_free"] and r["reads"] == [] for r in results)
     if case == "data-parallel":  # the averages overlap the backward pass: every bucket goes out while it runs
         assert all(r["buckets"] > 1 and r["launched"][0] > 0 and r["launched"][1] == 0 for r in results)
