@@ -4,8 +4,10 @@ The recipe's networks are built the way training builds them (train/trainer.buil
 share the teacher's weights) with their parameters on the meta device: real sizes, no weights, no GPU. Then:
 
 - static state, counted from the built parameters (each tensor once, so LoRA's shared base counts once): the frozen
-  teacher (fp32, or bf16 with train.teacher_dtype=bf16), trained weights (fp32 master weights; train.precision=bf16
-  is autocast), their gradients (fp32) and AdamW's two fp32 moments, the EMA copy of the generator's trained weights.
+  teacher (fp32, or bf16 with train.teacher_dtype=bf16) and the rest of its pipeline that training moves to the
+  device with it (a VAE and text encoders, in their own dtype), trained weights (fp32 master weights;
+  train.precision=bf16 is autocast), their gradients (fp32) and AdamW's two fp32 moments, the EMA copy of the
+  generator's trained weights.
   With train.fsdp and N GPUs the teacher, generator, fake score, EMA and their gradients and moments are split N
   ways; discriminator heads are held whole (as the trainer does);
 - the transient peak of each phase (forward, backward, and the AdamW step), measured by running the objective's
@@ -299,6 +301,10 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
             if k not in owner:
                 owner[k] = role
                 tensors[role].append(x)
+    # the rest of the teacher, which training moves to the device with it (Teacher.to): a pipeline's VAE and text
+    # encoders, in their own dtype (train.teacher_dtype casts the score network only), whole on every GPU
+    rest = [x for k, x in _unique(m for m in vars(built.teacher).values() if isinstance(m, torch.nn.Module)).items()
+            if k not in owner]
     for name in obj.trains:  # parameters an objective trains with a network (sCM's adaptive weight)
         tensors[name].extend(x for x in obj.parameters(name) if id(x) not in owner)
     teacher_bytes = 2 if t.teacher_dtype == "bf16" else None
@@ -310,6 +316,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
     shard = lambda role, b: b // split if role != "discriminator" else b  # noqa: E731 (heads are held whole)
     p.components["teacher weights" + (" (bf16)" if teacher_bytes else "")] = shard("teacher", _bytes(
         tensors["teacher"], teacher_bytes))
+    if rest:
+        p.components["teacher VAE and text encoders"] = _bytes(rest)
     for r in obj.trains:
         frozen = [x for x in tensors[r] if not (isinstance(x, torch.nn.Parameter) and x.requires_grad)]
         p.components[f"{r} weights"] = shard(r, _bytes(trained[r], 4) + _bytes(frozen))
@@ -531,14 +539,24 @@ def suggest(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 4) -> list[
     from tqdm import tqdm
 
     data = to_dict(recipe)
+
+    def replan(over: list[str], n: int) -> Plan | None:
+        """The plan with `over`, None if it cannot fit or the recipe refuses the change (RecipeError, a LoRA rank
+        above a layer's width). Weights, moments and one network's gradients alone bound the peak from below: a
+        change they already rule out skips the meta pass, most of a re-plan's time at SDXL size."""
+        try:
+            changed = load_recipe(data=apply_overrides(copy.deepcopy(data), over))
+            if not plan(changed, n, gpu_memory, activations=False).fits:
+                return None
+            q = plan(changed, n, gpu_memory, flops=False)
+        except ValueError:
+            return None
+        return q if q.fits else None
+
     found, acc_over, acc_gpus = [], [], gpus
     bar = dict(leave=False, disable=None, unit="plan")  # each re-plan takes seconds at SDXL size; shown on a terminal
     for desc, over, n in tqdm(candidates(recipe, gpus), desc="re-planning each change", **bar):
-        try:
-            q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), over)), n, gpu_memory, flops=False)
-        except ValueError:  # a change this recipe refuses (RecipeError, a LoRA rank above a layer's width)
-            continue
-        if q.fits:
+        if q := replan(over, n):
             found.append({"change": desc, "overrides": over, "gpus": n, "peak": q.peak})
     if found:
         return sorted(found, key=lambda s: s["peak"])[:limit] if len(found) > limit else found
@@ -546,12 +564,7 @@ def suggest(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 4) -> list[
         if "LoRA" in desc and acc_gpus > 1 and "train.fsdp=true" in acc_over:
             continue
         acc_over, acc_gpus = acc_over + over, max(acc_gpus, n)
-        try:
-            q = plan(load_recipe(data=apply_overrides(copy.deepcopy(data), acc_over)), acc_gpus, gpu_memory,
-                     flops=False)
-        except ValueError:  # a change this recipe refuses (RecipeError, a LoRA rank above a layer's width)
-            continue
-        if q.fits:
+        if q := replan(acc_over, acc_gpus):
             return [{"change": "together: " + ", ".join(acc_over), "overrides": acc_over, "gpus": acc_gpus,
                      "peak": q.peak}]
     return []

@@ -2,6 +2,8 @@
 SDXL-size plan, and the command line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,7 +51,8 @@ def measured_peak(recipe, tmp_path) -> int:
     trainer.train_step()  # the first step creates the AdamW moments
     trainer.step = 1
     held = {}
-    for m in (trainer.nets.teacher, trainer.nets.generator, trainer.nets.fake_score, trainer.ema.model):
+    pipeline = [m for m in vars(trainer.built.teacher).values() if isinstance(m, torch.nn.Module)]  # Teacher.to moves
+    for m in (trainer.nets.teacher, trainer.nets.generator, trainer.nets.fake_score, trainer.ema.model, *pipeline):
         for x in [*m.parameters(), *m.buffers()] if m is not None else []:
             held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
     for o in trainer.optimizers.values():
@@ -66,6 +69,24 @@ def test_planned_peak_matches_measured_cpu_iteration(tmp_path):
     recipe = tiny()
     planned, measured = plan(recipe).peak, measured_peak(recipe, tmp_path)
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+@pytest.mark.parametrize("recipe", ["configs/fashion/vsd_1step.yaml", "configs/fashion_t2i/vsd_1step.yaml"])
+def test_a_bundled_teacher_is_planned_with_everything_training_holds(recipe, tmp_path):
+    """Every module the teacher moves to the device counts: the text-to-image pipeline's VAE and text encoder (0.8 GB
+    for SD1.5 in fp32, 19 GB of T5 for FLUX), and no second copy of a pixel teacher (a diffusers teacher once kept
+    one for its students to copy, which training moved to the GPU with it)."""
+    overrides = ["train.batch_size=4", "train.ema=0.99", "eval.at_end=false", "objective.regression_weight=0",
+                 "generator.warm_start_iterations=0"]
+    r = load_recipe(recipe, overrides)
+    p = plan(r, flops=False)
+    built, _ = build_meta(r)
+    modules = {k: v for k, v in vars(built.teacher).items() if isinstance(v, torch.nn.Module)}
+    rest = sum(x.numel() * x.element_size() for k in ("text", "codec") if k in modules
+               for x in [*modules[k].parameters(), *modules[k].buffers()])
+    assert p.components.get("teacher VAE and text encoders", 0) == rest and (rest > 0) == ("t2i" in recipe)
+    measured = measured_peak(r, tmp_path)
+    assert abs(p.peak / measured - 1) < 0.15, (p.peak, measured)
 
 
 FAMILIES = {"sd3_medium_dmd2": ("tiny-sd3", 2.0e9), "flux_dev_dmd2": ("tiny-flux", 11.9e9),
@@ -133,3 +154,14 @@ def test_plan_answers_for_the_bundled_text_to_image_recipe():
     built, _ = build_meta(recipe)
     latent = math.prod(built.teacher.shape) * 4  # float32 bytes of one z (and of one x0)
     assert p.components["teacher ODE pairs (regression)"] > 4096 * 2 * latent  # z, x0 and the prompts' encodings
+
+
+SHIPPED = sorted(str(p) for p in Path("configs").rglob("*.yaml") if p.parent.name not in ("bench", "plan"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_recipe_plans_with_every_phase_run(path):
+    """`stepdistill plan` answers for every recipe the project ships (the plan recipes have their own tests): every
+    phase ran on meta tensors (no note), in seconds on 2 CPU cores (0.1 to 10 s each, memory only)."""
+    p = plan(load_recipe(path), flops=False)
+    assert p.notes == [] and p.transient and p.peak > sum(p.components.values())

@@ -37,8 +37,7 @@ class DiffusersTeacher(Teacher):
             raise RecipeError(f"{cfg.path} is a text-to-image (latent) pipeline, not a pixel-space UNet: use "
                               "teacher.name: sd with teacher.prompts (teacher.name: diffusers takes UNet2DModel "
                               "folders)")
-        self._init_net = score  # trainable copies start from these weights
-        self.score = copy.deepcopy(score).requires_grad_(False).eval()
+        self.score = score.requires_grad_(False).eval()  # students copy it (Teacher.to moves every module it holds)
         c = score.net.config
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
         self.num_classes = score.null_label if score.conditioning == "class" else None
@@ -47,10 +46,10 @@ class DiffusersTeacher(Teacher):
         """A copy of the teacher; with width < 1 a randomly initialised UNet of the same config with its
         block_out_channels scaled (see `scaled_channels`)."""
         if width == 1.0:
-            return copy.deepcopy(self._init_net).requires_grad_(True).train()
+            return copy.deepcopy(self.score).requires_grad_(True).train()
         from diffusers import UNet2DModel
 
-        t = self._init_net
+        t = self.score
         if not isinstance(t.net, UNet2DModel):
             raise RecipeError(f"generator.width < 1 supports UNet2DModel teachers, not {type(t.net).__name__}")
         config = {**t.net.config, "block_out_channels": scaled_channels(t.net.config, width)}
