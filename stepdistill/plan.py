@@ -277,6 +277,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
          flops: bool = True) -> Plan:
     """Per-GPU memory and FLOPs of one iteration of `recipe` on `gpus` GPUs of `gpu_memory` bytes (module doc);
     `flops=False` skips counting them (a quarter of the time; suggestions re-plan memory only)."""
+    from .models.score import held_modules
     from .training.trainer import check_fsdp
 
     t = recipe.train
@@ -303,8 +304,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int = 80 * GiB, activations:
                 tensors[role].append(x)
     # the rest of the teacher, which training moves to the device with it (Teacher.to): a pipeline's VAE and text
     # encoders, in their own dtype (train.teacher_dtype casts the score network only), whole on every GPU
-    rest = [x for k, x in _unique(m for m in vars(built.teacher).values() if isinstance(m, torch.nn.Module)).items()
-            if k not in owner]
+    rest = [x for k, x in _unique(held_modules(built.teacher)).items() if k not in owner]
     for name in obj.trains:  # parameters an objective trains with a network (sCM's adaptive weight)
         tensors[name].extend(x for x in obj.parameters(name) if id(x) not in owner)
     teacher_bytes = 2 if t.teacher_dtype == "bf16" else None

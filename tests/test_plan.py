@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stepdistill.models.score import held_modules
 from stepdistill.plan import GiB, LiveBytes, build_meta, parse_bytes, plan
 from stepdistill.recipe import load_recipe
 
@@ -51,7 +52,7 @@ def measured_peak(recipe, tmp_path) -> int:
     trainer.train_step()  # the first step creates the AdamW moments
     trainer.step = 1
     held = {}
-    pipeline = [m for m in vars(trainer.built.teacher).values() if isinstance(m, torch.nn.Module)]  # Teacher.to moves
+    pipeline = held_modules(trainer.built.teacher)  # what Teacher.to moves
     for m in (trainer.nets.teacher, trainer.nets.generator, trainer.nets.fake_score, trainer.ema.model, *pipeline):
         for x in [*m.parameters(), *m.buffers()] if m is not None else []:
             held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()

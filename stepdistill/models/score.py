@@ -29,11 +29,15 @@ def device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def held_modules(owner: object) -> list[nn.Module]:
+    """The nn.Module attributes of a plain object (a teacher, an objective): what move_modules moves."""
+    return [value for value in vars(owner).values() if isinstance(value, nn.Module)]
+
+
 def move_modules(owner: object, device: torch.device) -> None:
     """Move every nn.Module attribute of a plain object (a teacher, an objective) to `device`."""
-    for value in vars(owner).values():
-        if isinstance(value, nn.Module):
-            value.to(device)
+    for module in held_modules(owner):
+        module.to(device)
 
 
 class ScoreModel(nn.Module):
