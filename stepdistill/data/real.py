@@ -73,3 +73,25 @@ def load_npz(path: str | Path, shape: tuple[int, ...], conditional: bool) -> Ten
     if conditional and labels is None:
         raise InputError(f"data.path {p}: the teacher is class-conditional, so the file needs `labels` too")
     return TensorData(x, labels)
+
+
+class PromptMatchedData:
+    """Real samples for a text-conditional teacher whose prompts each name a class (the bundled fashion-t2i): a
+    condition is matched to the prompt whose encoding it is, and a sample of that prompt's class is drawn, so a GAN
+    term sees real images of the prompted item. Matching by encoding keeps the `sample(n, cond)` interface that
+    class-conditional sources have (a batch carries encodings, not prompt strings)."""
+
+    def __init__(self, data: TensorData, encodings: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(encodings) != len(labels):
+            raise InputError(f"{len(encodings)} prompt encodings but {len(labels)} labels")
+        self.data, self.keys, self.labels = data, encodings.flatten(1).float(), labels.long()
+
+    def sample(self, n: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is None:
+            return self.data.sample(n)
+        dist, idx = torch.cdist(cond.flatten(1).float().cpu(), self.keys).min(dim=1)
+        bad = dist > 1e-3 * self.keys.norm(dim=1)[idx]
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} of {len(cond)} conditions match none of the teacher's prompts "
+                             "(real samples are drawn by the class each prompt names)")
+        return self.data.sample(n, self.labels[idx])

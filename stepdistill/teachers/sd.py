@@ -223,3 +223,29 @@ class FashionT2ITeacher(SDTeacher):
 
     Config = FashionT2IConfig
     domain = "fashion-mnist"
+
+    def __init__(self, cfg: FashionT2IConfig) -> None:
+        super().__init__(cfg)
+        self._data = None
+
+    def real_data(self):
+        """Fashion-MNIST's fit split (the pixel teacher's real data: the validation split left out) in this teacher's
+        latent space, drawn by the class each condition's prompt names (data.real.PromptMatchedData): real data for
+        DMD2's GAN term. The prompts must be the bundled ones' (a template around a class name)."""
+        from ..data import fashion
+        from ..data.real import PromptMatchedData, TensorData
+        from .fashion_t2i_train import eval_prompts, training_prompts
+
+        if self._data is None:
+            label_of = dict(training_prompts()) | {p: c for c, p in enumerate(eval_prompts())}
+            unknown = [p for p in self.prompts if p not in label_of]
+            if unknown:
+                raise InputError(f"teacher.prompts holds {len(unknown)} prompts that name no Fashion-MNIST class in "
+                                 f"the bundled templates (e.g. {unknown[0]!r}), so no real image matches them: use "
+                                 "the bundled prompts.txt for an objective that needs real data")
+            x, labels = fashion.load("fit")
+            with torch.no_grad():
+                latents = torch.cat([self.codec.encode(b) for b in x.split(1000)])
+            self._data = PromptMatchedData(TensorData(latents, labels), self.text(self.prompts),
+                                           torch.tensor([label_of[p] for p in self.prompts]))
+        return self._data
