@@ -154,7 +154,8 @@ def test_plan_answers_for_the_bundled_text_to_image_recipe():
     assert p.notes == [] and {"generator", "fake_score"} <= set(p.transient)  # every phase ran on meta tensors
     built, _ = build_meta(recipe)
     latent = math.prod(built.teacher.shape) * 4  # float32 bytes of one z (and of one x0)
-    assert p.components["teacher ODE pairs (regression)"] > 4096 * 2 * latent  # z, x0 and the prompts' encodings
+    pairs = recipe.generator.warm_start_pairs
+    assert p.components["teacher ODE pairs (regression)"] > pairs * 2 * latent  # z, x0 and the prompts' encodings
 
 
 SHIPPED = sorted(str(p) for p in Path("configs").rglob("*.yaml") if p.parent.name not in ("bench", "plan"))
