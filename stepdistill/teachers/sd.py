@@ -234,10 +234,10 @@ class FashionT2ITeacher(SDTeacher):
         DMD2's GAN term. The prompts must be the bundled ones' (a template around a class name)."""
         from ..data import fashion
         from ..data.real import PromptMatchedData, TensorData
-        from .fashion_t2i_train import eval_prompts, training_prompts
+        from .fashion_t2i_train import training_prompts
 
         if self._data is None:
-            label_of = dict(training_prompts()) | {p: c for c, p in enumerate(eval_prompts())}
+            label_of = dict(training_prompts())  # every template and class (the eval prompts' template among them)
             unknown = [p for p in self.prompts if p not in label_of]
             if unknown:
                 raise InputError(f"teacher.prompts holds {len(unknown)} prompts that name no Fashion-MNIST class in "
