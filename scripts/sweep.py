@@ -5,8 +5,9 @@
 
 Every run is `stepdistill train RECIPE OVERRIDES eval.split=val` (the held-out training images: settings are chosen
 on them, never on the test set) in OUTDIR/NAME/seed_S; a finished run is not retrained, so an interrupted sweep
-resumes. OUTDIR/results.md gets one row per variant: the median validation score over the seeds, each seed's score,
-iterations and training seconds. Run it alone on the machine when the recipe has a wall-time budget.
+resumes. OUTDIR/results.md gets one row per variant in OUTDIR, this invocation's and earlier ones' (each variant's
+recipe and overrides are kept in OUTDIR/NAME/variant.json): the median validation score over its finished seeds, each
+seed's score, iterations and training seconds. Run it alone on the machine when the recipe has a wall-time budget.
 """
 import argparse
 import json
@@ -26,9 +27,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--split", default="val", choices=["val", "test"], help="the reference of the score (val)")
     a = p.parse_args()
-    rows = []
     for name, extra in a.variant:
-        scores, its, secs = [], [], []
+        (a.outdir / name).mkdir(parents=True, exist_ok=True)
+        (a.outdir / name / "variant.json").write_text(json.dumps({"recipe": a.recipe, "overrides": extra}) + "\n")
         for seed in a.seeds:
             run = a.outdir / name / f"seed_{seed}"
             if not (run / "metrics.json").exists():
@@ -36,29 +37,36 @@ def main() -> None:
                        *shlex.split(extra), f"train.seed={seed}", f"eval.split={a.split}"]
                 print("==", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
-            m = json.loads((run / "metrics.json").read_text())
-            s = json.loads((run / "train_summary.json").read_text())
-            key = next(k for k in ("fd", "energy_distance", "fid") if k in m["student"])
-            scores.append(m["student"][key])
-            parts = s.get("students", [s])  # an MSD run: its students' iterations and seconds, summed
-            its.append(sum(x["iterations"] for x in parts))
-            secs.append(sum(x["train_seconds"] for x in parts))
-            teacher = m["teacher"][key]
-            print(f"== {name} seed {seed}: {key} {scores[-1]:.4f} ({scores[-1] / teacher:.2f}x the teacher's "
-                  f"{teacher:.4f}), {its[-1]} iterations, {secs[-1]:.0f} s", flush=True)
-        rows.append((name, extra, statistics.median(scores), scores, teacher, its, secs))
-    lines = [f"# {a.recipe}, scored on the {a.split} split", "",
-             f"`python scripts/sweep.py {a.recipe} --outdir {a.outdir} --seeds {' '.join(map(str, a.seeds))} "
-             + " ".join(f'--variant {n} "{e}"' for n, e in a.variant) + "`", "",
-             "| variant | overrides | median | x teacher | seeds | iterations | train s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, extra, med, scores, teacher, its, secs in rows:
-        lines.append(f"| {name} | `{extra or '-'}` | {med:.4f} | {med / teacher:.2f}x | "
-                     f"{', '.join(f'{s:.4f}' for s in scores)} | {', '.join(map(str, its))} | "
-                     f"{', '.join(f'{t:.0f}' for t in secs)} |")
+            score, teacher, key, its, secs = read_run(run)
+            print(f"== {name} seed {seed}: {key} {score:.4f} ({score / teacher:.2f}x the teacher's {teacher:.4f}), "
+                  f"{its} iterations, {secs:.0f} s", flush=True)
+    lines = [f"# {a.outdir}, scored on the {a.split} split", "",
+             "`python scripts/sweep.py RECIPE --outdir OUTDIR --seeds SEEDS --variant NAME OVERRIDES`, one row per "
+             "variant in OUTDIR", "",
+             "| variant | recipe | overrides | median | x teacher | seeds | iterations | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for folder in sorted(a.outdir.glob("*/variant.json")):
+        v = json.loads(folder.read_text())
+        runs = [read_run(r) for r in sorted(folder.parent.glob("seed_*")) if (r / "metrics.json").exists()]
+        if not runs:
+            continue
+        med, teacher = statistics.median(r[0] for r in runs), runs[0][1]
+        lines.append(f"| {folder.parent.name} | `{v['recipe']}` | `{v['overrides'] or '-'}` | {med:.4f} | "
+                     f"{med / teacher:.2f}x | {', '.join(f'{r[0]:.4f}' for r in runs)} | "
+                     f"{', '.join(str(r[3]) for r in runs)} | {', '.join(f'{r[4]:.0f}' for r in runs)} |")
     (a.outdir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
+def read_run(run: Path) -> tuple[float, float, str, int, float]:
+    """A finished run's score, its teacher's, the metric's name, iterations and training seconds (an MSD run: its
+    students' summed)."""
+    m = json.loads((run / "metrics.json").read_text())
+    s = json.loads((run / "train_summary.json").read_text())
+    key = next(k for k in ("fd", "energy_distance", "fid") if k in m["student"])
+    parts = s.get("students", [s])
+    return (m["student"][key], m["teacher"][key], key, sum(x["iterations"] for x in parts),
+            sum(x["train_seconds"] for x in parts))
 
 if __name__ == "__main__":
     main()

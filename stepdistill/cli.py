@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="eval.* overrides for --run, e.g. eval.n=2000")
     e.add_argument("--recompute-teacher", action="store_true", help="ignore the teacher's cached quality.json entry")
     e.add_argument("--steps", type=int, default=None, help="with --run: sample the student with this many steps "
-                   "(default: its trained K); other than K, the scores go to metrics_<steps>step.json")
+                   "(default: its trained K); other than K, the scores go to metrics_<steps>step.json (another "
+                   "eval.split than the run's: metrics_<split>[_<steps>step].json)")
     e.add_argument("--ref", help="with --folder: reference stats .npz (`eval ref`), an image folder, or a dataset name")
     e.add_argument("--metrics", default="fid,kid", help="with --folder: comma-separated, from fid, kid, clip")
     e.add_argument("--prompts", help="with --metrics clip: a text file, one prompt per image (sorted file order)")
@@ -296,7 +297,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if not parallel.is_main():
         return 0
     print(format_table(metrics))
-    name = "metrics.json" if a.steps in (None, run.student.steps) else f"metrics_{a.steps}step.json"
+    # scores under another split or step count than the run's own go beside metrics.json, never over it: a run
+    # chosen on the val split keeps that score when the test split scores it (metrics_test.json)
+    split = recipe.eval.split if recipe.eval.split != run.recipe.eval.split else None
+    steps = a.steps if a.steps not in (None, run.student.steps) else None
+    name = "_".join(["metrics", *([split] if split else []), *([f"{steps}step"] if steps else [])]) + ".json"
     try:
         print(f"wrote {write_metrics(run.path, metrics, name)}")
     except OSError as e:  # a read-only run folder: the scores above are the result

@@ -36,6 +36,9 @@ def test_gmm_train_sample_eval_export(tmp_path, capsys):
     assert main(["eval", "--run", str(run), "eval.n=256", "--steps", "2"]) == 0  # the few-step rule, scored apart
     two = json.loads((run / "metrics_2step.json").read_text())
     assert two["student"]["nfe"] == 2 and json.loads((run / "metrics.json").read_text())["student"]["nfe"] == 1
+    assert main(["eval", "--run", str(run), "eval.n=256", "eval.split=val", "--steps", "2"]) == 0  # another split
+    val, test = (json.loads((run / f).read_text())["protocol"] for f in ("metrics_val_2step.json", "metrics.json"))
+    assert val["reference"] != test["reference"] and test["n"] == 256  # metrics.json kept its own split's score
 
     assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "g.safetensors")]) == 0
     from safetensors import safe_open
