@@ -3,8 +3,9 @@
 A suite file (`configs/bench/*.yaml`) lists the recipes and what they share: the budget (training minutes, warm start
 included, or iterations), the seeds, the step counts every student is scored at, the teacher's NFE and how often a
 point of the metric-versus-time curve is taken. Each recipe and seed trains with `stepdistill train` in its own
-process, one at a time (concurrent runs would share the cores and distort wall-time budgets), into
-OUTDIR/<recipe>/seed<k>; a finished run is not retrained, so an interrupted bench resumes. The report (markdown) holds
+process, one at a time by default (concurrent runs share the cores: a wall-time budget then buys fewer iterations),
+or `--jobs N` at a time with cores // N threads each (the report says which), into OUTDIR/<recipe>/seed<k>; a
+finished run is not retrained, so an interrupted bench resumes. The report (markdown) holds
 the table, the machine it ran on, a curve plot and a sample grid per recipe.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -94,15 +96,49 @@ def overrides(suite: Suite, seed: int, recipe: str) -> list[str]:
             *([f"eval.n={suite.eval_n}"] if suite.eval_n else [])]
 
 
-def train_runs(suite: Suite, outdir: Path, quiet: bool = False) -> list[tuple[str, int, Path]]:
+def train_runs(suite: Suite, outdir: Path, quiet: bool = False, jobs: int = 1) -> list[tuple[str, int, Path]]:
+    """Train every unfinished run, `jobs` at a time: with more than one, each process gets cores // jobs threads and
+    writes its output to OUTDIR/<recipe>/seed<k>.log (interleaved progress bars would be unreadable)."""
     runs = [(r, s, outdir / Path(r).stem / f"seed{s}") for r in suite.recipes for s in suite.seeds]
-    for i, (recipe, seed, run_dir) in enumerate(runs):
-        if (run_dir / "metrics.json").exists():
-            continue
-        print(f"== [{i + 1}/{len(runs)}] training {recipe} (seed {seed}) -> {run_dir}", flush=True)
-        subprocess.run([sys.executable, "-m", "stepdistill.cli", "train", recipe, "--outdir", str(run_dir),
-                        *overrides(suite, seed, recipe), *(["--quiet"] if quiet else [])], check=True)
+    todo = [(i, *run) for i, run in enumerate(runs) if not (run[2] / "metrics.json").exists()]
+    env = {**os.environ, "OMP_NUM_THREADS": str(job_threads(jobs))} if jobs > 1 else None
+    running: list[tuple[subprocess.Popen, Path]] = []
+
+    def wait_one() -> None:  # the first of the running processes to end
+        while (done := next((r for r in running if r[0].poll() is not None), None)) is None:
+            time.sleep(1.0)
+        running.remove(done)
+        if done[0].returncode != 0:
+            raise subprocess.CalledProcessError(done[0].returncode, done[0].args)
+        if jobs > 1:
+            print(f"== finished {done[1]}", flush=True)
+
+    try:
+        for i, recipe, seed, run_dir in todo:
+            if len(running) >= jobs:
+                wait_one()
+            cmd = [sys.executable, "-m", "stepdistill.cli", "train", recipe, "--outdir", str(run_dir),
+                   *overrides(suite, seed, recipe), *(["--quiet"] if quiet or jobs > 1 else [])]
+            log = run_dir.parent / f"{run_dir.name}.log"
+            print(f"== [{i + 1}/{len(runs)}] training {recipe} (seed {seed}) -> {run_dir}"
+                  + (f" (log: {log})" if jobs > 1 else ""), flush=True)
+            if jobs > 1:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+                    running.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), run_dir))
+            else:
+                running.append((subprocess.Popen(cmd), run_dir))
+        while running:
+            wait_one()
+    finally:  # a failed run stops the bench once the runs under way have finished (each resumes on a rerun)
+        for proc, _ in running:
+            proc.wait()
     return runs
+
+
+def job_threads(jobs: int) -> int:
+    """Threads per training process when `jobs` run at once."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def score_run(run_dir: Path, nfes: list[int]) -> dict:
@@ -247,7 +283,7 @@ def _coverage_cells(scores: list[dict]) -> str:
 
 
 def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[int, dict], report: Path,
-                 command: str, baseline: dict | None = None) -> str:
+                 command: str, baseline: dict | None = None, jobs: int = 1) -> str:
     from . import registry
 
     key = rows[0]["key"]
@@ -261,7 +297,8 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
     cov_head, cov_rule = (" near share | worst mass error |", "---|---|") if coverage else ("", "")
     lines = [f"# Benchmark: {suite.name}", "",
              f"Every recipe of `{suite_path}` under one budget ({budget}, warm start included), seeds "
-             f"{suite.seeds}, one run at a time. Made by:", "", "```bash", command, "```", "",
+             f"{suite.seeds}, " + (f"{jobs} runs at a time, {job_threads(jobs)} thread(s) each" if jobs > 1 else
+                                   "one run at a time") + ". Made by:", "", "```bash", command, "```", "",
              f"Machine: {machine()}.", "",
              f"{label} of {rows[0]['n']} samples per side, each student scored at {suite.student_nfe} NFE whatever it "
              f"was trained for (bold: the trained step count). x teacher: at the trained step count, against the "
@@ -325,13 +362,16 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
     return text
 
 
-def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = None, quiet: bool = False) -> Path:
+def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = None, quiet: bool = False,
+              jobs: int = 1) -> Path:
+    if jobs < 1:
+        raise InputError(f"--jobs {jobs}: give 1 or more training processes at a time")
     if report is not None and (Path(report).suffix != ".md" or Path(report).is_dir()):
         raise InputError(f"--report {report}: give a markdown file path ending in .md")
     suite = load_suite(suite_path)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    runs = train_runs(suite, outdir, quiet)
+    runs = train_runs(suite, outdir, quiet, jobs)
     rows = []
     for recipe, seed, run_dir in runs:
         print(f"== scoring {run_dir} at {suite.student_nfe} NFE", flush=True)
@@ -340,8 +380,9 @@ def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = N
     teacher = score_teacher(suite.recipes[0], suite.teacher_nfe, suite.eval_n, outdir)
     baseline = score_baseline(suite.recipes[0], suite.eval_n, outdir)
     report = Path(report) if report else outdir / "report.md"
-    command = f"stepdistill bench {suite_path} --outdir {outdir} --report {report}"
-    write_report(suite, suite_path, rows, teacher, report, command, baseline)
+    command = f"stepdistill bench {suite_path} --outdir {outdir} --report {report}" + (f" --jobs {jobs}" if jobs > 1
+                                                                                        else "")
+    write_report(suite, suite_path, rows, teacher, report, command, baseline, jobs)
     (outdir / "bench.json").write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
                                                    for r in rows], indent=2))
     return report

@@ -43,6 +43,7 @@ different protocol (backend, Inception weights, resize).""",
   stepdistill bench configs/bench/gmm.yaml --outdir runs/bench_gmm --report docs/benchmarks_gmm.md   (9-11 min, CPU)
   stepdistill bench configs/bench/fashion.yaml --outdir runs/bench_fashion --report docs/benchmarks_fashion.md
 Each recipe and seed trains in OUTDIR/<recipe>/seed<k>; a rerun skips finished runs (an interrupted bench resumes).
+  stepdistill bench configs/bench/fashion_30min.yaml --jobs 2   (two runs at a time, one thread each on 2 cores)
   stepdistill bench --speed configs/fashion/vsd_1step.yaml configs/fashion/sid_1step.yaml train.batch_size=32 \
       --report docs/benchmarks_speed.md      (loop overhead: step time / isolated network passes; target <= 1.15)""",
     "export": """examples:
@@ -140,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--report", help="markdown report (default: OUTDIR/report.md; with --speed: printed only); plots "
                    "and grids beside it")
     b.add_argument("--quiet", action="store_true", help="no progress bars from the training runs")
+    b.add_argument("--jobs", type=int, default=1, help="training runs at a time, each with cores // JOBS threads "
+                   "and its output in OUTDIR/<recipe>/seed<k>.log (default 1: alone, as wall-time budgets assume)")
 
     x = add("export", "export the student's weights")
     x.add_argument("--run", required=True, help="run folder written by `stepdistill train` (its EMA weights "
@@ -393,7 +396,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise SystemExit(f"stepdistill bench: give one suite YAML (or --speed with recipes), got {a.suite}")
     a.suite = a.suite[0]
     outdir = a.outdir or f"runs/bench_{Path(a.suite).stem}"
-    report = run_bench(a.suite, outdir, a.report, quiet=a.quiet)
+    report = run_bench(a.suite, outdir, a.report, quiet=a.quiet, jobs=a.jobs)
     print(f"wrote {report}")
     return 0
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from stepdistill.bench import load_suite, run_bench
+from stepdistill.errors import InputError
 from stepdistill.recipe import RecipeError
 
 
@@ -60,3 +61,22 @@ def test_tiny_bench_end_to_end(tmp_path):
     run_bench(str(_suite(tmp_path)), out, report, quiet=True)
     assert (out / "gmm_vsd" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
     assert report.read_text().split("Machine:")[1].split("## ")[0] == text.split("Machine:")[1].split("## ")[0]
+
+
+def test_jobs_train_runs_side_by_side_and_a_failure_keeps_the_finished_runs(tmp_path):
+    from stepdistill.bench import job_threads
+
+    out, report = tmp_path / "runs", tmp_path / "bench.md"
+    run_bench(str(_suite(tmp_path, iterations=6, curve_every=3)), out, report, quiet=True, jobs=2)
+    text = report.read_text()
+    assert f"2 runs at a time, {job_threads(2)} thread(s) each" in text and "--jobs 2" in text
+    for recipe in ("gmm_vsd", "gmm_sid"):
+        assert (out / recipe / "seed0" / "metrics.json").exists() and (out / recipe / "seed0.log").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: {name: gmm}\nobjective: {name: vsd, nope: 1}\n")
+    with pytest.raises(RecipeError, match="nope"):  # the bad recipe is found while the good one trains
+        run_bench(str(_suite(tmp_path, recipes=["configs/toy/gmm_vsd.yaml", str(bad)], iterations=6,
+                             curve_every=3)), tmp_path / "runs2", quiet=True, jobs=2)
+    assert (tmp_path / "runs2" / "gmm_vsd" / "seed0" / "metrics.json").exists()  # finished, not killed
+    with pytest.raises(InputError, match="--jobs 0"):
+        run_bench(str(_suite(tmp_path)), out, quiet=True, jobs=0)
