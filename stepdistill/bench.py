@@ -120,6 +120,7 @@ def train_runs(suite: Suite, outdir: Path, quiet: bool = False, jobs: int = 1) -
             cmd = [sys.executable, "-m", "stepdistill.cli", "train", recipe, "--outdir", str(run_dir),
                    *overrides(suite, seed, recipe), *(["--quiet"] if quiet or jobs > 1 else [])]
             log = run_dir.parent / f"{run_dir.name}.log"
+            record_jobs(run_dir, jobs)
             print(f"== [{i + 1}/{len(runs)}] training {recipe} (seed {seed}) -> {run_dir}"
                   + (f" (log: {log})" if jobs > 1 else ""), flush=True)
             if jobs > 1:
@@ -134,6 +135,28 @@ def train_runs(suite: Suite, outdir: Path, quiet: bool = False, jobs: int = 1) -
         for proc, _ in running:
             proc.wait()
     return runs
+
+
+def record_jobs(run_dir: Path, jobs: int) -> None:
+    """OUTDIR/<recipe>/seed<k>.jobs.json: how many runs trained beside this one, so a later bench that only scores
+    reports how the runs were trained, not its own --jobs."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    (run_dir.parent / f"{run_dir.name}.jobs.json").write_text(json.dumps({"jobs": jobs}) + "\n")
+
+
+def trained_jobs(run_dirs: list[Path]) -> int | None:
+    """The --jobs every run was trained with (record_jobs); None when they differ or one was not recorded."""
+    found = set()
+    for run_dir in run_dirs:
+        path = run_dir.parent / f"{run_dir.name}.jobs.json"
+        found.add(json.loads(path.read_text())["jobs"] if path.exists() else None)
+    return found.pop() if len(found) == 1 else None
+
+
+def concurrency(jobs: int | None) -> str:
+    if jobs is None:
+        return "runs trained under different or unrecorded --jobs (see each run's seed<k>.jobs.json)"
+    return f"{jobs} runs at a time, {job_threads(jobs)} thread(s) each" if jobs > 1 else "one run at a time"
 
 
 def job_threads(jobs: int) -> int:
@@ -283,7 +306,7 @@ def _coverage_cells(scores: list[dict]) -> str:
 
 
 def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[int, dict], report: Path,
-                 command: str, baseline: dict | None = None, jobs: int = 1) -> str:
+                 command: str, baseline: dict | None = None, jobs: int | None = 1) -> str:
     from . import registry
 
     key = rows[0]["key"]
@@ -297,8 +320,7 @@ def write_report(suite: Suite, suite_path: str, rows: list[dict], teacher: dict[
     cov_head, cov_rule = (" near share | worst mass error |", "---|---|") if coverage else ("", "")
     lines = [f"# Benchmark: {suite.name}", "",
              f"Every recipe of `{suite_path}` under one budget ({budget}, warm start included), seeds "
-             f"{suite.seeds}, " + (f"{jobs} runs at a time, {job_threads(jobs)} thread(s) each" if jobs > 1 else
-                                   "one run at a time") + ". Made by:", "", "```bash", command, "```", "",
+             f"{suite.seeds}, {concurrency(jobs)}. Made by:", "", "```bash", command, "```", "",
              f"Machine: {machine()}.", "",
              f"{label} of {rows[0]['n']} samples per side, each student scored at {suite.student_nfe} NFE whatever it "
              f"was trained for (bold: the trained step count). x teacher: at the trained step count, against the "
@@ -380,9 +402,11 @@ def run_bench(suite_path: str, outdir: str | Path, report: str | Path | None = N
     teacher = score_teacher(suite.recipes[0], suite.teacher_nfe, suite.eval_n, outdir)
     baseline = score_baseline(suite.recipes[0], suite.eval_n, outdir)
     report = Path(report) if report else outdir / "report.md"
-    command = f"stepdistill bench {suite_path} --outdir {outdir} --report {report}" + (f" --jobs {jobs}" if jobs > 1
-                                                                                        else "")
-    write_report(suite, suite_path, rows, teacher, report, command, baseline, jobs)
+    trained = trained_jobs([run_dir for _, _, run_dir in runs])  # a rerun that only scores: how they were trained
+    shown = trained or jobs
+    command = f"stepdistill bench {suite_path} --outdir {outdir} --report {report}" + (
+        f" --jobs {shown}" if shown > 1 else "")
+    write_report(suite, suite_path, rows, teacher, report, command, baseline, trained)
     (outdir / "bench.json").write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
                                                    for r in rows], indent=2))
     return report

@@ -72,6 +72,11 @@ def test_jobs_train_runs_side_by_side_and_a_failure_keeps_the_finished_runs(tmp_
     assert f"2 runs at a time, {job_threads(2)} thread(s) each" in text and "--jobs 2" in text
     for recipe in ("gmm_vsd", "gmm_sid"):
         assert (out / recipe / "seed0" / "metrics.json").exists() and (out / recipe / "seed0.log").exists()
+    run_bench(str(_suite(tmp_path, iterations=6, curve_every=3)), out, report, quiet=True)  # only scores
+    assert f"2 runs at a time, {job_threads(2)} thread(s) each" in report.read_text()  # how they were trained
+    (out / "gmm_sid" / "seed0.jobs.json").unlink()
+    run_bench(str(_suite(tmp_path, iterations=6, curve_every=3)), out, report, quiet=True)
+    assert "unrecorded --jobs" in report.read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher: {name: gmm}\nobjective: {name: vsd, nope: 1}\n")
     with pytest.raises(RecipeError, match="nope"):  # the bad recipe is found while the good one trains
