@@ -36,6 +36,9 @@ class GeneratorConfig:
     warm_start_iterations: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
     warm_start_pairs: int = 1024  # fixed (noise, teacher ODE output) pairs it regresses onto
     warm_start_nfe: int = 16  # Euler steps of the teacher ODE that makes each pair
+    # keep the pairs' ODE outputs in $STEPDISTILL_CACHE/pairs (default ~/.cache/stepdistill), keyed by all they depend
+    # on: a rerun or another variant with the same pairs reads them back, and trains bit for bit as if it had not
+    warm_start_cache: bool = True
     warm_start_lr: float | None = None  # its Adam learning rate; defaults to train.lr
     students: int = 1  # MSD: K students, class c served by student c * K // num_classes (class-conditional teachers)
     width: float = 1.0  # < 1: a smaller student (channels / hidden units scaled), randomly initialised

@@ -1,5 +1,8 @@
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +14,9 @@ if not torch.cuda.is_available():  # Triton's interpreter runs the Triton kernel
 from stepdistill.models.tokenizer import byte_level_clip_tokenizer, text_config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
+# tests neither read nor fill the user's cache (teacher ODE pairs, reference statistics, Inception weights)
+os.environ.setdefault("STEPDISTILL_CACHE", tempfile.mkdtemp(prefix="stepdistill-test-cache-"))
+atexit.register(shutil.rmtree, os.environ["STEPDISTILL_CACHE"], ignore_errors=True)
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes are referenced as configs/...
 
 

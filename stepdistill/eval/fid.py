@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..hashing import cache_dir
 from .images import (
     dataset_images,
     folder_batches,
@@ -16,7 +17,7 @@ from .images import (
     save_reference,
     stats_or_none,
 )
-from .inception import InceptionFeatures, cache_dir
+from .inception import InceptionFeatures
 from .metrics import frechet_distance, gaussian_stats, kernel_inception_distance
 
 IMAGE_METRICS = ("fid", "kid")

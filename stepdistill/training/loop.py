@@ -70,7 +70,8 @@ def warm_start(t, r: Run) -> None:
 
         scale = type(t.objective).warm_start_guidance(t.recipe.objective)  # the objective says which teacher
         pairs = teacher_pairs(t.built.teacher, g.warm_start_pairs, g.warm_start_nfe, classes=t.classes,
-                              guidance_scale=scale, generator=t.nets.generator)
+                              guidance_scale=scale, generator=t.nets.generator, cache=g.warm_start_cache,
+                              quiet=t.quiet or not parallel.is_main())
         if g.warm_start_iterations > 0:
             t.last_logs["loss/warm_start"] = regression_warm_start(
                 t.nets.generator, pairs, g.warm_start_lr or t.cfg.lr, g.warm_start_iterations, t.cfg.batch_size,

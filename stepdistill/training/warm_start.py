@@ -10,22 +10,37 @@ The pairs start from the generator's own input distribution. With `generator.sta
 at the start time from the generator's input sigma(start_t) z. With `pure` it starts at t = 1 from the t = 1 noise
 the generator is given, whatever time the generator is conditioned on: DMD2's SDXL one-step student (timestep 399)
 is pretrained on ODE pairs that start from pure noise at 999.
+
+The ODE outputs are cached in $STEPDISTILL_CACHE/pairs/ (default ~/.cache/stepdistill), keyed by everything they
+depend on: the ODE's starting points and conditions, the teacher's weights and schedule, the step count, the guidance
+and this package's source. The noise and conditions are drawn either way, so a run that finds its pairs there
+continues exactly like one that computes them (the same random stream, the same bits), and a sweep of variants or a
+rerun pays for the teacher's ODE once. DMD precomputes its pairs offline the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import warnings
+
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..diffusion.solvers import sample_ode
+from ..hashing import cache_dir, source_sha256, update_with_tensor
 from ..models.score import device_of
 
 
 def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
-                  guidance_scale: float = 1.0, generator=None
+                  guidance_scale: float = 1.0, generator=None, cache: bool = False, quiet: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(z, cond, x0): n unit noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
     (Euler, `nfe` steps, classifier-free guided with `guidance_scale`) from `generator`'s input for z (its prior) at
-    its start time (start_noise schedule) or at t = 1 (pure; also without a generator)."""
+    its start time (start_noise schedule) or at t = 1 (pure; also without a generator). `cache`: read the outputs from
+    the pairs cache (module docstring) when there, else write them there."""
     score = teacher.score
     prior = generator.prior if generator is not None else (lambda z: z * score.schedule.init_sigma)
     start = generator.times[0] if generator is not None and generator.start_noise == "schedule" else 1.0
@@ -33,14 +48,79 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
     z = torch.randn(n, *teacher.shape).to(device)
     cond = teacher.sample_cond(n, classes=classes)
     cond = None if cond is None else cond.to(device)
-    out = []
     with torch.no_grad():
-        for i in range(0, n, batch_size):
+        x_start = prior(z)
+        path = cache_dir() / "pairs" / f"{pairs_key(score, x_start, cond, nfe, guidance_scale, start)}.safetensors"
+        x0 = read_pairs(path, n) if cache else None
+        if x0 is not None:
+            return z, cond, x0.to(device)
+        out = []
+        for i in tqdm(range(0, n, batch_size), desc=f"teacher ODE pairs ({nfe} steps)", disable=quiet, leave=False):
             c = None if cond is None else cond[i:i + batch_size]
             x, _ = sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale),
-                              prior(z[i:i + batch_size]), score.schedule, nfe, heun=False, t_max=start)
+                              x_start[i:i + batch_size], score.schedule, nfe, heun=False, t_max=start)
             out.append(x)
-    return z, cond, torch.cat(out)
+    x0 = torch.cat(out)
+    if cache:
+        write_pairs(path, x0)
+    return z, cond, x0
+
+
+def pairs_key(score, x_start: torch.Tensor, cond: torch.Tensor | None, nfe: int, guidance_scale: float,
+              start: float) -> str:
+    """SHA-256 of what the teacher's ODE outputs depend on: starting points, conditions, the score model's weights,
+    buffers and settings (prediction, conditioning), its schedule's, the steps, guidance and start time, and this
+    package's source."""
+    h = hashlib.sha256(f"pairs v1 {source_sha256()} {nfe} {float(guidance_scale)!r} {float(start)!r}".encode())
+    for where, value in settings(score) + [*score.named_parameters(), *score.named_buffers()]:
+        h.update(where.encode())
+        update_with_tensor(h, value) if torch.is_tensor(value) else h.update(repr(value).encode())
+    update_with_tensor(h, x_start)
+    if cond is not None:
+        update_with_tensor(h, cond)
+    return h.hexdigest()
+
+
+def settings(score) -> list[tuple[str, object]]:
+    """The plain settings of the score model, its schedule and every submodule (prediction kind, null label, a
+    diffusers config, a mixture's std, ...): public attributes that are tensors or plain data; not private ones
+    (caches), not objects whose repr names a memory address."""
+    out = []
+    for prefix, obj in [("schedule", score.schedule), *score.named_modules()]:
+        for k, v in sorted(vars(obj).items()):
+            if not k.startswith("_") and (torch.is_tensor(v) or isinstance(v, (bool, int, float, str, type(None))) or
+                                          isinstance(v, (tuple, list, dict)) and " at 0x" not in repr(v)):
+                out.append((f"{prefix}.{k}", v))
+    return out
+
+
+def read_pairs(path, n: int) -> torch.Tensor | None:
+    """The cached ODE outputs at `path`, or None where there are none (or the file is unreadable: then it is said
+    and they are computed again)."""
+    if not path.exists():
+        return None
+    try:
+        x0 = load_file(path)["x0"]
+    except (SafetensorError, KeyError, OSError) as e:
+        warnings.warn(f"ignoring the unreadable teacher-pairs cache file {path} ({e}); computing the pairs again",
+                      stacklevel=3)
+        return None
+    return x0 if len(x0) == n else None
+
+
+def write_pairs(path, x0: torch.Tensor) -> None:
+    """Write atomically (several processes or runs may write the same pairs); a failed write (a full disk, a
+    read-only cache) costs only the cache."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x0": x0.detach().to("cpu").contiguous()}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        warnings.warn(f"could not cache the teacher pairs in {path} ({e}); training goes on without the cache",
+                      stacklevel=3)
 
 
 def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_size: int, quiet: bool = False

@@ -1,5 +1,7 @@
 """DMD2's optional regression warm start on teacher ODE pairs."""
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from stepdistill.eval.metrics import energy_distance
 from stepdistill.recipe import load_recipe
@@ -82,3 +84,54 @@ def test_the_regression_term_keeps_the_generator_on_the_teachers_ode_map(tmp_pat
     with torch.no_grad():
         mse = {w: float((g.step(g.prior(z), 0, cond) - target).pow(2).mean()) for w, g in gens.items()}
     assert mse[20.0] < 0.5 * mse[0.0], mse
+
+
+def _pairs(b, **kw):
+    torch.manual_seed(0)
+    out = teacher_pairs(b.teacher, 64, 8, cache=True, **kw)
+    return out, torch.rand(1)  # what the random stream gives next
+
+
+def test_cached_pairs_come_back_bit_for_bit_without_the_teacher_and_leave_the_random_stream_as_it_was(
+        gmm_built, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path))
+    b = gmm_built("teacher.conditional=true")
+    made, after_made = _pairs(b)
+    assert len(list((tmp_path / "pairs").glob("*.safetensors"))) == 1
+    import stepdistill.training.warm_start as ws
+    monkeypatch.setattr(ws, "sample_ode", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ODE run again")))
+    read, after_read = _pairs(b)
+    assert all(torch.equal(m, r) for m, r in zip(made, read)) and torch.equal(after_made, after_read)
+
+
+def test_the_pairs_cache_misses_when_what_the_pairs_depend_on_changes(gmm_built, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path))
+    b = gmm_built("teacher.conditional=true")
+    base, _ = _pairs(b)
+    _pairs(b, guidance_scale=2.0)
+    torch.manual_seed(0)
+    teacher_pairs(b.teacher, 64, 4, cache=True)  # fewer steps
+    torch.manual_seed(1)
+    teacher_pairs(b.teacher, 64, 8, cache=True)  # other noise
+    with torch.no_grad():
+        next(b.teacher.score.buffers()).view(-1)[0] += 1e-3  # other teacher weights (a mixture's means)
+    changed, _ = _pairs(b)
+    assert len(list((tmp_path / "pairs").glob("*.safetensors"))) == 5
+    assert not torch.equal(base[2], changed[2])
+
+
+def test_a_corrupt_or_unwritable_pairs_cache_costs_only_the_cache(gmm_built, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path))
+    b = gmm_built()
+    made, _ = _pairs(b)
+    (cached,) = (tmp_path / "pairs").glob("*.safetensors")
+    cached.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable teacher-pairs cache"):
+        again, _ = _pairs(b)
+    assert torch.equal(made[2], again[2]) and len(load_file(cached)["x0"]) == 64  # recomputed and rewritten
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(blocked))  # its pairs/ folder cannot be made
+    with pytest.warns(UserWarning, match="could not cache the teacher pairs"):
+        third, _ = _pairs(b)
+    assert torch.equal(made[2], third[2])
