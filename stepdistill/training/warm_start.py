@@ -12,10 +12,10 @@ the generator is given, whatever time the generator is conditioned on: DMD2's SD
 is pretrained on ODE pairs that start from pure noise at 999.
 
 The ODE outputs are cached in $STEPDISTILL_CACHE/pairs/ (default ~/.cache/stepdistill), keyed by everything they
-depend on: the ODE's starting points and conditions, the teacher's weights and schedule, the step count, the guidance
-and this package's source. The noise and conditions are drawn either way, so a run that finds its pairs there
-continues exactly like one that computes them (the same random stream, the same bits), and a sweep of variants or a
-rerun pays for the teacher's ODE once. DMD precomputes its pairs offline the same way.
+depend on: the ODE's starting points and conditions, the teacher's weights and schedule, the step count, the guidance,
+this package's source and the device kind. The noise and conditions are drawn either way, so a run that finds its
+pairs there continues exactly like one that computes them (the same random stream, the same pairs), and a sweep of
+variants or a rerun pays for the teacher's ODE once. DMD precomputes its pairs offline the same way.
 """
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
     cond = None if cond is None else cond.to(device)
     with torch.no_grad():
         x_start = prior(z)
-        path = cache_dir() / "pairs" / f"{pairs_key(score, x_start, cond, nfe, guidance_scale, start)}.safetensors"
-        x0 = read_pairs(path, n) if cache else None
-        if x0 is not None:
-            return z, cond, x0.to(device)
+        if cache:
+            key = pairs_key(score, x_start, cond, nfe, guidance_scale, start, batch_size)
+            path = cache_dir() / "pairs" / f"{key}.safetensors"
+            x0 = read_pairs(path, n)
+            if x0 is not None:
+                return z, cond, x0.to(device)
         out = []
         for i in tqdm(range(0, n, batch_size), desc=f"teacher ODE pairs ({nfe} steps)", disable=quiet, leave=False):
             c = None if cond is None else cond[i:i + batch_size]
@@ -67,11 +69,12 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
 
 
 def pairs_key(score, x_start: torch.Tensor, cond: torch.Tensor | None, nfe: int, guidance_scale: float,
-              start: float) -> str:
+              start: float, batch_size: int) -> str:
     """SHA-256 of what the teacher's ODE outputs depend on: starting points, conditions, the score model's weights,
-    buffers and settings (prediction, conditioning), its schedule's, the steps, guidance and start time, and this
-    package's source."""
-    h = hashlib.sha256(f"pairs v1 {source_sha256()} {nfe} {float(guidance_scale)!r} {float(start)!r}".encode())
+    buffers and settings (prediction, conditioning), its schedule's, the steps, guidance and start time, this
+    package's source, and what changes their last bits (device kind, batch size)."""
+    h = hashlib.sha256(f"pairs v1 {source_sha256()} {nfe} {float(guidance_scale)!r} {float(start)!r} "
+                       f"{x_start.device.type} {batch_size}".encode())
     for where, value in settings(score) + [*score.named_parameters(), *score.named_buffers()]:
         h.update(where.encode())
         update_with_tensor(h, value) if torch.is_tensor(value) else h.update(repr(value).encode())
