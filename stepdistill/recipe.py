@@ -40,6 +40,7 @@ class GeneratorConfig:
     # on: a rerun or another variant with the same pairs reads them back, and trains bit for bit as if it had not
     warm_start_cache: bool = True
     warm_start_lr: float | None = None  # its Adam learning rate; defaults to train.lr
+    warm_start_decay: Literal["none", "cosine"] = "none"  # cosine: that rate decays to 0 over warm_start_iterations
     students: int = 1  # MSD: K students, class c served by student c * K // num_classes (class-conditional teachers)
     width: float = 1.0  # < 1: a smaller student (channels / hidden units scaled), randomly initialised
     tsm_iterations: int = 0  # teacher score matching iterations before distilling (needed when width < 1)

@@ -75,7 +75,7 @@ def warm_start(t, r: Run) -> None:
         if g.warm_start_iterations > 0:
             t.last_logs["loss/warm_start"] = regression_warm_start(
                 t.nets.generator, pairs, g.warm_start_lr or t.cfg.lr, g.warm_start_iterations, t.cfg.batch_size,
-                t.quiet)
+                t.quiet, g.warm_start_decay)
         if keeps_pairs:
             t.objective.pairs = pairs  # saved with every checkpoint (the objective's state): a resume keeps them
     if t.ema is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import warnings
 
@@ -126,15 +127,18 @@ def write_pairs(path, x0: torch.Tensor) -> None:
                       stacklevel=3)
 
 
-def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_size: int, quiet: bool = False
-                          ) -> float:
+def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_size: int, quiet: bool = False,
+                          decay: str = "none") -> float:
     """Fit the generator's first step to teacher ODE `pairs` (teacher_pairs' (z, cond, x0)) for `steps` Adam
-    iterations (its own optimiser, so distillation starts with fresh moments); returns the last loss."""
+    iterations (its own optimiser, so distillation starts with fresh moments; `decay` cosine: the rate falls to 0 over
+    them); returns the last loss."""
     z, cond, target = pairs
     pairs = len(z)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):
+    for i in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):
+        if decay == "cosine":
+            optimizer.param_groups[0]["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * i / steps))
         idx = torch.randint(0, pairs, (min(batch_size, pairs),))
         x0 = generator.step(generator.prior(z[idx]), 0, None if cond is None else cond[idx])
         loss = (x0.float() - target[idx]).pow(2).mean()

@@ -135,3 +135,20 @@ def test_a_corrupt_or_unwritable_pairs_cache_costs_only_the_cache(gmm_built, tmp
     with pytest.warns(UserWarning, match="could not cache the teacher pairs"):
         third, _ = _pairs(b)
     assert torch.equal(made[2], third[2])
+
+
+def test_warm_start_cosine_decay_takes_the_rate_from_its_value_to_near_zero(gmm_built, monkeypatch):
+    b = gmm_built()
+    torch.manual_seed(0)
+    pairs = teacher_pairs(b.teacher, 64, 4)
+    rates, step = {}, torch.optim.Adam.step
+    for decay in ("none", "cosine"):
+        seen = rates[decay] = []
+        monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, s=seen, **k: s.append(
+            self.param_groups[0]["lr"]) or step(self, *a, **k))
+        regression_warm_start(b.nets.generator, pairs, 1e-3, 50, 16, quiet=True, decay=decay)
+        monkeypatch.undo()
+    assert rates["none"] == [1e-3] * 50
+    cos = rates["cosine"]
+    assert cos[0] == 1e-3 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] < 1e-5
+    assert cos[25] == pytest.approx(5e-4)
