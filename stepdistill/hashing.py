@@ -1,18 +1,11 @@
 """SHA-256 of files, streamed (checkpoints, weights and reference sets are hashed into manifests and protocols), of
-tensors and of the package's own source (keys of what is cached), and the cache folder."""
+tensors and of the package's own source (keys of what is cached)."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-
-
-def cache_dir() -> Path:
-    """$STEPDISTILL_CACHE, default ~/.cache/stepdistill: converted Inception weights, reference statistics, teacher
-    ODE pairs."""
-    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
 
 
 def file_sha256(path: str | Path) -> str:

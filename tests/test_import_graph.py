@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stepdistill"
 # Lowest first. A module may import from its own layer and the layers below it, never from one above. Modules are
 # placed by their first name under stepdistill/ ("" is stepdistill/__init__.py, the public API).
 LAYERS = [
-    ({"errors", "hashing", "registry", "data", "devices"},
+    ({"errors", "files", "hashing", "registry", "data", "devices"},
      "leaves: they import nothing from the package but the error family (the registry finds its plug-ins by name "
      "at run time)"),
     ({"recipe"}, "the config schema; it looks a plug-in's Config class up in the registry, by name"),

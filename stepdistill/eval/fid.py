@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..hashing import cache_dir
+from ..files import cache_dir
 from .images import (
     dataset_images,
     folder_batches,

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InputError, MissingExtraError, MissingFileError
-from ..hashing import cache_dir, file_sha256
+from ..files import cache_dir
+from ..hashing import file_sha256
 
 BACKENDS = ("clean-fid", "torchmetrics")
 CLEANFID_FILE = "inception-2015-12-05.pt"

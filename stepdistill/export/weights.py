@@ -7,8 +7,6 @@ keeps what belongs together (students are only meaningful with their routing) an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors.torch import save_file
 
 from .. import recipe as recipe_mod
 from ..errors import InputError, OutputExistsError
+from ..files import write_atomic
 from ..models.lora import merged
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,18 +69,6 @@ def cast_folder(folder: Path, dtype: str) -> None:
             metadata = f.metadata()
         tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(path).items()}
         save_file(tensors, path, metadata=metadata)
-
-
-def write_atomic(tensors: dict, out: Path, metadata: dict) -> None:
-    """save_file to a temporary file beside `out`, then renamed over it: a crash leaves the previous export whole."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_out(out: Path, fmt: str = "safetensors") -> Path:

@@ -19,19 +19,18 @@ variants or a rerun pays for the teacher's ODE once. DMD precomputes its pairs o
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import os
 import warnings
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..diffusion.solvers import sample_ode
-from ..hashing import cache_dir, source_sha256, update_with_tensor
+from ..files import cache_dir, write_atomic
+from ..hashing import source_sha256, update_with_tensor
 from ..models.score import device_of
 
 
@@ -115,14 +114,10 @@ def read_pairs(path, n: int) -> torch.Tensor | None:
 def write_pairs(path, x0: torch.Tensor) -> None:
     """Write atomically (several processes or runs may write the same pairs); a failed write (a full disk, a
     read-only cache) costs only the cache."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x0": x0.detach().to("cpu").contiguous()}, tmp)
-        os.replace(tmp, path)
+        write_atomic({"x0": x0.detach().to("cpu")}, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         warnings.warn(f"could not cache the teacher pairs in {path} ({e}); training goes on without the cache",
                       stacklevel=3)
 
