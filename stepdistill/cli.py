@@ -23,10 +23,12 @@ Rerunning the same command resumes from the newest intact checkpoint in --outdir
   stepdistill sample --run runs/fashion_vsd --n 100 --out grid.png
   stepdistill sample --run runs/fashion_vsd --n 64 --steps 1 --seed 3 --out samples/   (a folder of PNGs)
   stepdistill sample --run runs/gmm --n 4096 --out gmm.npy                             (vectors: an (N, D) array)
+  stepdistill sample --run runs/fashion_vsd --checkpoint 2000 --out at2000.png         (an earlier checkpoint)
   stepdistill sample --export exports/fashion_1step --n 2500 --out samples/           (then: eval --folder samples/)""",
     "eval": """examples:
   stepdistill eval --run runs/fashion_vsd
   stepdistill eval --run runs/fashion_vsd eval.n=2000 --recompute-teacher
+  stepdistill eval --run runs/fashion_vsd --checkpoint 2000      (that iteration's student: metrics_at2000.json)
   stepdistill eval --run runs/fashion_vsd 'eval.metrics=[domain,fid,kid]' eval.n=2500      (Inception FID/KID too)
   stepdistill eval --folder samples/ --ref refs/fashion16_test.npz                      (FID and KID of a folder)
   stepdistill eval --folder samples/ --ref real_images/ --backend torchmetrics --metrics kid
@@ -79,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the networks, then stop")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def checkpoint_option(q: argparse.ArgumentParser, more: str = "") -> None:
+        q.add_argument("--checkpoint", type=int, metavar="N", help="with --run: the student of iteration N's "
+                       "checkpoint (in checkpoints/ or checkpoints_best/) instead of the run's own (the last "
+                       "iteration's, or the watch's best with train.select=best)" + more)
+
     s = add("sample", "generate samples from a trained run or an exported diffusers folder")
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="run folder written by `stepdistill train`")
@@ -87,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=100, help="how many samples (labels cycle through the classes or the "
                    "teacher's eval prompts; default 100)")
     s.add_argument("--steps", type=int, default=None, help="generator steps (default: the trained K)")
+    checkpoint_option(s)
     s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same samples (default 0)")
     s.add_argument("--out", required=True, help="PATH.png (grid), a folder (one PNG each), or PATH.npy (vectors)")
     s.add_argument("--batch-size", type=int, default=500, help="samples per forward pass; noise is drawn per batch as "
@@ -113,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="with --run: sample the student with this many steps "
                    "(default: its trained K); other than K, the scores go to metrics_<steps>step.json (another "
                    "eval.split than the run's: metrics_<split>[_<steps>step].json)")
+    checkpoint_option(e, " (scores go to metrics[_<split>][_<steps>step]_at<N>.json)")
     e.add_argument("--ref", help="with --folder: reference stats .npz (`eval ref`), an image folder, or a dataset name")
     e.add_argument("--metrics", default="fid,kid", help="with --folder: comma-separated, from fid, kid, clip")
     e.add_argument("--prompts", help="with --metrics clip: a text file, one prompt per image (sorted file order)")
@@ -154,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
                         "LoRA run's adapter in the diffusers and kohya layouts")
     x.add_argument("--out", required=True, help="a .safetensors path (safetensors, single-file) or a folder "
                    "(diffusers, lora); an earlier export there is replaced, anything else is refused")
+    checkpoint_option(x)
     x.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="weights' precision: fp32 by default, fp16 for single-file (load fp16/bf16 diffusers folders "
                         "with torch_dtype=torch.float16 / torch.bfloat16)")
@@ -237,15 +247,15 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.export:
         from .export.diffusers_folder import sample_exported
 
-        if a.steps is not None:
-            raise SystemExit("--steps applies to --run; an exported folder samples its trained steps")
+        if a.steps is not None or a.checkpoint is not None:
+            raise SystemExit("--steps and --checkpoint apply to --run; an exported folder samples its trained steps")
         x, is_image, steps = sample_exported(a.export, a.n, a.seed, a.batch_size, given), True, "exported"
     else:
         from . import parallel
         from .eval.harness import generate_student
         from .run import load_run
 
-        run = load_run(a.run, parallel.compute_device())
+        run = load_run(a.run, parallel.compute_device(), a.checkpoint)
         if given is not None:
             if not hasattr(run.teacher, "eval_prompt_list"):
                 raise InputError(f"--prompt/--prompts apply to text-to-image runs; {a.run} has a "
@@ -284,11 +294,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .run import load_run
 
     if a.folder:
+        if a.checkpoint is not None or a.steps is not None:
+            raise SystemExit("--checkpoint and --steps apply to --run; --folder scores the images it holds")
         return _eval_folder(a)
     bad = [o for o in a.overrides if not o.startswith("eval.")]
     if bad:
         raise SystemExit(f"stepdistill eval only takes eval.* overrides, got {bad}")
-    run = load_run(a.run, parallel.compute_device())
+    run = load_run(a.run, parallel.compute_device(), a.checkpoint)
     flags = ([f"eval.fid_backend={a.backend}"] if a.backend else []) + \
         ([f"eval.inception={a.inception}"] if a.inception else [])
     recipe = recipe_mod.load_recipe(data=recipe_mod.to_dict(run.recipe), overrides=[*a.overrides, *flags])
@@ -304,7 +316,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     # chosen on the val split keeps that score when the test split scores it (metrics_test.json)
     split = recipe.eval.split if recipe.eval.split != run.recipe.eval.split else None
     steps = a.steps if a.steps not in (None, run.student.steps) else None
-    name = "_".join(["metrics", *([split] if split else []), *([f"{steps}step"] if steps else [])]) + ".json"
+    name = "_".join(["metrics", *([split] if split else []), *([f"{steps}step"] if steps else []),
+                     *([f"at{a.checkpoint}"] if a.checkpoint is not None else [])]) + ".json"
     try:
         print(f"wrote {write_metrics(run.path, metrics, name)}")
     except OSError as e:  # a read-only run folder: the scores above are the result
@@ -405,7 +418,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_diffusers, export_lora, export_safetensors, export_single_file
     from .run import load_run
 
-    run = load_run(a.run)
+    run = load_run(a.run, checkpoint=a.checkpoint)
     dtype = {"dtype": a.dtype} if a.dtype else {}
     out = {"safetensors": export_safetensors, "single-file": export_single_file, "diffusers": export_diffusers,
            "lora": export_lora}[a.format](run, a.out, **dtype)

@@ -105,6 +105,10 @@ class TrainConfig:
     watch_ratio: float = 3.0
     watch_floor: float = 0.2
     on_collapse: Literal["warn", "rollback", "stop"] = "warn"
+    # which weights are the run's student (its final grid and evaluation, and what sample, eval and export load):
+    # last (the last iteration's) or best (the watch's best check, every watch_every iterations and the last one; it
+    # is chosen on teacher samples only, and the last iteration's checkpoint still resumes the run)
+    select: Literal["last", "best"] = "last"
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
 
@@ -325,7 +329,10 @@ def check_ranges(r: Recipe) -> None:
     bad += [f"{key} must be {allowed}, got {value!r}" for key, value, ok, allowed in rules if not ok] if not bad else []
     if bad:
         raise RecipeError("; ".join(bad))
-    if g.lora_rank and g.width < 1:  # rules across keys, once their ranges hold
+    if t.select == "best" and not t.watch_every:  # rules across keys, once their ranges hold
+        raise RecipeError("train.select=best picks the watch's best check, but train.watch_every=0 turns the watch "
+                          "off: give train.watch_every > 0 (e.g. 100) or train.select=last")
+    if g.lora_rank and g.width < 1:
         raise RecipeError(f"generator.lora_rank={g.lora_rank}: give a rank >= 1 (or 0 for full fine-tuning), and "
                           "keep generator.width=1 with LoRA (an adapter needs the teacher's own weights)")
     if g.width < 1 and g.tsm_iterations == 0:

@@ -6,19 +6,21 @@ export treat it like any run.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import MissingFileError
+from .errors import InputError, MissingFileError
 from .models.generator import Generator
 from .models.lora import load_saved_state
 from .models.multi_student import MultiStudent
 from .models.score import student_guidance
 from .recipe import Recipe, load_recipe
 from .teachers import Teacher, build_teacher
-from .training.state import list_checkpoints, load_latest, unprefixed
+from .training.state import list_checkpoints, load_latest, load_step, unprefixed
+from .training.watch import BEST
 
 
 @dataclass
@@ -36,8 +38,16 @@ def student_dir(path: str | Path, k: int) -> Path:
     return Path(path) / "students" / str(k)
 
 
-def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Generator, int]:
-    found = load_latest(path / "checkpoints")
+def _load_generator(path: Path, recipe: Recipe, teacher: Teacher,
+                    checkpoint: int | None = None) -> tuple[Generator, int]:
+    if checkpoint is not None:
+        found = load_step([path / "checkpoints", path / BEST], checkpoint)
+    else:
+        found = load_latest(path / BEST) if recipe.train.select == "best" else None  # the watch's best check
+        if recipe.train.select == "best" and found is None:
+            warnings.warn(f"train.select=best, but {path / BEST} holds no intact checkpoint: loading the last "
+                          "iteration's student instead", stacklevel=3)
+        found = found or load_latest(path / "checkpoints")
     if found is None:
         have = list_checkpoints(path / "checkpoints")
         raise MissingFileError(f"no intact checkpoint in {path / 'checkpoints'}"
@@ -50,24 +60,28 @@ def _load_generator(path: Path, recipe: Recipe, teacher: Teacher) -> tuple[Gener
     return student.eval().requires_grad_(False), step
 
 
-def load_run(path: str | Path, device: torch.device | str | None = None) -> Run:
+def load_run(path: str | Path, device: torch.device | str | None = None, checkpoint: int | None = None) -> Run:
     """A trained run's recipe, teacher and student (EMA weights when kept), on `device` (default the CPU; sampling and
-    evaluation pass parallel.compute_device())."""
+    evaluation pass parallel.compute_device()). The student is the last iteration's, the watch's best check's with
+    train.select=best, or with `checkpoint` the one of that iteration (in checkpoints/ or checkpoints_best/)."""
     path = Path(path)
-    run = _load_run(path)
+    run = _load_run(path, checkpoint)
     if device is not None:
         run.teacher.to(device)
         run.student.to(device)
     return run
 
 
-def _load_run(path: Path) -> Run:
+def _load_run(path: Path, checkpoint: int | None) -> Run:
     if not (path / "recipe.yaml").exists():
         raise MissingFileError(f"{path} is not a training run: no recipe.yaml (train one with `stepdistill train`)")
     recipe = load_recipe(path / "recipe.yaml")
     teacher = build_teacher(recipe.teacher)
     k = recipe.generator.students
     if k > 1 and (path / "students").is_dir():  # (students/k/ itself, opened alone, loads as a single student)
+        if checkpoint is not None:
+            raise InputError(f"{path} is a run of {k} students: pick one student's checkpoint with --run "
+                             f"{student_dir(path, 0)} (students/0 to students/{k - 1}) and --checkpoint {checkpoint}")
         loaded = []
         for i in range(k):
             try:
@@ -78,5 +92,5 @@ def _load_run(path: Path) -> Run:
         student = MultiStudent([g for g, _ in loaded], teacher.num_classes).eval()
         steps = [s for _, s in loaded]
         return Run(path, recipe, teacher, student, min(steps), steps)
-    student, step = _load_generator(path, recipe, teacher)
+    student, step = _load_generator(path, recipe, teacher, checkpoint)
     return Run(path, recipe, teacher, student, step)

@@ -40,6 +40,21 @@ def test_gmm_train_sample_eval_export(tmp_path, capsys):
     val, test = (json.loads((run / f).read_text())["protocol"] for f in ("metrics_val_2step.json", "metrics.json"))
     assert val["reference"] != test["reference"] and test["n"] == 256  # metrics.json kept its own split's score
 
+    for step in (3, 6):  # an earlier checkpoint's student; the last one's is the run's own
+        args = ["sample", "--run", str(run), "--checkpoint", str(step), "--n", "100", "--seed", "3"]
+        assert main([*args, "--out", str(tmp_path / f"at{step}.npy")]) == 0
+    assert np.array_equal(a, np.load(tmp_path / "at6.npy")) and not np.array_equal(a, np.load(tmp_path / "at3.npy"))
+    assert main(["eval", "--run", str(run), "eval.n=256", "--checkpoint", "3"]) == 0
+    assert json.loads((run / "metrics_at3.json").read_text())["student"] != \
+        json.loads((run / "metrics.json").read_text())["student"]
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--checkpoint", "4"]) == 2
+    assert "no checkpoint of iteration 4 in " in (err := capsys.readouterr().err) and "(there are: 3, 6;" in err
+    with open(run / "checkpoints" / "step_0000003" / "weights.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert main(["sample", "--run", str(run), "--checkpoint", "3", "--out", str(tmp_path / "x.npy")]) == 2
+    assert "step_0000003 is damaged: weights.safetensors does not match its recorded SHA-256" in capsys.readouterr().err
+
     assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "g.safetensors")]) == 0
     from safetensors import safe_open
 

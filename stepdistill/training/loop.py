@@ -237,13 +237,18 @@ def finish(t, r: Run) -> dict | None:
     from ..eval.harness import evaluate, write_metrics
 
     t.check_nonfinite()  # a run stopped by its budget or a signal between log steps, too
+    select = r.watch is not None and t.cfg.select == "best"
+    if select and t.step % t.cfg.watch_every:
+        r.watch.check()  # the last iteration competes too (before the checkpoint, so its logs hold this check)
     t.save()
+    selected = r.watch.select_best() if select else None
     if r.curve_every and t.step % r.curve_every:
         t.curve_point(r.curve, t.clock())
     values = parallel.mean_values(t.logged())
     sample_grid(t, "final")
     if r.main:
-        summary = {"iterations": t.step, "train_seconds": round(t.clock(), 1), **values}
+        summary = {"iterations": t.step, "train_seconds": round(t.clock(), 1),
+                   **({"selected_iteration": selected} if selected is not None else {}), **values}
         (t.outdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     parallel.barrier()  # the run's files are complete for every process once run() returns
     if not t.recipe.eval.at_end or t.classes is not None:

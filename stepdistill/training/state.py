@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import InputError, RunFolderError  # noqa: F401  (re-exported for callers of train.state)
+from ..errors import InputError, MissingFileError, RunFolderError  # noqa: F401  (re-exported for callers of train.state)
 from ..hashing import file_sha256
 
 try:
@@ -168,6 +168,23 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN or infinity."""
     return [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_step(folders: list[Path], step: int) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """(step, weights, state) of the checkpoint of iteration `step` in the first of these folders that holds one;
+    MissingFileError naming the iterations there are, InputError when it is damaged."""
+    have = {_step_of(p): p for folder in reversed(folders) for p in list_checkpoints(folder)}
+    if step not in have:
+        listed = ", ".join(map(str, sorted(have))) or "none"
+        raise MissingFileError(f"no checkpoint of iteration {step} in {' or '.join(map(str, folders))} (there are: "
+                               f"{listed}; train.keep_checkpoints keeps the newest few)")
+    try:
+        problem = verify(have[step])
+        if problem is None:
+            return step, *_load(have[step])
+    except InputError as e:
+        problem = str(e)
+    raise InputError(f"checkpoint {have[step]} is damaged: {problem}")
 
 
 def load_latest(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:

@@ -25,6 +25,7 @@ generators: training with the watch on draws the same numbers as with it off, un
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -141,7 +142,7 @@ class Watch:
                   rollbacks=self._get("rollbacks", 0))
         if kind is None and s["distance"] < best:
             self._set(best=s["distance"], best_step=self.t.step, best_spread=s["spread"])
-            if self.cfg.on_collapse != "warn":  # the state a rollback returns to
+            if self.cfg.on_collapse != "warn" or self.cfg.select == "best":  # the state a rollback returns to
                 self._save_best()
         elif kind is not None:
             self._act(kind, s)
@@ -201,6 +202,14 @@ class Watch:
             save_checkpoint(t.outdir / BEST, t.step, weights, {"optimizers": optimizers}, keep=1)
         parallel.barrier()
 
+    def _load(self, weights: dict, names) -> None:
+        """These trained networks' weights, and the EMA's, from a checkpoint's weights."""
+        t = self.t
+        for name in names:
+            load_saved_state(t.nets.get(name), parallel.sharded_state(t.nets.get(name), unprefixed(name, weights)))
+        if t.ema is not None:
+            load_saved_state(t.ema.model, parallel.sharded_state(t.ema.model, unprefixed("ema", weights)))
+
     def _rollback(self, count: int) -> int:
         """Load the best checkpoint's networks, optimizers, EMA and objective state (as Trainer.restore does; the
         step, random stream and counters go on) and set every learning rate to its recipe value times
@@ -211,17 +220,32 @@ class Watch:
             raise CollapseError(f"watch: the best checkpoint in {t.outdir / BEST} is damaged (see the warning): "
                                 "nothing to roll back to")
         step, weights, state = found
+        self._load(weights, t.objective.trains)
         for name in t.objective.trains:
-            net, optimizer = t.nets.get(name), t.optimizers[name]
-            load_saved_state(net, parallel.sharded_state(net, unprefixed(name, weights)))
+            optimizer = t.optimizers[name]
             optimizer.load_state_dict(parallel.sharded_optimizer_state(optimizer, state["optimizers"][name]))
             lr = t.cfg.lr if name == "generator" else (t.cfg.fake_lr or t.cfg.lr)  # as Trainer._optimizer
             for group in optimizer.param_groups:
                 group["base_lr"] = lr * self.cfg.rollback_lr_factor ** count
-        if t.ema is not None:
-            load_saved_state(t.ema.model, parallel.sharded_state(t.ema.model, unprefixed("ema", weights)))
         t.objective.load_state_dict(unprefixed("objective", weights))
         self._set(rollbacks=count, distance=self._get("best", math.inf), spread=self._get("best_spread", 0.0))
+        return step
+
+    def select_best(self) -> int | None:
+        """train.select=best, at the end of a run (after its last checkpoint is written, so resuming continues from
+        the last iteration): the best check's generator and EMA weights replace the networks' for the final grid and
+        evaluation. Returns that check's iteration (None, with a warning, when its checkpoint is damaged: the last
+        iteration's student stays)."""
+        t = self.t
+        found = load_latest(t.outdir / BEST)
+        if found is None:
+            warnings.warn(f"train.select=best: no intact checkpoint in {t.outdir / BEST} (see the warning); the last "
+                          f"iteration's student ({t.step}) is the run's", stacklevel=2)
+            return None
+        step, weights, _ = found
+        self._load(weights, ["generator"])
+        self._say(f"train.select=best: the run's student is iteration {step}'s, the watch's best check (distance "
+                  f"{self._get('best', math.inf):.3g}; the last iteration's {self._get('distance', math.inf):.3g})")
         return step
 
     def postfix(self) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The watch (train/watch.py): a student that drifts or collapses is named in the log, then warned about, rolled back
 or stopped; a healthy run trains bitwise as with the watch off; a resumed run continues exactly."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -150,6 +151,32 @@ def test_resume_after_a_crash_with_the_watch_on_is_bitwise_identical(crash, tmp_
     assert a == b and a[-1]["watch/rollbacks"] == 1
 
 
+def test_select_best_makes_the_watchs_best_check_the_runs_student(tmp_path, monkeypatch, capfd):
+    """train.select=best: the run ends off a watch iteration (18), so a last check sees the drift of iteration 16;
+    the final grid, evaluation and every later command use the best check's weights, while the last checkpoint
+    (what a resume continues from) stays the last iteration's."""
+    from stepdistill.run import load_run
+
+    _drift_at(monkeypatch, 16)
+    trainer = Trainer(_recipe("train.ema=0", "train.select=best", "train.iterations=18"), tmp_path)
+    trainer.run()
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    best = summary["selected_iteration"]
+    assert best in (0, 5, 10, 15) and summary["watch/best_step"] == best and summary["watch/alarms"] == 1
+    assert f"train.select=best: the run's student is iteration {best}'s" in capfd.readouterr().out
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "step_0000018"
+    (_, last, _), (_, kept, _) = load_latest(tmp_path / "checkpoints"), load_latest(tmp_path / BEST)
+    run = load_run(tmp_path)
+    assert run.step == best
+    for k, v in run.student.state_dict().items():
+        assert torch.equal(v, kept[f"generator.{k}"]) and torch.equal(v, trainer.student().state_dict()[k]), k
+    assert any(not torch.equal(kept[k], last[k]) for k in kept if k.startswith("generator."))
+
+    shutil.rmtree(tmp_path / BEST)  # a damaged or missing best: the last iteration's student, with a warning
+    with pytest.warns(UserWarning, match="holds no intact checkpoint: loading the last iteration's student"):
+        assert load_run(tmp_path).step == 18
+
+
 def test_the_watch_keys_are_checked():
     with pytest.raises(RecipeError, match=r"train.on_collapse: 'bogus' is not allowed; choose one of 'warn', "
                                           r"'rollback', 'stop'"):
@@ -157,6 +184,8 @@ def test_the_watch_keys_are_checked():
     with pytest.raises(RecipeError, match=r"train.watch_ratio must be > 1 .*; train.rollback_lr_factor must be in "
                                           r"\(0, 1\], got 0.0"):
         _recipe("train.watch_ratio=1", "train.rollback_lr_factor=0")
+    with pytest.raises(RecipeError, match=r"train.select=best picks the watch's best check, but train.watch_every=0"):
+        _recipe("train.select=best", "train.watch_every=0")
 
 
 def test_sid_diverging_on_ring8_is_caught(tmp_path):
