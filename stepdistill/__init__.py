@@ -3,7 +3,7 @@
 Public API:
     load_recipe(path, overrides) -> Recipe
     train(recipe, outdir) -> metrics dict           (rerun to resume)
-    load_run(outdir) -> Run(recipe, teacher, student, step)
+    load_run(outdir, checkpoint=None) -> Run(recipe, teacher, student, step)
     sample(run, n, seed, steps=None) -> tensor       (N, C, H, W) images in [-1, 1] or (N, D) vectors
     evaluate(run) -> metrics dict
     export_safetensors(run, path), export_diffusers(run, folder)
@@ -25,10 +25,10 @@ def train(recipe, outdir, quiet: bool = False):
     return _train(recipe, outdir, quiet=quiet)
 
 
-def load_run(path):
+def load_run(path, checkpoint: int | None = None):
     from .run import load_run as _load_run
 
-    return _load_run(path)
+    return _load_run(path, checkpoint=checkpoint)
 
 
 def sample(run, n: int, seed: int = 0, steps: int | None = None):
