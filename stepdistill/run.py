@@ -40,14 +40,15 @@ def student_dir(path: str | Path, k: int) -> Path:
 
 def _load_generator(path: Path, recipe: Recipe, teacher: Teacher,
                     checkpoint: int | None = None) -> tuple[Generator, int]:
+    found = None
     if checkpoint is not None:
         found = load_step([path / "checkpoints", path / BEST], checkpoint)
-    else:
-        found = load_latest(path / BEST) if recipe.train.select == "best" else None  # the watch's best check
-        if recipe.train.select == "best" and found is None:
+    elif recipe.train.select == "best":  # the watch's best check
+        found = load_latest(path / BEST)
+        if found is None:
             warnings.warn(f"train.select=best, but {path / BEST} holds no intact checkpoint: loading the last "
                           "iteration's student instead", stacklevel=3)
-        found = found or load_latest(path / "checkpoints")
+    found = found or load_latest(path / "checkpoints")
     if found is None:
         have = list_checkpoints(path / "checkpoints")
         raise MissingFileError(f"no intact checkpoint in {path / 'checkpoints'}"

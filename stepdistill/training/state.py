@@ -179,12 +179,17 @@ def load_step(folders: list[Path], step: int) -> tuple[int, dict[str, torch.Tens
         raise MissingFileError(f"no checkpoint of iteration {step} in {' or '.join(map(str, folders))} (there are: "
                                f"{listed}; train.keep_checkpoints keeps the newest few)")
     try:
-        problem = verify(have[step])
-        if problem is None:
-            return step, *_load(have[step])
+        return _open(have[step])
     except InputError as e:
-        problem = str(e)
-    raise InputError(f"checkpoint {have[step]} is damaged: {problem}")
+        raise InputError(f"checkpoint {have[step]} is damaged: {e}") from None
+
+
+def _open(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """(step, weights, state) of one checkpoint; InputError saying what is wrong when it is damaged."""
+    problem = verify(path)
+    if problem is not None:
+        raise InputError(problem)
+    return _step_of(path), *_load(path)
 
 
 def load_latest(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:
@@ -194,13 +199,10 @@ def load_latest(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] | Non
             if not (p / "manifest.json").exists():
                 warnings.warn(f"skipping {p}: it has no manifest.json (not a complete checkpoint)", stacklevel=2)
     for path in reversed(list_checkpoints(folder)):
-        problem = verify(path)
-        if problem is None:
-            try:
-                return _step_of(path), *_load(path)
-            except ValueError as e:
-                problem = str(e)
-        warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
+        try:
+            return _open(path)
+        except ValueError as e:
+            warnings.warn(f"skipping damaged checkpoint {path}: {e}", stacklevel=2)
     return None
 
 

@@ -142,7 +142,7 @@ class Watch:
                   rollbacks=self._get("rollbacks", 0))
         if kind is None and s["distance"] < best:
             self._set(best=s["distance"], best_step=self.t.step, best_spread=s["spread"])
-            if self.cfg.on_collapse != "warn" or self.cfg.select == "best":  # the state a rollback returns to
+            if self.cfg.on_collapse != "warn" or self.cfg.select == "best":  # what a rollback or select returns to
                 self._save_best()
         elif kind is not None:
             self._act(kind, s)
