@@ -254,7 +254,7 @@ def finish(t, r: Run) -> dict | None:
     if not t.recipe.eval.at_end or t.classes is not None:
         return None
     with t.gathered():
-        metrics = evaluate(t.recipe, t.built.teacher, t.student(), quiet=t.quiet)
+        metrics = evaluate(t.recipe, t.scoring_teacher(), t.student(), quiet=t.quiet)
     if r.main:
         write_metrics(t.outdir, metrics)
     t.accelerator.log({f"eval/{k}": v for k, v in scalars(metrics).items()}, step=t.step)

@@ -169,3 +169,18 @@ def test_xformers_leaves_sanas_linear_attention_alone(monkeypatch):
     with pytest.warns(UserWarning, match="train.attention=xformers for the network: SanaTransformer2DModel has its"):
         assert set_attention(net, "xformers") == "sdpa"
     assert {name: type(p) for name, p in net.attn_processors.items()} == before
+
+
+def test_a_bf16_teacher_run_is_scored_against_its_fp32_teacher(tmp_path):
+    """train.teacher_dtype=bf16 trains against the teacher in bf16, but the evaluation at the end scores the teacher
+    rebuilt in fp32, so the run's teacher score (and ratio) is the one an fp32 run and `stepdistill eval --run` get."""
+    from stepdistill.training.students import train
+
+    teacher = {}
+    for dtype in ("fp32", "bf16"):
+        recipe = load_recipe(None, [f"train.teacher_dtype={dtype}", "train.iterations=1", "train.batch_size=4",
+                                    "eval.n=160", "eval.teacher_nfe=3", "eval.split=val", "eval.batch_size=160"],
+                             data={"teacher": {"name": "fashion-mnist"}, "objective": {"name": "vsd"}})
+        metrics = train(recipe, tmp_path / dtype, quiet=True)
+        teacher[dtype] = metrics["teacher"]["fd"]
+    assert teacher["bf16"] == teacher["fp32"]
