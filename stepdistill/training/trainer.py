@@ -313,7 +313,7 @@ class Trainer:
         """The teacher the final evaluation scores and decodes with: the run's own, or under train.teacher_dtype=bf16 a
         fresh fp32 one from its files, so the run's ratio divides by the same teacher score as every other run's and
         as `stepdistill eval --run`'s (the bf16 teacher scores differently: 2.125 against 2.146 on fashion-t2i)."""
-        if self.cfg.teacher_dtype != "bf16" or next(self.nets.teacher.parameters(), None) is None:
+        if self.execution["teacher"].get("dtype") != "bf16":  # configure_networks' report: cast or not
             return self.built.teacher
         from ..teachers import build_teacher
 
