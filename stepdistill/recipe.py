@@ -41,6 +41,10 @@ class GeneratorConfig:
     warm_start_cache: bool = True
     warm_start_lr: float | None = None  # its Adam learning rate; defaults to train.lr
     warm_start_decay: Literal["none", "cosine"] = "none"  # cosine: that rate decays to 0 over warm_start_iterations
+    # with train.max_minutes: the warm start ends by this share of the budget (its teacher pairs included), its
+    # iteration count and cosine decay fitted to the time left, so distillation keeps the rest on a slower machine; 0
+    # = off (all warm_start_iterations, whatever they cost)
+    warm_start_share: float = 0.0
     students: int = 1  # MSD: K students, class c served by student c * K // num_classes (class-conditional teachers)
     width: float = 1.0  # < 1: a smaller student (channels / hidden units scaled), randomly initialised
     tsm_iterations: int = 0  # teacher score matching iterations before distilling (needed when width < 1)
@@ -322,6 +326,7 @@ def check_ranges(r: Recipe) -> None:
         *[(f"generator.{k}", getattr(g, k), getattr(g, k) >= 0, ">= 0")
           for k in ("warm_start_iterations", "tsm_iterations", "lora_rank")],
         ("generator.width", g.width, 0 < g.width <= 1, "in (0, 1]"),
+        ("generator.warm_start_share", g.warm_start_share, 0 <= g.warm_start_share < 1, "in [0, 1) (0 disables it)"),
         ("generator.start_t", g.start_t, 0 < g.start_t <= 1, "in (0, 1] (the canonical time of the first step)"),
     ]
     bad = [f"{key} must be a finite number, got {value!r}" for key, value in _floats(r, "")

@@ -73,9 +73,12 @@ def warm_start(t, r: Run) -> None:
                               guidance_scale=scale, generator=t.nets.generator, cache=g.warm_start_cache,
                               quiet=t.quiet or not parallel.is_main())
         if g.warm_start_iterations > 0:
-            t.last_logs["loss/warm_start"] = regression_warm_start(
+            budgeted = t.cfg.max_minutes and g.warm_start_share
+            seconds = g.warm_start_share * t.cfg.max_minutes * 60 - t.clock() if budgeted else None
+            loss, done = regression_warm_start(
                 t.nets.generator, pairs, g.warm_start_lr or t.cfg.lr, g.warm_start_iterations, t.cfg.batch_size,
-                t.quiet, g.warm_start_decay)
+                t.quiet, g.warm_start_decay, seconds)
+            t.last_logs.update({"loss/warm_start": loss, "warm_start/iterations": done})
         if keeps_pairs:
             t.objective.pairs = pairs  # saved with every checkpoint (the objective's state): a resume keeps them
     if t.ema is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import warnings
 
 import torch
@@ -28,10 +29,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from .. import parallel
 from ..diffusion.solvers import sample_ode
 from ..files import cache_dir, write_atomic
 from ..hashing import source_sha256, update_with_tensor
 from ..models.score import device_of
+
+PROBE = 50  # warm-start iterations timed before a budgeted warm start fits its count to the time left
 
 
 def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
@@ -123,15 +127,29 @@ def write_pairs(path, x0: torch.Tensor) -> None:
 
 
 def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_size: int, quiet: bool = False,
-                          decay: str = "none") -> float:
+                          decay: str = "none", seconds: float | None = None) -> tuple[float, int]:
     """Fit the generator's first step to teacher ODE `pairs` (teacher_pairs' (z, cond, x0)) for `steps` Adam
     iterations (its own optimiser, so distillation starts with fresh moments; `decay` cosine: the rate falls to 0 over
-    them); returns the last loss."""
+    them); returns the last loss and the iterations run.
+
+    `seconds` (generator.warm_start_share of train.max_minutes, less what the run has spent): after PROBE iterations
+    the iteration count is cut to what fits at the rate so far, so a slow machine runs a shorter warm start whose
+    cosine decay still ends at 0, and distillation keeps its share of the budget."""
     z, cond, target = pairs
     pairs = len(z)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
-    for i in tqdm(range(steps), desc="regression warm start", disable=quiet, leave=False):
+    planned, start = steps, time.monotonic()
+    if seconds is not None and seconds <= 0:
+        steps = 0  # the teacher pairs took the warm start's share
+    bar = tqdm(total=steps, desc="regression warm start", disable=quiet, leave=False)
+    i = 0
+    while i < steps:
+        if seconds is not None and i == PROBE:
+            spent = time.monotonic() - start
+            fit = i + max(int((seconds - spent) * i / spent), 0)
+            steps = min(steps, int(parallel.mean_values({"fit": float(fit)})["fit"]))  # every process the same count
+            bar.total = steps
         if decay == "cosine":
             optimizer.param_groups[0]["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * i / steps))
         idx = torch.randint(0, pairs, (min(batch_size, pairs),))
@@ -140,5 +158,11 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        i += 1
+        bar.update(1)
+    bar.close()
     generator.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    if i < planned and not quiet:
+        tqdm.write(f"regression warm start: {i} of generator.warm_start_iterations={planned} fit its share of "
+                   "train.max_minutes (generator.warm_start_share)")
+    return float(loss.detach()), i

@@ -16,7 +16,9 @@ def test_warm_start_moves_the_generator_onto_the_teachers_ode_map(gmm_built):
     gen = b.nets.generator
     before = float((gen(z).detach() - target).pow(2).mean())
     torch.manual_seed(1)
-    last = regression_warm_start(gen, teacher_pairs(b.teacher, 512, 16, generator=gen), 3e-3, 300, 256, quiet=True)
+    last, done = regression_warm_start(gen, teacher_pairs(b.teacher, 512, 16, generator=gen), 3e-3, 300, 256,
+                                       quiet=True)
+    assert done == 300
     after = float((gen(z).detach() - target).pow(2).mean())
     assert after < 0.25 * before and last < 0.25 * before
     ref = b.teacher.sample(2048, torch.Generator().manual_seed(0))
@@ -152,3 +154,42 @@ def test_warm_start_cosine_decay_takes_the_rate_from_its_value_to_near_zero(gmm_
     cos = rates["cosine"]
     assert cos[0] == 1e-3 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] < 1e-5
     assert cos[25] == pytest.approx(5e-4)
+
+
+def test_a_budgeted_warm_start_fits_its_iterations_and_its_decay_to_the_seconds_left(gmm_built, monkeypatch):
+    """With `seconds` the count is cut, after PROBE timed iterations, to what fits at their rate (the cosine decay
+    still ends near 0); no seconds left: no iterations; no budget: all of them (the test above)."""
+    import stepdistill.training.warm_start as ws
+
+    b = gmm_built()
+    torch.manual_seed(0)
+    pairs = teacher_pairs(b.teacher, 64, 4)
+    clock, rates, step = [0.0], [], torch.optim.Adam.step
+
+    def timed_step(self, *a, **k):  # every iteration costs 0.1 s of a fake clock
+        clock[0] += 0.1
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(ws.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.optim.Adam, "step", timed_step)
+    _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, decay="cosine", seconds=20)
+    assert done == 200 == len(rates)  # 50 in 5 s, then the 150 that fit in the 15 s left
+    assert rates[0] == 1e-3 and rates[-1] < 1e-6
+    _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, seconds=-3)
+    assert done == 0
+
+
+def test_generator_warm_start_share_gives_the_warm_start_its_share_of_train_max_minutes(tmp_path):
+    """The loop passes share x budget less the seconds spent (here the pairs took more than 60 microseconds x 0.5): no
+    iterations, recorded in the run's logs; without a share all of them run."""
+    base = ["teacher.hidden=32", "train.iterations=1", "train.checkpoint_every=0", "eval.at_end=false",
+            "generator.warm_start_iterations=20", "generator.warm_start_pairs=64", "train.batch_size=32",
+            "train.max_minutes=1e-6"]
+    done = {}
+    for share in (0.0, 0.5):
+        r = load_recipe("configs/toy/gmm_vsd.yaml", [*base, f"generator.warm_start_share={share}"])
+        t = Trainer(r, tmp_path / f"run_{share}", quiet=True)
+        t.run()
+        done[share] = t.last_logs["warm_start/iterations"]
+    assert done == {0.0: 20, 0.5: 0}
