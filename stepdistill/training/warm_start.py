@@ -35,7 +35,7 @@ from ..files import cache_dir, write_atomic
 from ..hashing import source_sha256, update_with_tensor
 from ..models.score import device_of
 
-PROBE = 50  # warm-start iterations timed before a budgeted warm start fits its count to the time left
+PROBE = 50  # a budgeted warm start fits its count to the time left every PROBE iterations
 
 
 def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: list[int] | None = None,
@@ -132,7 +132,7 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
     iterations (its own optimiser, so distillation starts with fresh moments; `decay` cosine: the rate falls to 0 over
     them); returns the last loss and the iterations run.
 
-    `seconds` (generator.warm_start_share of train.max_minutes, less what the run has spent): after PROBE iterations
+    `seconds` (generator.warm_start_share of train.max_minutes, less what the run has spent): every PROBE iterations
     the iteration count is cut to what fits at the rate so far, so a slow machine runs a shorter warm start whose
     cosine decay still ends at 0, and distillation keeps its share of the budget."""
     z, cond, target = pairs
@@ -145,11 +145,6 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
     bar = tqdm(total=steps, desc="regression warm start", disable=quiet, leave=False)
     i = 0
     while i < steps:
-        if seconds is not None and i == PROBE:
-            spent = time.monotonic() - start
-            fit = i + max(int((seconds - spent) * i / spent), 0)
-            steps = min(steps, int(parallel.mean_values({"fit": float(fit)})["fit"]))  # every process the same count
-            bar.total = steps
         if decay == "cosine":
             optimizer.param_groups[0]["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * i / steps))
         idx = torch.randint(0, pairs, (min(batch_size, pairs),))
@@ -160,6 +155,11 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
         optimizer.step()
         i += 1
         bar.update(1)
+        if seconds is not None and i % PROBE == 0:  # again every PROBE: a machine's speed drifts in a run
+            spent = time.monotonic() - start
+            fit = i + max(int((seconds - spent) * i / spent), 0)
+            steps = min(steps, int(parallel.mean_values({"fit": float(fit)})["fit"]))  # every process the same count
+            bar.total = steps
     bar.close()
     generator.zero_grad(set_to_none=True)
     if i < planned and not quiet:

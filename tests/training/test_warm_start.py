@@ -157,18 +157,19 @@ def test_warm_start_cosine_decay_takes_the_rate_from_its_value_to_near_zero(gmm_
 
 
 def test_a_budgeted_warm_start_fits_its_iterations_and_its_decay_to_the_seconds_left(gmm_built, monkeypatch):
-    """With `seconds` the count is cut, after PROBE timed iterations, to what fits at their rate (the cosine decay
-    still ends near 0); no seconds left: no iterations; no budget: all of them (the test above)."""
+    """With `seconds` the count is cut, every PROBE iterations, to what fits at the rate so far (at a steady rate the
+    cosine decay still ends near 0; when the machine slows down, the next check cuts it again); no seconds left: no
+    iterations; no budget: all of them (the first test)."""
     import stepdistill.training.warm_start as ws
 
     b = gmm_built()
     torch.manual_seed(0)
     pairs = teacher_pairs(b.teacher, 64, 4)
-    clock, rates, step = [0.0], [], torch.optim.Adam.step
+    clock, rates, cost, step = [0.0], [], [0.1, 0.1], torch.optim.Adam.step
 
-    def timed_step(self, *a, **k):  # every iteration costs 0.1 s of a fake clock
-        clock[0] += 0.1
+    def timed_step(self, *a, **k):  # each iteration costs `cost` of a fake clock: the first 100, then the others
         rates.append(self.param_groups[0]["lr"])
+        clock[0] += cost[len(rates) > 100]
         return step(self, *a, **k)
 
     monkeypatch.setattr(ws.time, "monotonic", lambda: clock[0])
@@ -176,6 +177,10 @@ def test_a_budgeted_warm_start_fits_its_iterations_and_its_decay_to_the_seconds_
     _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, decay="cosine", seconds=20)
     assert done == 200 == len(rates)  # 50 in 5 s, then the 150 that fit in the 15 s left
     assert rates[0] == 1e-3 and rates[-1] < 1e-6
+    clock[0], cost[1] = 0.0, 0.2  # twice as slow after 100 iterations: 100 + 50 fill the 20 s (one plan: 200, 30 s)
+    rates.clear()
+    _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, seconds=20)
+    assert (done, clock[0]) == (150, pytest.approx(20)), (done, clock[0], len(rates))
     _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, seconds=-3)
     assert done == 0
 
