@@ -140,6 +140,8 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
     planned, start = steps, time.monotonic()
+    if seconds is not None:  # each process read its own clock: agree first, or they would part at `steps = 0`
+        seconds = parallel.mean_values({"seconds": seconds})["seconds"]
     if seconds is not None and seconds <= 0:
         steps = 0  # the teacher pairs took the warm start's share
     bar = tqdm(total=steps, desc="regression warm start", disable=quiet, leave=False)

@@ -300,3 +300,14 @@ def test_two_processes_on_the_gpu_path_read_nothing_back_between_log_steps(case,
         "objective.update_ratio=1"]), tmp_path / "one", quiet=True).run()
     _assert_close(_weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6))
     _assert_same_records(tmp_path / "one" / "stats.jsonl", tmp_path / "two" / "stats.jsonl")
+
+
+def test_a_budgeted_warm_start_runs_the_same_count_on_every_process(tmp_path):
+    """generator.warm_start_share under train.max_minutes with FSDP: each process reads its own clock, yet they agree
+    on the seconds and on every re-plan, so the sharded forwards stay in step and the run ends; the logged count (a
+    mean over processes) is a whole number below the recipe's."""
+    run = tmp_path / "run"
+    _train(run, ["configs/toy/gmm_vsd.yaml"], 2, FSDP, "generator.warm_start_iterations=100000",
+           "generator.warm_start_pairs=256", "generator.warm_start_share=0.5", "train.max_minutes=0.1")
+    done = json.loads((run / "train_summary.json").read_text())["warm_start/iterations"]
+    assert 0 < done < 100000 and done == int(done)
