@@ -66,9 +66,12 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (DMD2 uses the defaults)
     weight_decay: float = 0.0
     warmup: int = 0  # linear learning-rate warm-up, in iterations
-    # after the warm-up: none keeps the rate; linear / cosine decay it to 0 at train.iterations (every network's). With
-    # train.max_minutes the decay still runs to train.iterations: give a step count the budget reaches
+    # after the warm-up: none keeps the rate; linear / cosine decay it to 0 at train.iterations (every network's)
     lr_decay: Literal["none", "linear", "cosine"] = "none"
+    # where that decay ends under train.max_minutes. iterations: at train.iterations, which a budget-cut run may not
+    # reach (it stops partway down the decay); budget: where the budget is expected to run out, re-estimated every 50
+    # iterations from the rate so far (or at train.iterations, when that comes first). No effect without max_minutes
+    lr_decay_end: Literal["iterations", "budget"] = "iterations"
     grad_clip: float = 10.0  # max global grad norm per network (0 disables)
     ema: float = 0.0  # EMA decay of the generator (0 disables); sampling and eval use the EMA weights
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: torch.autocast around each loss, float32 master weights

@@ -135,23 +135,39 @@ STAGES = [dump_recipe, resume, warm_start, truncate_logs, open_trackers, first_c
 
 
 # ---- hooks, after every iteration --------------------------------------------------------------------------------
+LR_PLAN = 50  # train.lr_decay_end=budget re-estimates the decay's end every LR_PLAN iterations
+
+
 def hooks(t, r: Run) -> list[Callable[[int], None]]:
     c = t.cfg
+    budget_decay = c.max_minutes and c.lr_decay != "none" and c.lr_decay_end == "budget"
     return [every(c.watch_every, lambda: r.watch.check()),  # before the log line and checkpoint: a rollback is in both
             every(1, lambda: progress(t, r)),
+            every(LR_PLAN if budget_decay else 0, lambda: plan_lr_end(t, r)),
             every(c.log_every, lambda: log(t, r), also=(c.iterations,)),  # the only host reads of an iteration
             every(c.checkpoint_every, lambda: t.save()),
             every(c.sample_every, lambda: sample_grid(t, f"step_{t.step:07d}")),
             every(r.curve_every, lambda: t.curve_point(r.curve, t.clock()))]
 
 
+def expected_end(t, r: Run) -> int:
+    """Where the run will end: at train.iterations, or where train.max_minutes runs out at the rate so far."""
+    if not t.cfg.max_minutes:
+        return t.cfg.iterations
+    rate = (t.step - r.first) / max(t.clock() - r.loop_start, 1e-9)
+    left = max(t.cfg.max_minutes * 60 - t.clock(), 0.0)
+    return min(t.cfg.iterations, t.step + int(rate * left))
+
+
 def progress(t, r: Run) -> None:
-    """The bar ends where the run will: at train.iterations, or where the budget runs out at the rate so far."""
-    if t.cfg.max_minutes:
-        rate = (t.step - r.first) / max(t.clock() - r.loop_start, 1e-9)
-        left = max(t.cfg.max_minutes * 60 - t.clock(), 0.0)
-        r.bar.total = min(t.cfg.iterations, t.step + int(rate * left))
+    r.bar.total = expected_end(t, r)
     r.bar.update(1)
+
+
+def plan_lr_end(t, r: Run) -> None:
+    """train.lr_decay_end=budget: the decay ends where the budget is expected to (every process the same end)."""
+    if t.step - r.first >= LR_PLAN // 5:  # a rate over a few iterations after a resume is noise: keep the saved end
+        t.lr_end = int(parallel.mean_values({"end": float(expected_end(t, r))})["end"])
 
 
 def log(t, r: Run) -> None:

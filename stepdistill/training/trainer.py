@@ -73,6 +73,7 @@ class Trainer:
         self.step = 0
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)  # phases skipped
         self.disagreed = torch.zeros_like(self.nonfinite)  # phases whose gradients differed between processes
+        self.lr_end = 0  # train.lr_decay_end=budget: the iteration where the budget should run out (0: not planned)
         self.last_logs: dict = {}  # latest value of every logged quantity, tensors until read (saved as numbers)
         self.clock = Clock()  # training seconds, for train.max_minutes and the logs (started by the loop)
         self.broadcast()  # every process starts from process 0's weights
@@ -156,7 +157,7 @@ class Trainer:
                                  f"{self._newest_good()}. Try a lower train.lr or train.precision=fp32.")
         if parallel.is_main():
             state = {"optimizers": optimizers, "rng": torch.get_rng_state(), "nonfinite": int(self.nonfinite),
-                     "last_logs": self.logged(), "train_seconds": self.clock()}
+                     "last_logs": self.logged(), "train_seconds": self.clock(), "lr_end": self.lr_end}
             save_checkpoint(self.outdir / "checkpoints", self.step, weights, state, self.cfg.keep_checkpoints)
         parallel.barrier()
 
@@ -182,6 +183,7 @@ class Trainer:
         self.step = step
         self.nonfinite.fill_(int(state["nonfinite"]))
         self.last_logs = dict(state.get("last_logs", {}))
+        self.lr_end = int(state.get("lr_end", 0))
         return True
 
     # ---- one iteration ---------------------------------------------------------------------------------------
@@ -192,13 +194,15 @@ class Trainer:
         return parallel.keyed_noise(self.accelerator.device, self.cfg.seed, self.step, phase, micro)
 
     def _lr_scale(self) -> float:
-        """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.iterations."""
+        """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.iterations
+        (or at self.lr_end, the budget's expected end under train.lr_decay_end=budget, when that comes first)."""
         c = self.cfg
         if c.warmup > 0 and self.step < c.warmup:
             return (self.step + 1) / c.warmup
         if c.lr_decay == "none":
             return 1.0
-        done = (self.step - c.warmup) / max(c.iterations - c.warmup, 1)
+        end = min(c.iterations, self.lr_end or c.iterations)
+        done = min((self.step - c.warmup) / max(end - c.warmup, 1), 1.0)
         return 1.0 - done if c.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
     def train_step(self) -> dict[str, torch.Tensor | float]:

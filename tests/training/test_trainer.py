@@ -285,6 +285,38 @@ def test_lr_decay_runs_from_the_rate_after_warmup_to_zero_at_the_last_step(decay
         assert all(s == pytest.approx(want[step]) for s in scales), (step, scales)
 
 
+@pytest.mark.parametrize("end", ["iterations", "budget"])
+def test_a_budgeted_decay_ends_where_the_budget_runs_out(end, tmp_path, monkeypatch):
+    """train.lr_decay_end=budget under train.max_minutes: at each re-plan the cosine's end moves to where the budget
+    runs out at the rate so far. A fake clock gives every iteration 1 s, so a 60 s budget ends the run after iteration
+    60 of 100: from the first re-plan (iteration 10) the decay ends there; with `iterations` it heads for 100."""
+    from types import SimpleNamespace
+
+    from stepdistill.training import cadence, loop
+    fake, seen = [0.0], []
+    monkeypatch.setattr(cadence, "time", SimpleNamespace(time=lambda: fake[0]))
+    monkeypatch.setattr(loop, "LR_PLAN", 10)
+    original = Trainer.train_step
+
+    def record(self):
+        out = original(self)
+        group = self.optimizers["fake_score"].param_groups[0]
+        seen.append(group["lr"] / group["base_lr"])
+        fake[0] += 1.0
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", record)
+    t = Trainer(_recipe("train.iterations=100", "train.lr_decay=cosine", f"train.lr_decay_end={end}",
+                        "train.max_minutes=1", "train.checkpoint_every=0", "train.watch_every=0"), tmp_path, quiet=True)
+    t.run()
+    assert len(seen) == 61  # the budget is checked after each iteration: 61 s > 60 s stops the run
+    ends = [100] * 10 + [60 if end == "budget" else 100] * 51
+    for step, (scale, e) in enumerate(zip(seen, ends)):
+        assert scale == pytest.approx(0.5 * (1 + math.cos(math.pi * min(step / e, 1.0))), abs=1e-9), (step, scale)
+    assert t.lr_end == (60 if end == "budget" else 0)
+    assert load_latest(tmp_path / "checkpoints")[2]["lr_end"] == t.lr_end  # a resume keeps the planned end
+
+
 def test_extending_a_decaying_run_warns_that_its_schedule_moves(tmp_path, recwarn):
     """A constant rate extends silently (the run equals a longer one); a decaying rate cannot: the warning says so."""
     for decay in ("none", "cosine"):
