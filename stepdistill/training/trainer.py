@@ -201,7 +201,8 @@ class Trainer:
             return (self.step + 1) / c.warmup
         if c.lr_decay == "none":
             return 1.0
-        end = min(c.iterations, self.lr_end or c.iterations)
+        budgeted = c.max_minutes and c.lr_decay_end == "budget" and self.lr_end  # (a resume may drop the budget)
+        end = min(c.iterations, self.lr_end) if budgeted else c.iterations
         done = min((self.step - c.warmup) / max(end - c.warmup, 1), 1.0)
         return 1.0 - done if c.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 

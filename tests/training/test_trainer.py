@@ -306,8 +306,9 @@ def test_a_budgeted_decay_ends_where_the_budget_runs_out(end, tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(Trainer, "train_step", record)
-    t = Trainer(_recipe("train.iterations=100", "train.lr_decay=cosine", f"train.lr_decay_end={end}",
-                        "train.max_minutes=1", "train.checkpoint_every=0", "train.watch_every=0"), tmp_path, quiet=True)
+    keys = ["train.iterations=100", "train.lr_decay=cosine", f"train.lr_decay_end={end}", "train.checkpoint_every=0",
+            "train.watch_every=0"]
+    t = Trainer(_recipe(*keys, "train.max_minutes=1"), tmp_path, quiet=True)
     t.run()
     assert len(seen) == 61  # the budget is checked after each iteration: 61 s > 60 s stops the run
     ends = [100] * 10 + [60 if end == "budget" else 100] * 51
@@ -315,6 +316,9 @@ def test_a_budgeted_decay_ends_where_the_budget_runs_out(end, tmp_path, monkeypa
         assert scale == pytest.approx(0.5 * (1 + math.cos(math.pi * min(step / e, 1.0))), abs=1e-9), (step, scale)
     assert t.lr_end == (60 if end == "budget" else 0)
     assert load_latest(tmp_path / "checkpoints")[2]["lr_end"] == t.lr_end  # a resume keeps the planned end
+    seen.clear()  # resumed without a budget, the decay heads for train.iterations again
+    Trainer(_recipe(*keys, "train.max_minutes=0"), tmp_path, quiet=True).run()
+    assert len(seen) == 39 and seen[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 61 / 100)), abs=1e-9)
 
 
 def test_extending_a_decaying_run_warns_that_its_schedule_moves(tmp_path, recwarn):
