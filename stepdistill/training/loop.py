@@ -140,10 +140,9 @@ LR_PLAN = 50  # train.lr_decay_end=budget re-estimates the decay's end every LR_
 
 def hooks(t, r: Run) -> list[Callable[[int], None]]:
     c = t.cfg
-    budget_decay = c.max_minutes and c.lr_decay != "none" and c.lr_decay_end == "budget"
     return [every(c.watch_every, lambda: r.watch.check()),  # before the log line and checkpoint: a rollback is in both
             every(1, lambda: progress(t, r)),
-            every(LR_PLAN if budget_decay else 0, lambda: plan_lr_end(t, r)),
+            every(LR_PLAN if t.budget_decay() else 0, lambda: plan_lr_end(t, r)),
             every(c.log_every, lambda: log(t, r), also=(c.iterations,)),  # the only host reads of an iteration
             every(c.checkpoint_every, lambda: t.save()),
             every(c.sample_every, lambda: sample_grid(t, f"step_{t.step:07d}")),

@@ -193,6 +193,12 @@ class Trainer:
             return nullcontext()
         return parallel.keyed_noise(self.accelerator.device, self.cfg.seed, self.step, phase, micro)
 
+    def budget_decay(self) -> bool:
+        """train.lr_decay_end=budget applies: a decay under train.max_minutes (a resume may drop the budget, and with
+        it the planned end)."""
+        c = self.cfg
+        return bool(c.max_minutes and c.lr_decay != "none" and c.lr_decay_end == "budget")
+
     def _lr_scale(self) -> float:
         """train.warmup's linear ramp, then train.lr_decay from 1 at the end of the warm-up to 0 at train.iterations
         (or at self.lr_end, the budget's expected end under train.lr_decay_end=budget, when that comes first)."""
@@ -201,8 +207,7 @@ class Trainer:
             return (self.step + 1) / c.warmup
         if c.lr_decay == "none":
             return 1.0
-        budgeted = c.max_minutes and c.lr_decay_end == "budget" and self.lr_end  # (a resume may drop the budget)
-        end = min(c.iterations, self.lr_end) if budgeted else c.iterations
+        end = min(c.iterations, self.lr_end) if self.budget_decay() and self.lr_end else c.iterations
         done = min((self.step - c.warmup) / max(end - c.warmup, 1), 1.0)
         return 1.0 - done if c.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
