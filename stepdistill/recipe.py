@@ -35,7 +35,7 @@ class GeneratorConfig:
     start_noise: Literal["pure", "schedule"] = "pure"
     warm_start_iterations: int = 0  # regression warm start on teacher ODE pairs before distilling (0: off)
     warm_start_pairs: int = 1024  # fixed (noise, teacher ODE output) pairs it regresses onto
-    warm_start_nfe: int = 16  # Euler steps of the teacher ODE that makes each pair
+    warm_start_nfe: int = 16  # the teacher ODE's evaluations per pair: odd -> Heun, even -> Euler (as eval.teacher_nfe)
     # keep the pairs' ODE outputs in $STEPDISTILL_CACHE/pairs (default ~/.cache/stepdistill), keyed by all they depend
     # on: a rerun or another variant with the same pairs reads them back, and trains bit for bit as if it had not
     warm_start_cache: bool = True

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ..devices import to_device
+from ..errors import InputError
 from .parametrization import Prediction
 from .schedules import Schedule, bcast
 
@@ -54,6 +55,14 @@ def ode_nfe(steps: int, schedule: Schedule, heun: bool = True) -> int:
     """The number of evaluations sample_ode makes."""
     times = ode_times(steps, schedule)
     return steps + (sum(finite_ve(schedule, times[i]) for i in range(steps - 1)) if heun else 0)
+
+
+def solver_for_nfe(nfe: int) -> tuple[str, int]:
+    """Odd NFE >= 3 -> Heun with (nfe+1)/2 intervals (EDM's 18 -> 35); otherwise Euler with nfe steps (eval.teacher_nfe
+    and generator.warm_start_nfe read the same way)."""
+    if nfe < 1:
+        raise InputError(f"teacher NFE must be >= 1, got {nfe}")
+    return ("heun", (nfe + 1) // 2) if nfe >= 3 and nfe % 2 == 1 else ("euler", nfe)
 
 
 def sample_ode(denoise: Denoise, z: torch.Tensor, schedule: Schedule, steps: int = 18,

@@ -13,17 +13,10 @@ import torch
 from tqdm import tqdm
 
 from .. import parallel, registry
-from ..diffusion.solvers import ode_nfe, sample_ode
+from ..diffusion.solvers import ode_nfe, sample_ode, solver_for_nfe
 from ..errors import InputError, RecipeError
 from ..models.generator import Generator
 from ..models.score import device_of
-
-
-def solver_for_nfe(nfe: int) -> tuple[str, int]:
-    """Odd NFE >= 3 -> Heun with (nfe+1)/2 intervals (EDM's 18 -> 35); otherwise Euler with nfe steps."""
-    if nfe < 1:
-        raise InputError(f"teacher NFE must be >= 1, got {nfe}")
-    return ("heun", (nfe + 1) // 2) if nfe >= 3 and nfe % 2 == 1 else ("euler", nfe)
 
 
 def _batches(n: int, batch_size: int, shard: bool, desc: str, quiet: bool):

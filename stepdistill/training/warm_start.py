@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .. import parallel
-from ..diffusion.solvers import sample_ode
+from ..diffusion.solvers import sample_ode, solver_for_nfe
 from ..files import cache_dir, write_atomic
 from ..hashing import source_sha256, update_with_tensor
 from ..models.score import device_of
@@ -42,9 +42,10 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
                   guidance_scale: float = 1.0, generator=None, cache: bool = False, quiet: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(z, cond, x0): n unit noises, their conditions (drawn from `classes` when given) and the teacher's ODE outputs
-    (Euler, `nfe` steps, classifier-free guided with `guidance_scale`) from `generator`'s input for z (its prior) at
-    its start time (start_noise schedule) or at t = 1 (pure; also without a generator). `cache`: read the outputs from
-    the pairs cache (module docstring) when there, else write them there."""
+    (`nfe` evaluations: Heun when odd, as eval.teacher_nfe, else Euler; classifier-free guided with `guidance_scale`)
+    from `generator`'s input for z (its prior) at its start time (start_noise schedule) or at t = 1 (pure; also
+    without a generator). `cache`: read the outputs from the pairs cache (module docstring) when there, else write
+    them there."""
     score = teacher.score
     prior = generator.prior if generator is not None else (lambda z: z * score.schedule.init_sigma)
     start = generator.times[0] if generator is not None and generator.start_noise == "schedule" else 1.0
@@ -61,10 +62,12 @@ def teacher_pairs(teacher, n: int, nfe: int, batch_size: int = 256, classes: lis
             if x0 is not None:
                 return z, cond, x0.to(device)
         out = []
-        for i in tqdm(range(0, n, batch_size), desc=f"teacher ODE pairs ({nfe} steps)", disable=quiet, leave=False):
+        solver, steps = solver_for_nfe(nfe)
+        for i in tqdm(range(0, n, batch_size), desc=f"teacher ODE pairs ({solver}, {steps} steps)", disable=quiet,
+                      leave=False):
             c = None if cond is None else cond[i:i + batch_size]
             x, _ = sample_ode(lambda x, t, c=c: score.guided(x, t, c, guidance_scale),
-                              x_start[i:i + batch_size], score.schedule, nfe, heun=False, t_max=start)
+                              x_start[i:i + batch_size], score.schedule, steps, heun=solver == "heun", t_max=start)
             out.append(x)
     x0 = torch.cat(out)
     if cache:
@@ -133,13 +136,14 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
     them); returns the last loss and the iterations run.
 
     `seconds` (generator.warm_start_share of train.max_minutes, less what the run has spent): every PROBE iterations
-    the iteration count is cut to what fits at the rate so far, so a slow machine runs a shorter warm start whose
-    cosine decay still ends at 0, and distillation keeps its share of the budget."""
+    the iteration count is set to what fits at the rate of the last PROBE (at most `steps`), so a slow machine runs a
+    shorter warm start whose cosine decay still ends at 0, and distillation keeps its share of the budget."""
     z, cond, target = pairs
     pairs = len(z)
     optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(float("nan"))
-    planned, start = steps, time.monotonic()
+    planned = steps
+    start = probed = time.monotonic()
     if seconds is not None:  # each process read its own clock: agree first, or they would part at `steps = 0`
         seconds = parallel.mean_values({"seconds": seconds})["seconds"]
     if seconds is not None and seconds <= 0:
@@ -158,10 +162,12 @@ def regression_warm_start(generator, pairs: tuple, lr: float, steps: int, batch_
         i += 1
         bar.update(1)
         if seconds is not None and i % PROBE == 0:  # again every PROBE: a machine's speed drifts in a run
-            spent = time.monotonic() - start
-            fit = i + max(int((seconds - spent) * i / spent), 0)
-            steps = min(steps, int(parallel.mean_values({"fit": float(fit)})["fit"]))  # every process the same count
-            bar.total = steps
+            now = time.monotonic()
+            # at the rate of the last PROBE iterations, up or down to at most the planned count: a slow start (the
+            # first iterations', or a busy minute's) no longer cuts the whole warm start for good
+            fit = i + max(int((seconds - (now - start)) * PROBE / (now - probed)), 0)
+            steps = min(planned, int(parallel.mean_values({"fit": float(fit)})["fit"]))  # every process the same
+            bar.total, probed = steps, now
     bar.close()
     generator.zero_grad(set_to_none=True)
     if i < planned and not quiet:

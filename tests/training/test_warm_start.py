@@ -25,6 +25,21 @@ def test_warm_start_moves_the_generator_onto_the_teachers_ode_map(gmm_built):
     assert energy_distance(gen(torch.randn(2048, 2)).detach(), ref) < energy_distance(torch.zeros(2048, 2), ref)
 
 
+def test_odd_pair_nfe_runs_heun_as_the_evaluation_does(gmm_built):
+    """generator.warm_start_nfe reads like eval.teacher_nfe: 7 evaluations are Heun over 4 steps, 8 are Euler."""
+    from stepdistill.diffusion.solvers import sample_ode
+
+    b = gmm_built()
+    score = b.teacher.score
+    for nfe, steps, heun in ((7, 4, True), (8, 8, False)):
+        torch.manual_seed(0)
+        z, _, x0 = teacher_pairs(b.teacher, 64, nfe)
+        with torch.no_grad():
+            ref, _ = sample_ode(lambda x, t: score.guided(x, t, None, 1.0), z * score.schedule.init_sigma,
+                                score.schedule, steps, heun=heun)
+        assert torch.equal(x0, ref)
+
+
 def test_trainer_warm_starts_once_and_checkpoints_it(tmp_path):
     r = load_recipe("configs/toy/gmm_vsd.yaml", ["teacher.hidden=32", "train.iterations=2", "train.checkpoint_every=0",
                                                  "generator.warm_start_iterations=20", "generator.warm_start_pairs=64",
@@ -157,19 +172,20 @@ def test_warm_start_cosine_decay_takes_the_rate_from_its_value_to_near_zero(gmm_
 
 
 def test_a_budgeted_warm_start_fits_its_iterations_and_its_decay_to_the_seconds_left(gmm_built, monkeypatch):
-    """With `seconds` the count is cut, every PROBE iterations, to what fits at the rate so far (at a steady rate the
-    cosine decay still ends near 0; when the machine slows down, the next check cuts it again); no seconds left: no
-    iterations; no budget: all of them (the first test)."""
+    """With `seconds` the count is set, every PROBE iterations, to what fits at the last PROBE's rate (at a steady
+    rate the cosine decay still ends near 0; when the machine slows down, the next check cuts it again; when it speeds
+    up, the count grows back, never past the planned one); no seconds left: no iterations; no budget: all of them (the
+    first test)."""
     import stepdistill.training.warm_start as ws
 
     b = gmm_built()
     torch.manual_seed(0)
     pairs = teacher_pairs(b.teacher, 64, 4)
-    clock, rates, cost, step = [0.0], [], [0.1, 0.1], torch.optim.Adam.step
+    clock, rates, cost, slow, step = [0.0], [], [0.1, 0.1], [100], torch.optim.Adam.step
 
-    def timed_step(self, *a, **k):  # each iteration costs `cost` of a fake clock: the first 100, then the others
+    def timed_step(self, *a, **k):  # each iteration costs `cost` of a fake clock: the first `slow`, then the others
         rates.append(self.param_groups[0]["lr"])
-        clock[0] += cost[len(rates) > 100]
+        clock[0] += cost[len(rates) > slow[0]]
         return step(self, *a, **k)
 
     monkeypatch.setattr(ws.time, "monotonic", lambda: clock[0])
@@ -181,6 +197,13 @@ def test_a_budgeted_warm_start_fits_its_iterations_and_its_decay_to_the_seconds_
     rates.clear()
     _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, seconds=20)
     assert (done, clock[0]) == (150, pytest.approx(20)), (done, clock[0], len(rates))
+    clock[0], cost[:], slow[0] = 0.0, [0.2, 0.1], 50  # a slow start: 50 in 10 s plan 100, then 100 more fill 10 s
+    rates.clear()
+    _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, seconds=20)
+    assert (done, clock[0]) == (150, pytest.approx(20)), (done, clock[0], len(rates))
+    clock[0] = 0.0
+    _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 120, 16, quiet=True, seconds=20)
+    assert done == 120  # never past the planned count
     _, done = regression_warm_start(b.nets.generator, pairs, 1e-3, 1000, 16, quiet=True, seconds=-3)
     assert done == 0
 
