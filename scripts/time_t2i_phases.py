@@ -1,7 +1,7 @@
 """Time the three phases of a text-to-image recipe's training on this machine, per unit: one guided teacher
 evaluation of a pair batch (the warm start's teacher ODE pairs: warm_start_pairs / 256 batches x warm_start_nfe of
 them), one regression warm-start iteration, and the same with bf16 autocast or channels-last memory.
-docs/t2i_routes.md (section 2) and the README's text-to-image section quote its output; a VSD iteration is timed by
+docs/t2i_routes.md and the README's text-to-image section quote its output; a VSD iteration is timed by
 a short `stepdistill train` (its stats.jsonl).
 
     python scripts/time_t2i_phases.py [RECIPE] [--repeats N] [--compile]
